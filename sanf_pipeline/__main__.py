@@ -1,0 +1,5 @@
+"""`python -m sanf_pipeline` is the `sanf` command (also what torchrun runs)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""`sanf cache info` and `sanf cache verify`: what a cache holds, and whether it is whole and finite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SanfError
+from .reader import FeatureCache
+from .stores import PROGRESS_DIR
+from .writer import shard_digest
+
+
+def disk_size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def cache_info(path) -> dict:
+    """A JSON-able summary: layout, sizes, provenance."""
+    cache = FeatureCache(path, allow_unsealed=True)
+    meta = cache.meta
+    splits = {}
+    for name, s in meta["splits"].items():
+        entry = {"n": s["n"], "n_valid": s.get("n_valid"), "shards": s["shards"]}
+        if meta.get("sealed"):
+            view = cache.split(name)
+            entry["per_class"] = {cache.class_names[c]: int(k) for c, k in enumerate(view.class_counts())}
+        else:
+            entry["shards_done"] = len(cache._store.done_markers(name))
+        splits[name] = entry
+    return {
+        "path": str(cache.path),
+        "storage": cache.format,
+        "sealed": bool(meta.get("sealed")),
+        "fingerprint": meta.get("fingerprint"),
+        "size_bytes": disk_size(cache.path),
+        "dim": meta["dim"],
+        "num_tokens": meta["num_tokens"],
+        "dtype": meta["dtype"],
+        "shard_size": meta["shard_size"],
+        "class_names": meta["class_names"],
+        "splits": splits,
+        "dataset": meta.get("dataset"),
+        "backbone": meta.get("backbone"),
+        "versions": meta.get("versions"),
+        "created": meta.get("created"),
+        "skipped": len(meta.get("skipped", [])),
+    }
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    problems: list[str] = field(default_factory=list)
+    rows_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_cache(path, progress=None) -> VerifyReport:
+    """Check sealing, markers, shard checksums, index consistency and that no stored value is NaN/Inf."""
+    try:
+        cache = FeatureCache(path)
+    except SanfError as exc:
+        return VerifyReport(str(path), [str(exc)])
+    report = VerifyReport(str(path))
+    meta = cache.meta
+    shard = int(meta["shard_size"])
+    for name in cache.splits:
+        view = cache.split(name)
+        offsets = view.class_offsets
+        if offsets[0] != 0 or offsets[-1] != view.n or np.any(np.diff(offsets) < 0):
+            report.problems.append(f"{name}: class offsets are inconsistent with {view.n} rows")
+        if np.any(np.diff(view.labels_all) < 0):
+            report.problems.append(f"{name}: rows are not sorted by label")
+        digests = meta.get("shard_sha256", {}).get(name, [])
+        if len(digests) != meta["splits"][name]["shards"]:
+            report.problems.append(f"{name}: {len(digests)} of {meta['splits'][name]['shards']} shards recorded")
+        group = cache._group(name)
+        for i, start in enumerate(range(0, view.n, shard)):
+            stop = min(view.n, start + shard)
+            rows = {k: np.asarray(group[k][start:stop]) for k in ("cls", "patch", "valid")}
+            if i < len(digests) and shard_digest(rows) != digests[i]:
+                report.problems.append(f"{name}: shard {i} (rows {start}:{stop}) does not match its checksum")
+            keep = rows["valid"]
+            for k in ("cls", "patch"):
+                bad = ~np.isfinite(rows[k][keep].astype(np.float32))
+                if bad.any():
+                    report.problems.append(f"{name}: {int(bad.sum())} NaN/Inf values in {k} rows {start}:{stop}")
+            report.rows_checked += stop - start
+            if progress:
+                progress(stop - start)
+    if cache.format == "zarr" and (cache.path / PROGRESS_DIR).exists():
+        for name in cache.splits:
+            if len(cache._store.done_markers(name)) != meta["splits"][name]["shards"]:
+                report.problems.append(f"{name}: shard markers are missing")
+    cache.close()
+    return report

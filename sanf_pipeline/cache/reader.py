@@ -1,0 +1,197 @@
+"""Reading a sealed cache: metadata, class blocks, whole splits, as float32 numpy arrays.
+
+Reads are contiguous slices (one class of one split is one block), which is what both Zarr and HDF5 are
+fast at. Rows whose image was skipped at extraction (``valid == False``) are dropped on every read.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SanfError
+from .schema import FORMAT_NAME, FORMAT_VERSION, MAX_JSON_BYTES, decode_ids
+from .stores import H5Store, ZarrStore, detect_format
+
+
+class SplitView:
+    """One split of a cache."""
+
+    def __init__(self, cache: FeatureCache, name: str):
+        self.cache = cache
+        self.name = name
+
+    def _array(self, name: str):
+        return self.cache._group(self.name)[name]
+
+    @cached_property
+    def labels_all(self) -> np.ndarray:
+        return np.asarray(self._array("label")[...], dtype=np.int64)
+
+    @cached_property
+    def valid(self) -> np.ndarray:
+        return np.asarray(self._array("valid")[...], dtype=bool)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels_all)
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.valid.sum())
+
+    @cached_property
+    def class_offsets(self) -> np.ndarray:
+        return np.asarray(self._array("class_offsets")[...], dtype=np.int64)
+
+    @cached_property
+    def sample_ids_all(self) -> list[str]:
+        return decode_ids(self._array("sample_id_bytes")[...], self._array("sample_id_offsets")[...])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.labels_all[self.valid]
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [s for s, ok in zip(self.sample_ids_all, self.valid, strict=True) if ok]
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.cache.class_names))
+
+    def read(self, start: int, stop: int, patch: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows ``start:stop`` (valid ones only) as float32."""
+        keep = self.valid[start:stop]
+        cls = np.asarray(self._array("cls")[start:stop], dtype=np.float32)[keep]
+        tokens = None
+        if patch:
+            tokens = np.asarray(self._array("patch")[start:stop], dtype=np.float32)[keep]
+        return cls, tokens
+
+    def class_range(self, c: int) -> tuple[int, int]:
+        if not 0 <= c < len(self.cache.class_names):
+            raise SanfError(f"class index {c} is out of range 0..{len(self.cache.class_names) - 1}")
+        return int(self.class_offsets[c]), int(self.class_offsets[c + 1])
+
+    def read_class(self, c: int, patch: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """One class's block: (cls (m, d), patch (m, T, d) or None), valid rows only."""
+        return self.read(*self.class_range(c), patch=patch)
+
+    def read_all(self, patch: bool = True):
+        """(cls, patch, labels, sample_ids) for the whole split, valid rows only."""
+        cls, tokens = self.read(0, self.n, patch=patch)
+        return cls, tokens, self.labels, self.sample_ids
+
+
+class FeatureCache:
+    """A sealed feature cache (Zarr directory or HDF5 file) opened for reading."""
+
+    def __init__(self, path, *, allow_unsealed: bool = False):
+        self.path = Path(path)
+        fmt = detect_format(self.path)
+        if fmt is None:
+            hint = "" if self.path.exists() else " (it does not exist)"
+            raise SanfError(f"{self.path} is not a sanf feature cache{hint}; create one with `sanf extract`")
+        self.format = fmt
+        self._store = ZarrStore(self.path) if fmt == "zarr" else H5Store(self.path)
+        if fmt == "hdf5" and not self.path.exists():
+            if not allow_unsealed:
+                raise SanfError(f"{self.path} is an incomplete cache (extraction did not finish); rerun the same "
+                                "`sanf extract` command to complete it")
+            self.meta = self._store.read_meta()
+            self._h5 = None
+        else:
+            self.meta = self._store.read_meta()
+        if self.meta.get("format") != FORMAT_NAME:
+            raise SanfError(f"{self.path} is not a sanf feature cache (no sanf metadata)")
+        if self.meta.get("format_version", 0) > FORMAT_VERSION:
+            raise SanfError(f"{self.path} was written by a newer sanf (cache format "
+                            f"{self.meta['format_version']}); upgrade sanf to read it")
+        if not self.meta.get("sealed") and not allow_unsealed:
+            raise SanfError(f"{self.path} is an incomplete cache (extraction did not finish); rerun the same "
+                            "`sanf extract` command to complete it")
+        self._root = None
+
+    def _group(self, split: str):
+        if split not in self.splits:
+            raise SanfError(f"cache {self.path} has no split {split!r}; it has {', '.join(self.splits)}")
+        if self._root is None:
+            if self.format == "zarr":
+                import zarr
+
+                zarr_json = self.path / "zarr.json"
+                if zarr_json.stat().st_size > MAX_JSON_BYTES:
+                    raise SanfError(f"{zarr_json} is too large to be a sanf cache")
+                self._root = zarr.open_group(store=str(self.path), mode="r")
+            else:
+                import h5py
+
+                self._root = h5py.File(self.path, "r")
+        return self._root[split]
+
+    def close(self) -> None:
+        if self.format == "hdf5" and self._root is not None:
+            self._root.close()
+        self._root = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):  # picklable for worker processes: reopen lazily there
+        state = self.__dict__.copy()
+        state["_root"] = None
+        for key in list(state):
+            if key.startswith("_split_"):
+                del state[key]
+        return state
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @property
+    def backbone(self) -> dict:
+        return self.meta.get("backbone", {})
+
+    def split(self, name: str) -> SplitView:
+        key = f"_split_{name}"
+        if key not in self.__dict__:
+            self._group(name)
+            self.__dict__[key] = SplitView(self, name)
+        return self.__dict__[key]
+
+    def class_index(self, name_or_index) -> int:
+        """Resolve a class given by name or index; the error lists the valid ones."""
+        names = self.class_names
+        text = str(name_or_index).strip()
+        if text in names:
+            return names.index(text)
+        if text.lstrip("-").isdigit() and 0 <= int(text) < len(names):
+            return int(text)
+        listing = ", ".join(f"{i}={n}" for i, n in enumerate(names))
+        raise SanfError(f"unknown class {text!r}; valid classes are {listing}")
+
+
+def open_cache(path, *, allow_unsealed: bool = False) -> FeatureCache:
+    return FeatureCache(path, allow_unsealed=allow_unsealed)

@@ -1,0 +1,316 @@
+"""Writing a cache: create or resume, write whole shards from a background thread, seal when complete.
+
+The writer knows the full sorted listing of every split before the first image is decoded, so every
+shard's rows are fixed up front. A run that is killed loses at most the shards it had not finished; a
+rerun with the same settings writes exactly those, and the result is bit-for-bit the same. A cache
+whose settings differ from the requested ones is refused (or replaced with ``overwrite=True``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SanfError
+from .lock import OwnerLock, creation_lock
+from .schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    class_offsets,
+    diff_settings,
+    encode_ids,
+    fingerprint,
+    num_shards,
+)
+from .stores import format_for_path, open_store
+
+
+@dataclass
+class SplitListing:
+    """One split's samples, already sorted by label."""
+
+    labels: np.ndarray
+    sample_ids: list[str]
+
+
+@dataclass
+class ShardJob:
+    split: str
+    shard: int
+    start: int
+    stop: int
+
+
+@dataclass
+class CacheSpec:
+    """Everything that fixes a cache's layout and content."""
+
+    settings: dict
+    meta: dict  # provenance that does not change content (versions, timestamps, paths)
+    class_names: list[str]
+    listings: dict[str, SplitListing]
+    dim: int
+    num_tokens: int
+    dtype: str
+    shard_size: int
+    chunk_size: int
+    splits: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.splits = list(self.listings)
+
+
+def _layout(spec: CacheSpec) -> dict:
+    out = {}
+    for split, listing in spec.listings.items():
+        n = len(listing.labels)
+        s, c = spec.shard_size, spec.chunk_size
+        ids, id_offsets = encode_ids(listing.sample_ids)
+        out[split] = {
+            "cls": {"shape": [n, spec.dim], "chunks": [c, spec.dim], "shards": [s, spec.dim], "dtype": spec.dtype},
+            "patch": {
+                "shape": [n, spec.num_tokens, spec.dim],
+                "chunks": [c, spec.num_tokens, spec.dim],
+                "shards": [s, spec.num_tokens, spec.dim],
+                "dtype": spec.dtype,
+            },
+            "valid": {"shape": [n], "chunks": [c], "shards": [s], "dtype": "bool"},
+            "label": {"shape": [n], "chunks": [max(1, n)], "dtype": "int64"},
+            "class_offsets": {"shape": [len(spec.class_names) + 1], "chunks": [len(spec.class_names) + 1],
+                              "dtype": "int64"},
+            "sample_id_bytes": {"shape": [len(ids)], "chunks": [max(1, len(ids))], "dtype": "uint8"},
+            "sample_id_offsets": {"shape": [n + 1], "chunks": [n + 1], "dtype": "int64"},
+        }
+    return out
+
+
+def _index(spec: CacheSpec) -> dict:
+    out = {}
+    for split, listing in spec.listings.items():
+        ids, id_offsets = encode_ids(listing.sample_ids)
+        out[split] = {
+            "label": np.asarray(listing.labels, dtype=np.int64),
+            "class_offsets": class_offsets(np.asarray(listing.labels), len(spec.class_names)),
+            "sample_id_bytes": ids,
+            "sample_id_offsets": id_offsets,
+        }
+    return out
+
+
+def shard_digest(rows: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(rows):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(rows[name]).tobytes())
+    return h.hexdigest()
+
+
+def _os_error(exc: OSError, path: Path) -> SanfError:
+    if exc.errno == errno.ENOSPC:
+        return SanfError(f"disk full while writing {path}; free space and rerun the same command to resume")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SanfError(f"cannot write {path}: {exc.strerror}; choose a writable --cache location")
+    return SanfError(f"writing {path} failed: {exc.strerror or exc}; rerun the same command to resume")
+
+
+class CacheWriter:
+    """Create-or-resume a cache and write the shards one process owns."""
+
+    def __init__(self, path, spec: CacheSpec, *, fmt: str | None = None, overwrite: bool = False,
+                 num_shards_total: int = 1, shard_index: int = 0):
+        self.path = Path(path)
+        self.spec = spec
+        self.fmt = format_for_path(self.path, fmt)
+        self.store = open_store(self.path, self.fmt)
+        self.overwrite = overwrite
+        self.num_procs = num_shards_total
+        self.proc_index = shard_index
+        self.fingerprint = fingerprint(spec.settings)
+        self.lock = OwnerLock(self.path, num_shards_total, shard_index)
+        self.already_sealed = False
+
+    # -- opening
+    def open(self) -> list[ShardJob]:
+        """Create the cache or check it matches; claim this process's shards; return those left to write."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with creation_lock(self.path):
+                self.lock.acquire()
+                try:
+                    self._create_or_check()
+                except BaseException:
+                    self.lock.release()
+                    raise
+        except OSError as exc:
+            raise _os_error(exc, self.path) from None
+        return self.pending()
+
+    def _create_or_check(self) -> None:
+        if self.store.exists():
+            meta = self.store.read_meta()
+            old = meta.get("settings", {})
+            if old == self.spec.settings and meta.get("format") == FORMAT_NAME:
+                self.already_sealed = bool(meta.get("sealed"))
+                return
+            if not self.overwrite:
+                changed = "; ".join(diff_settings(old, self.spec.settings)[:4]) or "unknown settings"
+                raise SanfError(
+                    f"{self.path} holds a cache built with different settings ({changed}); use another --cache "
+                    "path, or --overwrite to replace it"
+                )
+            self.store.remove()
+        elif self.path.exists() and any(self.path.iterdir() if self.path.is_dir() else [True]):
+            if not self.overwrite:
+                raise SanfError(f"{self.path} exists and is not a sanf cache; choose another --cache path or "
+                                "pass --overwrite to replace it")
+            import shutil
+
+            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        self.store.create(self._meta(sealed=False), _layout(self.spec), _index(self.spec))
+
+    def _meta(self, sealed: bool, extra: dict | None = None) -> dict:
+        spec = self.spec
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "storage": self.fmt,
+            "sealed": sealed,
+            "fingerprint": self.fingerprint,
+            "settings": spec.settings,
+            "class_names": spec.class_names,
+            "dim": spec.dim,
+            "num_tokens": spec.num_tokens,
+            "dtype": spec.dtype,
+            "shard_size": spec.shard_size,
+            "chunk_size": spec.chunk_size,
+            "splits": {s: {"n": len(l.labels), "shards": num_shards(len(l.labels), spec.shard_size)}
+                       for s, l in spec.listings.items()},
+            **spec.meta,
+        }
+        meta.update(extra or {})
+        return meta
+
+    # -- shards
+    def all_jobs(self) -> list[ShardJob]:
+        jobs = []
+        for split, listing in self.spec.listings.items():
+            n = len(listing.labels)
+            for shard in range(num_shards(n, self.spec.shard_size)):
+                start = shard * self.spec.shard_size
+                jobs.append(ShardJob(split, shard, start, min(n, start + self.spec.shard_size)))
+        return jobs
+
+    def owned_jobs(self) -> list[ShardJob]:
+        return [j for i, j in enumerate(self.all_jobs()) if i % self.num_procs == self.proc_index]
+
+    def pending(self) -> list[ShardJob]:
+        if self.already_sealed:
+            return []
+        done = {s: set(self.store.done_markers(s)) for s in self.spec.splits}
+        return [j for j in self.owned_jobs() if j.shard not in done[j.split]]
+
+    def write_shard(self, job: ShardJob, cls: np.ndarray, patch: np.ndarray, valid: np.ndarray,
+                    skipped: list[dict]) -> None:
+        rows = {"cls": cls, "patch": patch, "valid": valid}
+        try:
+            self.store.write_shard(job.split, job.shard, job.start, rows)
+            self.store.mark_done(job.split, job.shard, {
+                "start": job.start, "stop": job.stop, "sha256": shard_digest(rows), "skipped": skipped,
+                "n_valid": int(valid.sum()), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+        except OSError as exc:
+            raise _os_error(exc, self.path) from None
+
+    # -- sealing
+    def complete(self) -> bool:
+        for split, listing in self.spec.listings.items():
+            if len(self.store.done_markers(split)) < num_shards(len(listing.labels), self.spec.shard_size):
+                return False
+        return True
+
+    def seal(self) -> dict:
+        """Gather what every shard recorded and mark the cache complete; idempotent."""
+        if self.already_sealed:
+            return self.store.read_meta()
+        skipped, digests, n_valid = [], {}, {}
+        for split in self.spec.splits:
+            markers = self.store.done_markers(split)
+            digests[split] = [markers[i]["sha256"] for i in sorted(markers)]
+            n_valid[split] = sum(m["n_valid"] for m in markers.values())
+            for i in sorted(markers):
+                skipped += [{"split": split, **s} for s in markers[i]["skipped"]]
+        self._refuse_empty_classes(skipped)
+        meta = self._meta(sealed=True, extra={
+            "skipped": skipped,
+            "shard_sha256": digests,
+            "sealed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        for split, count in n_valid.items():
+            meta["splits"][split]["n_valid"] = count
+        try:
+            self.store.seal(meta)
+        except OSError as exc:
+            raise _os_error(exc, self.path) from None
+        self.already_sealed = True
+        return meta
+
+    def _refuse_empty_classes(self, skipped: list[dict]) -> None:
+        for split, listing in self.spec.listings.items():
+            counts = np.bincount(listing.labels, minlength=len(self.spec.class_names))
+            bad = np.zeros_like(counts)
+            for s in skipped:
+                if s["split"] == split:
+                    bad[s["label"]] += 1
+            empty = [self.spec.class_names[c] for c in np.flatnonzero((counts > 0) & (counts == bad))]
+            if empty:
+                raise SanfError(
+                    f"no usable image in class {', '.join(empty)} of split {split}: every file of it was skipped "
+                    "as unreadable (rerun with --on-error fail to see the first bad file)"
+                )
+
+    def close(self) -> None:
+        self.lock.release()
+
+
+class BackgroundShardWriter:
+    """Writes finished shards on a thread so the backbone never waits for the disk."""
+
+    def __init__(self, writer: CacheWriter, depth: int = 2):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name="sanf-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.writer.write_shard(*item)
+                    self.written += 1
+                except BaseException as exc:  # re-raised in the producer's thread
+                    self.error = exc
+
+    def put(self, *item) -> None:
+        self.raise_if_failed()
+        self.queue.put(item)
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.raise_if_failed()

@@ -1,0 +1,167 @@
+"""The `sanf` command line: one click command per verb, each a thin call into the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import SanfError
+
+
+class _Group(click.Group):
+    """Turns SanfError into one line on stderr and exit code 2 (a traceback only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SanfError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished work is kept, rerun the same command to resume", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="sanf")
+@click.pass_context
+def cli(ctx, debug):
+    """sanf: semantic-aware normalizing flow anomaly detection over a cached-feature pipeline.
+
+    Stage one (`sanf extract`) runs a frozen backbone once and caches its tokens; stage two
+    (`sanf fit`, `sanf eval`, `sanf baseline`, `sanf sweep`) trains and scores from that cache.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- stage one
+@cli.command()
+@click.option("--backbone", required=True, help="timm model name or alias (see `sanf backbones`).")
+@click.option("--dataset", required=True, help="cifar10, cifar100, stl10, mnist, fashion-mnist, mvtec, folder, digits.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Where the dataset's files are.")
+@click.option("--category", help="MVTec category; for cifar100, 'fine' selects the 100 fine labels.")
+@click.option("--cache", type=click.Path(path_type=Path), help="Output cache (default cache/<dataset>; .h5 = HDF5).")
+@click.option("--weights", help="Weights file (safetensors or state dict), or 'random' for random init.")
+@click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
+@click.option("--image-size", type=int, help="Input size in pixels (ViT position embeddings are resampled).")
+@click.option("--layer", type=int, help="Take the tokens of this block (0-based, negative from the end).")
+@click.option("--pool", type=int, default=1, show_default=True, help="Average-pool the patch grid KxK.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), help="Store format [default: zarr].")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="Autocast precision (auto: bf16/fp16 on GPU, fp32 on CPU).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--num-workers", type=int, help="DataLoader workers [default: cores - 1].")
+@click.option("--limit-per-class", type=int, help="Keep the first N images of each class per split.")
+@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "test"]),
+              help="Splits to extract [default: both].")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="Unreadable images: record and skip, or stop at the first.")
+@click.option("--num-shards", type=int, default=1, show_default=True, help="Processes in a job array.")
+@click.option("--shard-index", type=int, default=0, show_default=True, help="This process's index in it.")
+@click.option("--shard-size", type=int, help="Samples per shard [default: ~64 MB shards].")
+@click.option("--overwrite", is_flag=True, help="Replace a cache built with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(backbone, dataset, data_root, category, cache, weights, weights_dir, image_size, layer, pool, fmt,
+            dtype, precision, device, batch_size, num_workers, limit_per_class, splits, on_error, num_shards,
+            shard_index, shard_size, overwrite, quiet):
+    """Run a frozen backbone over a dataset once and cache class and patch tokens."""
+    from .extract import ExtractConfig, default_cache_path
+    from .extract import extract as run_extract
+
+    cfg = ExtractConfig(
+        backbone=backbone, dataset=dataset, data_root=str(data_root) if data_root else None, category=category,
+        cache=str(cache or default_cache_path(dataset, category)), weights=weights,
+        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size, layer=layer, pool=pool,
+        format=fmt, dtype=dtype, precision=precision, device=device, batch_size=batch_size,
+        num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
+        on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,
+        overwrite=overwrite, quiet=quiet)
+    result = run_extract(cfg)
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} unreadable image(s); first: "
+                   f"{result.skipped[0]['sample_id']} ({result.skipped[0]['reason']}); "
+                   f"all are listed in the cache metadata", err=True)
+    state = "complete" if result.sealed else "partial (other shards pending)"
+    rate = f" at {result.images_per_second:.1f} img/s" if result.images else ""
+    click.echo(f"cache {result.path}: {state}; {result.images} images extracted{rate}")
+
+
+@cli.command("backbones")
+def backbones_cmd():
+    """List the backbone aliases and the timm models they stand for."""
+    from .backbones import list_backbones
+
+    for row in list_backbones():
+        click.echo(f"{row['alias']:<16} {row['arch']:<44} {row.get('description', '')}")
+
+
+@cli.group("cache")
+def cache_group():
+    """Inspect and check feature caches."""
+
+
+@cache_group.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_info_cmd(path, as_json):
+    """Layout, sizes and provenance of a cache."""
+    from .cache.inspect import cache_info
+
+    info = cache_info(path)
+    if as_json:
+        _echo_json(info)
+        return
+    bb = info.get("backbone") or {}
+    click.echo(f"cache      {info['path']} ({info['storage']}, {'sealed' if info['sealed'] else 'INCOMPLETE'})")
+    click.echo(f"size       {info['size_bytes'] / 2**20:.1f} MiB on disk; fingerprint {info['fingerprint']}")
+    click.echo(f"features   d={info['dim']}, {info['num_tokens']} patch tokens, {info['dtype']}, "
+               f"{info['shard_size']} samples/shard")
+    click.echo(f"backbone   {bb.get('arch')} weights={bb.get('weights_file') or bb.get('weights_source')} "
+               f"sha256={str(bb.get('weights_sha256'))[:16]} image_size={bb.get('image_size')} "
+               f"layer={bb.get('layer')} pool={bb.get('pool')}")
+    ds = info.get("dataset") or {}
+    click.echo(f"dataset    {ds.get('name')} root={ds.get('root')} category={ds.get('category')} "
+               f"limit_per_class={ds.get('limit_per_class')}")
+    click.echo(f"classes    {len(info['class_names'])}: {', '.join(info['class_names'][:20])}")
+    for name, s in info["splits"].items():
+        done = f", {s['shards_done']}/{s['shards']} shards done" if "shards_done" in s else ""
+        click.echo(f"split      {name}: {s['n']} samples ({s.get('n_valid')} valid), {s['shards']} shards{done}")
+    click.echo(f"skipped    {info['skipped']} files;  created {info['created']}")
+    versions = info.get("versions") or {}
+    click.echo("versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+
+@cache_group.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+def cache_verify_cmd(path):
+    """Check that a cache is complete, matches its checksums and holds no NaN/Inf."""
+    from .cache.inspect import verify_cache
+
+    report = verify_cache(path)
+    if report.ok:
+        click.echo(f"ok: {path} is complete; {report.rows_checked} rows checked, checksums match, all finite")
+        return
+    for p in report.problems:
+        click.echo(f"problem: {p}", err=True)
+    raise SanfError(f"{path} failed verification ({len(report.problems)} problem(s))")
+
+
+def main(argv=None) -> None:
+    cli.main(args=argv, prog_name="sanf")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
