@@ -197,7 +197,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     dataset_desc = {s: ds.describe() for s, ds in datasets.items()}
     settings = {
         "dataset": {"name": cfg.dataset, "category": cfg.category, "limit_per_class": cfg.limit_per_class,
-                    "listing": {s: listing_digest(l.labels, l.sample_ids) for s, l in listings.items()}},
+                    "listing": {s: listing_digest(v.labels, v.sample_ids) for s, v in listings.items()}},
         "backbone": {k: prov.get(k) for k in ("arch", "weights_sha256", "image_size", "layer", "pool")},
         "dtype": cfg.dtype,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",

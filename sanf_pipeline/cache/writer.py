@@ -190,8 +190,8 @@ class CacheWriter:
             "dtype": spec.dtype,
             "shard_size": spec.shard_size,
             "chunk_size": spec.chunk_size,
-            "splits": {s: {"n": len(l.labels), "shards": num_shards(len(l.labels), spec.shard_size)}
-                       for s, l in spec.listings.items()},
+            "splits": {s: {"n": len(lst.labels), "shards": num_shards(len(lst.labels), spec.shard_size)}
+                       for s, lst in spec.listings.items()},
             **spec.meta,
         }
         meta.update(extra or {})

@@ -5,12 +5,11 @@
 >>> ds.class_names, ds.labels, ds.sample_ids, len(ds), ds.load(0).shape
 """
 
+# The reader modules register themselves on import.
+from sanf_pipeline.data import cifar, digits, folder, mnist, mvtec, stl10  # noqa: F401
 from sanf_pipeline.data.base import SPLITS, ImageDataset, first_per_class
 from sanf_pipeline.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file
 from sanf_pipeline.data.registry import create_dataset, get_dataset_class, list_datasets, register_dataset
-
-# Readers register themselves on import.
-from sanf_pipeline.data import cifar, digits, folder, mnist, mvtec, stl10  # noqa: E402,F401,I001
 
 __all__ = [
     "IMAGE_EXTENSIONS",
