@@ -88,7 +88,7 @@ class ImageDataset:
         return len(self.class_names)
 
     def load(self, i: int) -> np.ndarray:
-        """Image ``i`` as a C-contiguous uint8 (H, W, 3) RGB array; raises ``BadImageError``."""
+        """Image ``i`` as a writable C-contiguous uint8 (H, W, 3) RGB array; raises ``BadImageError``."""
         n = len(self)
         i = int(i)
         if not -n <= i < n:
@@ -96,7 +96,9 @@ class ImageDataset:
         img = self._load(i % n)
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise AssertionError(f"{type(self).__name__}._load returned {img.dtype} {img.shape}")
-        return np.ascontiguousarray(img)
+        if not (img.flags.c_contiguous and img.flags.writeable):
+            img = np.array(img, order="C")  # torch.as_tensor warns on read-only arrays
+        return img
 
     def order_by_label(self) -> np.ndarray:
         """Positions sorted by label, stable (natural order kept within a class); int64 (n,)."""
@@ -135,10 +137,10 @@ class ImageDataset:
     # -- helpers ---------------------------------------------------------------------------------
     def _check_root(self, root: str | os.PathLike | None) -> Path | None:
         if not self.needs_root:
-            return None if root is None else Path(root).expanduser()
+            return None if root is None else Path(root).expanduser().absolute()
         if root is None or str(root) == "":
             raise SanfError(f"dataset '{self.name}' needs a root folder; pass --root")
-        path = Path(root).expanduser()
+        path = Path(root).expanduser().absolute()
         if not path.exists():
             raise SanfError(f"dataset root {path} does not exist; check --root")
         if not path.is_dir():

@@ -48,7 +48,7 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 def decode_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
-    """Decode ``source`` (a path or the file's bytes) into a C-contiguous uint8 (H, W, 3) array.
+    """Decode ``source`` (a path or the file's bytes) into a writable, C-contiguous uint8 (H, W, 3).
 
     ``name`` is only used in error messages (default: the path, or ``"<bytes>"``).
     Raises :class:`BadImageError` for anything that is not a complete, decodable image.
@@ -65,6 +65,7 @@ def decode_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
         raise BadImageError(label, "empty file (0 bytes)")
 
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pillow's chatter ("Corrupt EXIF data", ...)
         # Pillow warns between MAX_IMAGE_PIXELS and twice that; make it an error like the rest.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -152,8 +153,7 @@ def _to_rgb_array(img: Image.Image, label: str) -> np.ndarray:
                 img = img.convert("RGB")
             except (ValueError, OSError) as e:
                 raise BadImageError(label, f"unsupported image mode {mode!r} ({e})") from None
-        arr = np.asarray(img, dtype=np.uint8)
-        return np.ascontiguousarray(arr)
+        return np.array(img, dtype=np.uint8, order="C")  # a writable copy (asarray is read-only)
     return gray_to_rgb(gray)
 
 
