@@ -1,0 +1,774 @@
+"""Frozen timm backbones: aliases, weight resolution, preprocessing and token extraction.
+
+``create_backbone(name, ...)`` returns a :class:`Backbone` (an ``nn.Module`` in eval mode with frozen
+parameters) whose forward maps a normalised image batch ``(B, 3, S, S)`` to ``(cls (B, d), patch (B, T, d))``:
+
+* **ViTs** (timm models with ``patch_embed``/``blocks``/``num_prefix_tokens``): the tokens after the final
+  norm (``model.forward_features``). Token 0 is the class token; all prefix tokens (class, distillation,
+  register tokens) are dropped from the patch tokens. Models without a class token (``global_pool='avg'``
+  ViTs) get ``cls`` = mean of the patch tokens. ``layer=N`` (0-based, negative counts from the end) takes
+  the tokens of block N normalised with the final norm, exactly as timm's
+  ``forward_intermediates(indices=[N], norm=True, return_prefix_tokens=True)``; the blocks after N are
+  pruned (``prune_intermediate_layers``) so only N+1 blocks run.
+* **CNNs** (any timm model whose ``forward_features`` is a feature map): ``cls`` = global average pool of
+  the last feature map, ``patch`` = its positions as tokens ``(B, H*W, C)``. ``layer=N`` indexes timm's
+  feature stages (``model.feature_info``, via ``forward_intermediates``) instead of blocks.
+* ``pool=K`` average-pools the patch grid KxK the right way: ``(B, N, d) -> (B, d, H, W) -> avg_pool2d ->
+  (B, N', d)``. The grid must be divisible by K; otherwise :class:`SanfError` (no ceil-mode partial
+  windows, so every pooled token averages exactly K*K positions).
+
+Weights are resolved in this order (:func:`resolve_weights`): an explicit file (``--weights FILE``:
+safetensors or a plain state dict read with ``torch.load(weights_only=True)``), a file in ``weights_dir``
+or ``$SANF_WEIGHTS_DIR`` whose name is ``<architecture>.*`` (e.g. ``vit_small_patch14_dinov2.imgfocus
+.safetensors``), then timm's own pretrained download. ``weights="random"`` (or ``"none"``) is a seeded
+random initialisation for benchmarks; ``weights="timm"`` skips the first two steps. Local files are loaded
+through timm's own pretrained-loading path (``pretrained=True`` with ``pretrained_cfg_overlay=
+dict(state_dict=...)``) so that the model family's checkpoint filter runs (position embeddings resampled
+to the ``image_size`` grid, original DINOv2/CLIP layouts converted); the classifier keys are dropped first
+and the load is strict, so a file that does not fit the model is a :class:`SanfError` naming the file and
+the first mismatched keys. This module never writes files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SanfError
+
+__all__ = [
+    "BACKBONE_ALIASES",
+    "WEIGHTS_ENV",
+    "Backbone",
+    "Preprocess",
+    "WeightsChoice",
+    "create_backbone",
+    "describe_alias",
+    "file_sha256",
+    "list_backbones",
+    "load_state_dict_file",
+    "pool_tokens",
+    "resolve_name",
+    "resolve_weights",
+]
+
+WEIGHTS_ENV = "SANF_WEIGHTS_DIR"
+WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+RANDOM_WEIGHTS = ("random", "none")
+TIMM_WEIGHTS = ("timm", "hub")
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class _Alias:
+    model: str
+    description: str
+
+
+BACKBONE_ALIASES: dict[str, _Alias] = {
+    "vit_large": _Alias(
+        "vit_large_patch16_224.augreg_in21k",
+        "ViT-L/16, ImageNet-21k, 224 px (the paper's main setting)",
+    ),
+    "vit_base": _Alias("vit_base_patch16_224.augreg_in21k", "ViT-B/16, ImageNet-21k, 224 px"),
+    "vit_base_384": _Alias(
+        "vit_base_patch16_384.augreg_in21k_ft_in1k",
+        "ViT-B/16, ImageNet-21k fine-tuned on 1k, 384 px (the official code's backbone)",
+    ),
+    "dino_vitb16": _Alias("vit_base_patch16_224.dino", "DINO ViT-B/16 (self-supervised, ImageNet-1k), 224 px"),
+    "dinov2_vits14": _Alias(
+        "vit_small_patch14_dinov2.lvd142m", "DINOv2 ViT-S/14 (LVD-142M), 518 px native, any multiple of 14"
+    ),
+    "dinov2_vitl14": _Alias(
+        "vit_large_patch14_dinov2.lvd142m", "DINOv2 ViT-L/14 (LVD-142M), 518 px native, any multiple of 14"
+    ),
+    "clip_vitb16": _Alias("vit_base_patch16_clip_224.openai", "OpenAI CLIP ViT-B/16 image tower, 224 px"),
+}
+
+
+def list_backbones() -> list[dict[str, str]]:
+    """The aliases for ``sanf backbones``: ``[{alias, model, description}]`` (any timm name works too)."""
+    return [{"alias": k, "model": a.model, "description": a.description} for k, a in BACKBONE_ALIASES.items()]
+
+
+def describe_alias(alias: str) -> str:
+    return BACKBONE_ALIASES[alias].description
+
+
+def resolve_name(name: str) -> tuple[str | None, str, str | None]:
+    """``name`` (alias or timm name, optionally ``arch.tag``) -> ``(alias or None, arch, tag or None)``."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    key = str(name).strip()
+    alias = None
+    if key.lower() in BACKBONE_ALIASES:
+        alias = key.lower()
+        key = BACKBONE_ALIASES[alias].model
+    arch, tag = split_model_name_tag(key)
+    if arch and timm.is_model(arch) and tag and f"{arch}.{tag}" not in timm.list_pretrained(f"{arch}.*"):
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        raise SanfError(f"unknown pretrained tag {tag!r} for {arch}; timm knows: {', '.join(tags) or 'none'}")
+    if not arch or not timm.is_model(arch):
+        known = list(BACKBONE_ALIASES) + timm.list_models()
+        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise SanfError(
+            f"unknown backbone {name!r}: not an alias ({', '.join(BACKBONE_ALIASES)}) nor a timm model "
+            f"name (see `sanf backbones` or timm.list_models()).{hint}"
+        )
+    return alias, arch, (tag or None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# weights
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file or a plain (``weights_only``) torch state dict onto the CPU.
+
+    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and a DataParallel ``module.`` prefix are
+    removed. Anything else that is not a mapping of names to tensors is a :class:`SanfError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SanfError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SanfError(
+            f"cannot read weights file {path}: {first[:300]} (expected a .safetensors file or a plain "
+            f"state dict that torch.load(weights_only=True) accepts)"
+        ) from e
+    if isinstance(sd, Mapping):
+        for key in ("state_dict", "model"):
+            if key in sd and isinstance(sd[key], Mapping):
+                sd = sd[key]
+                break
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SanfError(f"weights file {path} is not a state dict (a mapping of parameter names to tensors)")
+    out = {}
+    for k, v in sd.items():
+        k = str(k)
+        out[k[7:] if k.startswith("module.") else k] = v
+    return out
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """Where the weights of a backbone come from.
+
+    ``source``: ``"file"`` (explicit ``--weights``), ``"weights_dir"``, ``"timm"`` (timm's pretrained
+    download, attempted by :func:`create_backbone`) or ``"random"``. ``tried`` describes the places looked
+    at before, for the error message when the download fails too.
+    """
+
+    source: str
+    file: str | None = None
+    tried: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _weights_dir(weights_dir: str | os.PathLike | None) -> tuple[Path | None, str]:
+    if weights_dir is not None and str(weights_dir) != "":
+        return Path(weights_dir).expanduser(), "weights dir"
+    env = os.environ.get(WEIGHTS_ENV, "")
+    if env:
+        return Path(env).expanduser(), f"${WEIGHTS_ENV}"
+    return None, f"${WEIGHTS_ENV}"
+
+
+def _find_in_dir(directory: Path, arch: str, tag: str | None) -> tuple[Path | None, str]:
+    """A file ``<arch>.*`` (with a known extension) in ``directory``; ``(None, why)`` when none."""
+    if not directory.is_dir():
+        return None, f"{directory} is not a directory"
+    cands = sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and p.name.startswith(arch + ".") and p.name.lower().endswith(WEIGHT_EXTENSIONS)
+    )
+    if not cands:
+        return None, f"no file named {arch}.*{{{','.join(WEIGHT_EXTENSIONS)}}} in {directory}"
+    if tag:
+        tagged = [p for p in cands if p.name.startswith(f"{arch}.{tag}.")]
+        if tagged:
+            cands = tagged
+    if len(cands) > 1:
+        # safetensors beats other formats of the same stem; otherwise the choice is ambiguous
+        stems = {p.name.split(".")[1] if p.name.count(".") > 1 else "" for p in cands}
+        if len(stems) == 1:
+            cands = sorted(cands, key=lambda p: (not p.name.endswith(".safetensors"), p.name))
+        else:
+            names = ", ".join(p.name for p in cands)
+            raise SanfError(
+                f"several weights files for {arch} in {directory} ({names}); pass --weights FILE or "
+                f"name the tag (e.g. {arch}.<tag>)"
+            )
+    return cands[0], ""
+
+
+def _timm_pretrained_location(arch: str, tag: str | None) -> str | None:
+    """Where timm would download pretrained weights from (``None``: timm has none for this name)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    except RuntimeError:
+        return None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        return f"hf-hub:{cfg.hf_hub_id}"
+    return cfg.url or None
+
+
+def _three_places_error(arch: str, tag: str | None, tried: tuple[str, ...], hub: str) -> SanfError:
+    name = f"{arch}.{tag}" if tag else arch
+    places = "; ".join(f"({i + 1}) {t}" for i, t in enumerate((*tried, hub)))
+    return SanfError(
+        f"no weights for {name}. Tried {places}. Pass --weights FILE (safetensors or a state dict), put "
+        f"{arch}.<tag>.safetensors into ${WEIGHTS_ENV} (or --weights-dir), or use --weights random"
+    )
+
+
+def resolve_weights(
+    arch: str,
+    weights: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    *,
+    tag: str | None = None,
+) -> WeightsChoice:
+    """Decide where the weights for timm architecture ``arch`` come from.
+
+    Order: ``weights`` as a file; a file ``<arch>.*`` in ``weights_dir`` (default ``$SANF_WEIGHTS_DIR``),
+    preferring ``<arch>.<tag>.*``; timm's pretrained download (returned as ``source="timm"``, done by
+    :func:`create_backbone`). ``weights="random"``/``"none"``: random init; ``weights="timm"``: the
+    download only. Raises one :class:`SanfError` naming the three places when nothing is available.
+    """
+    if "." in arch and tag is None:
+        from timm.models import split_model_name_tag
+
+        arch, tag = split_model_name_tag(arch)
+        tag = tag or None
+    tried: list[str] = []
+    if weights is not None and str(weights) != "":
+        w = str(weights)
+        if w.lower() in RANDOM_WEIGHTS:
+            return WeightsChoice("random")
+        if w.lower() in TIMM_WEIGHTS:
+            tried = ["--weights: 'timm' (download only)", "weights dir: skipped"]
+        else:
+            p = Path(w).expanduser()
+            if not p.is_file():
+                raise SanfError(f"weights file {p} does not exist (--weights takes a file, 'random' or 'timm')")
+            return WeightsChoice("file", str(p.resolve()))
+    else:
+        tried.append("--weights FILE: not given")
+        directory, label = _weights_dir(weights_dir)
+        if directory is None:
+            tried.append(f"{label}: not set")
+        else:
+            found, why = _find_in_dir(directory, arch, tag)
+            if found is not None:
+                return WeightsChoice("weights_dir", str(found.resolve()))
+            tried.append(f"{label}: {why}")
+    loc = _timm_pretrained_location(arch, tag)
+    if loc is None:
+        raise _three_places_error(arch, tag, tuple(tried), "timm pretrained download: timm has no pretrained "
+                                  f"weights named {arch + '.' + tag if tag else arch}")
+    return WeightsChoice("timm", None, tuple(tried))
+
+
+def _create_timm_model(model_name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
+def _create_from_hub(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's own pretrained download (Hugging Face hub or URL). Tests replace this function."""
+    return _create_timm_model(model_name, pretrained=True, **kwargs)
+
+
+def _hub_cached_sha256(model_name: str) -> tuple[str | None, str | None]:
+    """Best effort: the cached Hugging Face file timm just loaded, and its sha256 (no network)."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(model_name)
+        if cfg is None or not cfg.hf_hub_id:
+            return None, None
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for fn in names:
+            try:
+                p = hf_hub_download(cfg.hf_hub_id, fn, local_files_only=True)
+            except Exception:  # noqa: BLE001
+                continue
+            return str(p), file_sha256(p)
+    except Exception:  # noqa: BLE001
+        pass
+    return None, None
+
+
+_MISSING_RE = re.compile(r"Missing key\(s\) in state_dict: (.*)")
+_UNEXPECTED_RE = re.compile(r"Unexpected key\(s\) in state_dict: (.*)")
+_SIZE_RE = re.compile(
+    r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def _mismatch_error(path: str, arch: str, err: Exception, max_keys: int = 4) -> SanfError:
+    text = str(err)
+    parts = []
+    for regex, label in ((_MISSING_RE, "missing"), (_UNEXPECTED_RE, "unexpected")):
+        keys = [k for m in regex.finditer(text) for k in re.findall(r'"([^"]+)"', m.group(1))]
+        if keys:
+            more = f" (+{len(keys) - max_keys} more)" if len(keys) > max_keys else ""
+            parts.append(f"{label} keys {', '.join(keys[:max_keys])}{more}")
+    sizes = _SIZE_RE.findall(text)
+    if sizes:
+        shown = ", ".join(f"{k} {a} in file vs {b} in model" for k, a, b in sizes[:max_keys])
+        more = f" (+{len(sizes) - max_keys} more)" if len(sizes) > max_keys else ""
+        parts.append(f"shape mismatch {shown}{more}")
+    if not parts:
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        parts.append(f"{type(err).__name__}: {first[:300]}")
+    return SanfError(f"weights file {path} does not match model {arch}: {'; '.join(parts)}")
+
+
+def _classifier_names(model_name: str) -> tuple[str, ...]:
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except RuntimeError:
+        return ()
+    names = cfg.classifier if cfg is not None and cfg.classifier else ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _load_with_file(model_name: str, path: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Create the model through timm's pretrained path with a local state dict (strict, head dropped)."""
+    sd = load_state_dict_file(path)
+    for c in _classifier_names(model_name):
+        for suffix in (".weight", ".bias"):
+            sd.pop(c + suffix, None)
+    overlay = dict(state_dict=sd, num_classes=0, source="", file=None, hf_hub_id=None, url=None)
+    try:
+        model = _create_timm_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except SanfError:
+        raise
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise  # a constructor argument, not the file: handled by create_backbone
+        raise _mismatch_error(path, model_name, e) from e
+    except Exception as e:  # noqa: BLE001 - a filter fn or load_state_dict rejecting the file
+        raise _mismatch_error(path, model_name, e) from e
+    # timm keeps the overlay in the model's config: drop the reference to the raw tensors
+    for cfg in {id(c): c for c in (getattr(model, "pretrained_cfg", None), getattr(model, "default_cfg", None))
+                if isinstance(c, dict)}.values():
+        cfg.pop("state_dict", None)
+    return model
+
+
+def _create_random(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return _create_timm_model(model_name, pretrained=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# preprocessing and pooling
+
+
+class Preprocess:
+    """uint8 ``(H, W, 3)`` RGB image -> normalised float tensor ``(3, S, S)``; picklable, deterministic.
+
+    Resizes the whole image (no crop) to the model input size with PIL bicubic (the resampling timm's eval
+    transform uses; small images such as CIFAR's 32x32 are upsampled), scales to [0, 1] and normalises
+    with the model's mean/std. Grayscale ``(H, W)`` / ``(H, W, 1)`` inputs are repeated to RGB and an
+    alpha channel is dropped.
+    """
+
+    _PIL_MODES = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}
+
+    def __init__(self, size: tuple[int, int], mean, std, interpolation: str = "bicubic"):
+        self.size = (int(size[0]), int(size[1]))  # (height, width)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if interpolation not in self._PIL_MODES:
+            raise SanfError(f"unknown interpolation {interpolation!r}; one of {', '.join(self._PIL_MODES)}")
+        self.interpolation = interpolation
+
+    def __call__(self, img) -> torch.Tensor:
+        from PIL import Image
+
+        if isinstance(img, Image.Image):
+            img = np.asarray(img.convert("RGB"))
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            raise SanfError(f"preprocess expects a uint8 image, got {arr.dtype}")
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise SanfError(f"preprocess expects an (H, W, 3) image, got shape {arr.shape}")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        elif arr.shape[2] == 4:
+            arr = arr[:, :, :3]
+        h, w = self.size
+        if arr.shape[:2] != (h, w):
+            pil = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+            arr = np.asarray(pil.resize((w, h), resample=self._PIL_MODES[self.interpolation]))
+        if not (arr.flags.writeable and arr.flags.c_contiguous):
+            arr = np.array(arr, copy=True, order="C")
+        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return x.sub_(mean).div_(std).contiguous()
+
+    def __repr__(self) -> str:
+        return (f"Preprocess(size={self.size}, mean={self.mean}, std={self.std}, "
+                f"interpolation={self.interpolation!r})")
+
+
+def pool_tokens(patch: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
+    """Average-pool tokens ``(B, H*W, d)`` on their ``(H, W)`` grid with a KxK window and stride K.
+
+    Tokens are transposed to channels-first ``(B, d, H, W)`` before pooling (the official SANF code
+    reshapes without the transpose, which mixes channels and positions). Returns ``(B, H/K * W/K, d)``.
+    """
+    if k == 1:
+        return patch
+    b, n, d = patch.shape
+    h, w = grid
+    if n != h * w:
+        raise SanfError(f"cannot pool {n} tokens as a {h}x{w} grid")
+    if h % k or w % k:
+        raise SanfError(f"--pool {k} does not divide the {h}x{w} token grid")
+    fmap = patch.transpose(1, 2).reshape(b, d, h, w)
+    return F.avg_pool2d(fmap, k).flatten(2).transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------
+# the backbone
+
+
+def _is_token_model(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("patch_embed", "blocks", "num_prefix_tokens"))
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
+
+
+class Backbone(nn.Module):
+    """A frozen timm model that returns ``(cls (B, d), patch (B, T, d))``; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        alias: str | None,
+        arch: str,
+        tag: str | None,
+        weights: WeightsChoice,
+        weights_sha256: str | None,
+        image_size: int | tuple[int, int] | None,
+        layer: int | None,
+        pool: int,
+        device: torch.device,
+        model_kwargs: dict[str, Any],
+    ):
+        super().__init__()
+        from timm.data import resolve_data_config
+
+        self.model = model
+        self.name, self.alias, self.arch, self.tag = name, alias, arch, tag
+        self.weights_source = weights.source
+        self.weights_file = weights.file
+        self.weights_sha256 = weights_sha256
+        self.model_kwargs = dict(model_kwargs)
+        self.kind = "vit" if _is_token_model(model) else "cnn"
+        self.pool = int(pool)
+        if self.pool < 1:
+            raise SanfError(f"--pool must be >= 1, got {pool}")
+
+        # input size
+        if self.kind == "vit" and getattr(model.patch_embed, "img_size", None) is not None:
+            native = tuple(int(s) for s in model.patch_embed.img_size)
+        else:
+            native = tuple(int(s) for s in resolve_data_config({}, model=model)["input_size"][1:])
+        if image_size is None:
+            size = native
+        elif isinstance(image_size, int):
+            size = (int(image_size), int(image_size))
+        else:
+            size = (int(image_size[0]), int(image_size[1]))
+        if min(size) < 1:
+            raise SanfError(f"--image-size must be positive, got {image_size}")
+        self.image_size = size if size[0] != size[1] else size[0]
+        self.data_config = resolve_data_config({"input_size": (3, *size)}, model=model)
+        self.data_config["input_size"] = (3, *size)
+        self.mean = tuple(float(m) for m in self.data_config["mean"])
+        self.std = tuple(float(s) for s in self.data_config["std"])
+        self.interpolation = "bicubic"
+        self.preprocess = Preprocess(size, self.mean, self.std, self.interpolation)
+
+        # layer selection (pruning what comes after it)
+        if self.kind == "vit":
+            self.num_prefix_tokens = int(model.num_prefix_tokens)
+            self.has_class_token = bool(
+                getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
+            )
+            n_layers = len(model.blocks)
+            what = "blocks"
+        else:
+            self.num_prefix_tokens = 0
+            self.has_class_token = False
+            n_layers = len(getattr(model, "feature_info", []) or [])
+            what = "feature stages"
+        self.num_layers = n_layers
+        if layer is not None:
+            layer = int(layer)
+            if not hasattr(model, "forward_intermediates"):
+                raise SanfError(f"--layer is not supported for {arch} (timm has no forward_intermediates)")
+            if not -n_layers <= layer < n_layers:
+                raise SanfError(f"--layer {layer} is out of range for {arch}: it has {n_layers} {what} "
+                                f"(0..{n_layers - 1}, or negative from the end)")
+            layer %= n_layers
+            if hasattr(model, "prune_intermediate_layers"):
+                try:
+                    model.prune_intermediate_layers([layer], prune_norm=False, prune_head=True)
+                except Exception:  # noqa: BLE001 - pruning is only a speed-up
+                    pass
+        self.layer = layer
+        self.channels_last = self.kind == "cnn" and device.type == "cuda"
+
+        model.eval()
+        model.requires_grad_(False)
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.device = device
+
+        # token grid and width
+        if self.kind == "vit":
+            pe = model.patch_embed
+            ps = tuple(int(p) for p in pe.patch_size)
+            if size[0] % ps[0] or size[1] % ps[1]:
+                raise SanfError(
+                    f"--image-size {size[0]} is not a multiple of {arch}'s patch size {ps[0]}; "
+                    f"use e.g. {size[0] // ps[0] * ps[0]} or {(size[0] // ps[0] + 1) * ps[0]}"
+                )
+            if tuple(pe.img_size) != size and not getattr(model, "dynamic_img_size", False):
+                raise SanfError(f"{arch} was built for {tuple(pe.img_size)} px inputs, not {size}")
+            raw_grid = (size[0] // ps[0], size[1] // ps[1])
+            self.dim = int(getattr(model, "embed_dim", None) or model.num_features)
+        else:
+            with torch.inference_mode():
+                fmap = self._feature_map(torch.zeros(1, 3, *size, device=device))
+            raw_grid = (int(fmap.shape[2]), int(fmap.shape[3]))
+            self.dim = int(fmap.shape[1])
+        self.raw_grid = raw_grid
+        if raw_grid[0] % self.pool or raw_grid[1] % self.pool:
+            raise SanfError(
+                f"--pool {self.pool} does not divide the {raw_grid[0]}x{raw_grid[1]} token grid of {arch} at "
+                f"{size[0]} px; use a divisor of the grid ({_divisors(raw_grid[0])})"
+            )
+        self.grid = (raw_grid[0] // self.pool, raw_grid[1] // self.pool)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.eval()
+
+    # keep the backbone frozen in eval mode whatever a caller does
+    def train(self, mode: bool = True) -> Backbone:
+        return super().train(False)
+
+    def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.layer is None:
+            fmap = m.forward_features(x)
+        else:
+            fmap = m.forward_intermediates(x, indices=[self.layer], intermediates_only=True, stop_early=True)[0]
+        if fmap.ndim != 4:
+            raise SanfError(f"{self.arch}: expected a feature map (B, C, H, W), got shape {tuple(fmap.shape)}")
+        if self.layer is None and getattr(m, "output_fmt", "NCHW") == "NHWC":
+            fmap = fmap.permute(0, 3, 1, 2)
+        return fmap
+
+    def _vit_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, npt = self.model, self.num_prefix_tokens
+        if self.layer is None:
+            tokens = m.forward_features(x)
+            prefix, patch = tokens[:, :npt], tokens[:, npt:]
+        else:
+            out = m.forward_intermediates(
+                x, indices=[self.layer], norm=True, return_prefix_tokens=True, stop_early=True,
+                output_fmt="NLC", intermediates_only=True,
+            )[0]
+            patch, prefix = out if isinstance(out, (tuple, list)) else (out, None)
+        n = self.raw_grid[0] * self.raw_grid[1]
+        if patch.ndim != 3 or patch.shape[1] != n:
+            raise SanfError(f"{self.arch}: expected {n} patch tokens, got shape {tuple(patch.shape)}")
+        cls = prefix[:, 0] if self.has_class_token and prefix is not None else patch.mean(dim=1)
+        return cls, patch
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
+        if self.kind == "vit":
+            cls, patch = self._vit_tokens(x)
+        else:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fmap = self._feature_map(x)
+            cls = fmap.mean(dim=(2, 3))
+            patch = fmap.flatten(2).transpose(1, 2)
+        patch = pool_tokens(patch, self.raw_grid, self.pool)
+        return cls.contiguous(), patch.contiguous()
+
+    def provenance(self) -> dict[str, Any]:
+        import timm
+
+        if self.kind == "vit":
+            cls_kind = "class_token" if self.has_class_token else "mean_of_patch_tokens"
+        else:
+            cls_kind = "global_average_pool"
+        return {
+            "name": self.name,
+            "alias": self.alias,
+            "arch": self.arch,
+            "tag": self.tag,
+            "kind": self.kind,
+            "model_kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_kwargs.items()},
+            "weights": {"source": self.weights_source, "file": self.weights_file, "sha256": self.weights_sha256},
+            "image_size": list(self.data_config["input_size"][1:]),
+            "layer": self.layer,
+            "num_layers": self.num_layers,
+            "pool": self.pool,
+            "grid": list(self.grid),
+            "num_tokens": self.num_tokens,
+            "dim": self.dim,
+            "num_prefix_tokens_dropped": self.num_prefix_tokens,
+            "cls": cls_kind,
+            "tokens": "after final norm" if self.kind == "vit" else "feature map",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize": "whole image to input size (no crop)",
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+        }
+
+    def extra_repr(self) -> str:
+        return (f"arch={self.arch}, kind={self.kind}, dim={self.dim}, grid={self.grid}, layer={self.layer}, "
+                f"pool={self.pool}, weights={self.weights_source}")
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SanfError(f"unknown device {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SanfError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def create_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    layer: int | None = None,
+    pool: int = 1,
+    device: str | torch.device = "cpu",
+    model_kwargs: dict[str, Any] | None = None,
+) -> Backbone:
+    """A frozen backbone for alias or timm model ``name`` (see the module docstring).
+
+    ``image_size``: input size in pixels (ViTs are built for it, position embeddings resampled; CNNs
+    only change the preprocessing). ``model_kwargs``: extra ``timm.create_model`` arguments (e.g. a tiny
+    ``depth``/``embed_dim`` for tests), recorded in the provenance.
+    """
+    alias, arch, tag = resolve_name(name)
+    dev = _parse_device(device)
+    kwargs = dict(model_kwargs or {})
+    kwargs["num_classes"] = 0
+    if image_size is not None:
+        kwargs.setdefault("img_size", image_size)
+    choice = resolve_weights(arch, weights, weights_dir, tag=tag)
+    model_name = f"{arch}.{tag}" if tag else arch
+
+    def build(fn, *args):
+        try:
+            try:
+                return fn(*args, kwargs)
+            except TypeError as e:
+                if "'img_size'" in str(e) and "img_size" in kwargs and "img_size" not in (model_kwargs or {}):
+                    kwargs.pop("img_size")  # not a ViT: the size only matters for preprocessing
+                    return fn(*args, kwargs)
+                raise
+        except TypeError as e:
+            if "unexpected keyword argument" in str(e):
+                raise SanfError(f"timm model {model_name} does not accept these arguments: {e}") from e
+            raise
+
+    sha = None
+    if choice.source == "random":
+        model = build(_create_random, model_name)
+    elif choice.source in ("file", "weights_dir"):
+        model = build(_load_with_file, model_name, choice.file)
+        sha = file_sha256(choice.file)
+    else:
+        try:
+            model = build(_create_from_hub, model_name)
+        except SanfError:
+            raise
+        except TypeError as e:
+            if "unexpected keyword argument" in str(e):
+                raise SanfError(f"timm model {model_name} does not accept these arguments: {e}") from e
+            raise
+        except Exception as e:  # noqa: BLE001 - offline, missing repo, HTTP errors, ...
+            loc = _timm_pretrained_location(arch, tag)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            hub = f"timm pretrained download ({loc}): {type(e).__name__}{': ' + msg[:200] if msg else ''}"
+            raise _three_places_error(arch, tag, choice.tried, hub) from e
+        hub_file, sha = _hub_cached_sha256(model_name)
+        choice = WeightsChoice("timm", hub_file, choice.tried)
+    return Backbone(
+        model, name=str(name), alias=alias, arch=arch, tag=tag, weights=choice, weights_sha256=sha,
+        image_size=image_size, layer=layer, pool=pool, device=dev, model_kwargs=dict(model_kwargs or {}),
+    )
