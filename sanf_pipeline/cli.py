@@ -41,6 +41,18 @@ def cli(ctx, debug):
     ctx.obj["debug"] = debug
 
 
+def _json_option(text, name):
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise SanfError(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise SanfError(f"{name} must be a JSON object")
+    return value
+
+
 def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -74,9 +86,10 @@ def _echo_json(obj) -> None:
 @click.option("--shard-size", type=int, help="Samples per shard [default: ~64 MB shards].")
 @click.option("--overwrite", is_flag=True, help="Replace a cache built with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--model-kwargs", hidden=True, help="JSON dict of timm create_model overrides (tiny test models).")
 def extract(backbone, dataset, data_root, category, cache, weights, weights_dir, image_size, layer, pool, fmt,
             dtype, precision, device, batch_size, num_workers, limit_per_class, splits, on_error, num_shards,
-            shard_index, shard_size, overwrite, quiet):
+            shard_index, shard_size, overwrite, quiet, model_kwargs):
     """Run a frozen backbone over a dataset once and cache class and patch tokens."""
     from .extract import ExtractConfig, default_cache_path
     from .extract import extract as run_extract
@@ -88,7 +101,7 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
         format=fmt, dtype=dtype, precision=precision, device=device, batch_size=batch_size,
         num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
         on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,
-        overwrite=overwrite, quiet=quiet)
+        overwrite=overwrite, quiet=quiet, model_kwargs=_json_option(model_kwargs, "--model-kwargs"))
     result = run_extract(cfg)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} unreadable image(s); first: "
@@ -105,7 +118,7 @@ def backbones_cmd():
     from .backbones import list_backbones
 
     for row in list_backbones():
-        click.echo(f"{row['alias']:<16} {row['arch']:<44} {row.get('description', '')}")
+        click.echo(f"{row['alias']:<16} {row['model']:<44} {row.get('description', '')}")
 
 
 @cli.group("cache")
@@ -129,9 +142,10 @@ def cache_info_cmd(path, as_json):
     click.echo(f"size       {info['size_bytes'] / 2**20:.1f} MiB on disk; fingerprint {info['fingerprint']}")
     click.echo(f"features   d={info['dim']}, {info['num_tokens']} patch tokens, {info['dtype']}, "
                f"{info['shard_size']} samples/shard")
-    click.echo(f"backbone   {bb.get('arch')} weights={bb.get('weights_file') or bb.get('weights_source')} "
-               f"sha256={str(bb.get('weights_sha256'))[:16]} image_size={bb.get('image_size')} "
-               f"layer={bb.get('layer')} pool={bb.get('pool')}")
+    w = bb.get("weights") or {}
+    click.echo(f"backbone   {bb.get('arch')} weights={w.get('file') or w.get('source')} "
+               f"sha256={str(w.get('sha256'))[:16]} image_size={bb.get('image_size')} "
+               f"layer={bb.get('layer')} pool={bb.get('pool')} grid={bb.get('grid')}")
     ds = info.get("dataset") or {}
     click.echo(f"dataset    {ds.get('name')} root={ds.get('root')} category={ds.get('category')} "
                f"limit_per_class={ds.get('limit_per_class')}")

@@ -56,6 +56,7 @@ class ExtractConfig:
     num_shards: int = 1
     shard_index: int = 0
     quiet: bool = False
+    model_kwargs: dict | None = None  # timm create_model overrides (tiny test models)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -184,7 +185,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         if ds.class_names != class_names:
             raise SanfError(f"the splits of {cfg.dataset} disagree on class names")
     backbone = create_backbone(cfg.backbone, weights=cfg.weights, weights_dir=cfg.weights_dir,
-                               image_size=cfg.image_size, layer=cfg.layer, pool=cfg.pool, device=str(device))
+                               image_size=cfg.image_size, layer=cfg.layer, pool=cfg.pool, device=str(device),
+                               model_kwargs=cfg.model_kwargs)
     orders = {s: ds.order_by_label() for s, ds in datasets.items()}
     listings = {s: SplitListing(np.asarray(ds.labels)[orders[s]], [ds.sample_ids[i] for i in orders[s]])
                 for s, ds in datasets.items()}
@@ -198,7 +200,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     settings = {
         "dataset": {"name": cfg.dataset, "category": cfg.category, "limit_per_class": cfg.limit_per_class,
                     "listing": {s: listing_digest(v.labels, v.sample_ids) for s, v in listings.items()}},
-        "backbone": {k: prov.get(k) for k in ("arch", "weights_sha256", "image_size", "layer", "pool")},
+        "backbone": {**{k: prov.get(k) for k in ("arch", "tag", "model_kwargs", "image_size", "layer", "pool")},
+                     "weights": prov["weights"]["sha256"] or prov["weights"]["source"]},
         "dtype": cfg.dtype,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
         "batch_size": cfg.batch_size,
@@ -209,8 +212,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                     "category": cfg.category, "limit_per_class": cfg.limit_per_class, "splits": dataset_desc},
         "backbone": prov,
         "grid": list(backbone.grid),
-        "preprocessing": {k: prov.get(k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")
-                          if k in prov},
+        "preprocessing": {k: prov.get(k) for k in ("image_size", "mean", "std", "interpolation", "resize")},
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": str(device),

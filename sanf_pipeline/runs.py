@@ -1,0 +1,346 @@
+"""Run folders: what a fit leaves on disk and how it is read back, with no pickle anywhere.
+
+A run folder (``runs/<name>/``)::
+
+    config.json              every setting, the cache's provenance + fingerprint, the normal class, the result
+    model.safetensors        flow state (``flow.*``) + normaliser statistics (``normalizer.*``); the config JSON
+                             again in the safetensors metadata (key ``sanf``); written last: it marks a finished run
+    train_log.jsonl          one JSON object per completed epoch
+    checkpoint.safetensors   while a fit is unfinished: model + optimiser state + RNG state after the last
+                             completed epoch (JSON state in the metadata); removed when the fit finishes
+    metrics.json, scores.csv, report.md, *.png   written by ``sanf eval`` (``evaluate.py``)
+
+Every file is written to a temporary name and moved into place (``os.replace``), so a reader sees the old
+file or the new one, never half of one. Runs may come from someone else: tensors are read only with
+safetensors, JSON only with a size limit, and nothing else in the folder (``*.pt``, ``*.pkl``, ...) is ever
+opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache.schema import MAX_JSON_BYTES, canonical_json, diff_settings, loads_limited, read_json_file
+from .cache.schema import write_json_atomic as _write_json_atomic
+from .errors import SanfError
+
+RUN_FORMAT = "sanf-run"
+RUN_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+LOG_FILE = "train_log.jsonl"
+METRICS_FILE = "metrics.json"
+SCORES_FILE = "scores.csv"
+REPORT_FILE = "report.md"
+HIST_PNG = "score_hist.png"
+ROC_PNG = "roc.png"
+RESULT_FILES = (METRICS_FILE, SCORES_FILE, REPORT_FILE, HIST_PNG, ROC_PNG)
+RUN_FILES = (CONFIG_FILE, MODEL_FILE, CHECKPOINT_FILE, LOG_FILE, *RESULT_FILES)
+META_KEY = "sanf"
+
+
+# ------------------------------------------------------------------------------------------------ small I/O
+def _os_error(exc: OSError, path: Path, doing: str) -> SanfError:
+    return SanfError(f"cannot {doing} {path}: {exc.strerror or exc}; check the folder exists, is writable and "
+                     f"the disk has space, or choose another --out")
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_json_atomic(path, obj: Any) -> None:
+    path = Path(path)
+    try:
+        _write_json_atomic(path, obj)
+    except OSError as exc:
+        _tmp_name(path).unlink(missing_ok=True)
+        raise _os_error(exc, path, "write") from None
+
+
+def write_text_atomic(path, text: str) -> None:
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(exc, path, "write") from None
+
+
+def write_jsonl_atomic(path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise SanfError(f"{path} is {size} bytes, over the {MAX_JSON_BYTES}-byte limit; refusing to parse it")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise SanfError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return [loads_limited(line, str(path)) for line in text.splitlines() if line.strip()]
+
+
+def save_tensors_atomic(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """safetensors file with ``meta`` as JSON under the metadata key ``sanf``; atomic replace."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = _tmp_name(path)
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    try:
+        save_file(clean, str(tmp), metadata={META_KEY: canonical_json(meta)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(exc, path, "write") from None
+
+
+def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a safetensors file written by ``save_tensors_atomic``: (tensors on CPU, meta dict)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SanfError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else ''}); "
+                        f"it is damaged or not a sanf file") from None
+    if raw is None:
+        raise SanfError(f"{path} has no sanf metadata; it is not a sanf file")
+    return tensors, loads_limited(raw, f"the metadata of {path}")
+
+
+def package_versions() -> dict:
+    import sklearn
+
+    from . import __version__
+
+    return {"sanf": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def settings_id(settings: dict) -> str:
+    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ cache identity
+CACHE_CHECK_KEYS = ("dim", "num_tokens")
+
+
+def cache_identity(cache) -> dict:
+    """What a run records about the cache it was trained on (provenance + the keys checked at eval time)."""
+    meta = cache.meta
+    bb = meta.get("backbone") or {}
+    return {
+        "path": str(Path(cache.path).resolve()),
+        "fingerprint": cache.fingerprint,
+        "dim": cache.dim,
+        "num_tokens": cache.num_tokens,
+        "class_names": cache.class_names,
+        "backbone": bb,
+        "grid": meta.get("grid"),
+        "dataset": meta.get("dataset"),
+        "settings": meta.get("settings"),
+        "dtype": meta.get("dtype"),
+        "storage": meta.get("storage"),
+    }
+
+
+def _backbone_key(bb: dict) -> dict:
+    bb = bb or {}
+    return {k: bb.get(k) for k in ("arch", "weights_sha256", "image_size", "layer", "pool")}
+
+
+def check_cache_matches(run_cache: dict, cache, run_dir) -> None:
+    """Refuse a cache whose fingerprint, backbone, dimension, token count or classes differ from the run's."""
+    problems = []
+    bb_run, bb_now = _backbone_key(run_cache.get("backbone")), _backbone_key(cache.meta.get("backbone"))
+    for k in bb_run:
+        if bb_run[k] != bb_now[k]:
+            problems.append(f"backbone {k} {bb_run[k]!r} vs {bb_now[k]!r}")
+    for k in CACHE_CHECK_KEYS:
+        if run_cache.get(k) != getattr(cache, k):
+            problems.append(f"{k} {run_cache.get(k)!r} vs {getattr(cache, k)!r}")
+    if run_cache.get("class_names") != cache.class_names:
+        problems.append("class names differ")
+    if run_cache.get("fingerprint") != cache.fingerprint:
+        problems.append(f"fingerprint {run_cache.get('fingerprint')} vs {cache.fingerprint}")
+    if problems:
+        raise SanfError(f"run {run_dir} was trained on another cache than {cache.path} ({'; '.join(problems)}); "
+                        f"evaluate it with the cache it was trained on (--cache), or fit a new run on this cache")
+
+
+# --------------------------------------------------------------------------------------------- run folders
+def check_finite(name: str, *arrays: np.ndarray | None) -> None:
+    for a in arrays:
+        if a is None:
+            continue
+        finite = np.isfinite(a)
+        if not finite.all():
+            rows = int((~finite.reshape(len(a), -1)).any(axis=1).sum())
+            raise SanfError(f"{name} holds NaN/Inf values ({rows} row(s)); the cache is damaged or the backbone "
+                            f"overflowed: check it with `sanf cache verify` and re-extract (e.g. --dtype float32)")
+
+
+def run_state(run_dir) -> str:
+    """'absent' (no folder or an empty one), 'foreign' (files but no run), 'unfinished', 'finished'."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return "absent"
+    if not run_dir.is_dir():
+        return "foreign"
+    if (run_dir / MODEL_FILE).exists():
+        return "finished"
+    if (run_dir / CONFIG_FILE).exists():
+        return "unfinished"
+    return "foreign" if any(run_dir.iterdir()) else "absent"
+
+
+def prepare_out_dir(out_dir, settings: dict, *, overwrite: bool, what: str = "run",
+                    finished_hint: str = "") -> str:
+    """Decide what to do with ``out_dir`` before a job writes there; returns 'new' or 'resume'.
+
+    A finished folder or one with other settings is refused unless ``overwrite`` (then only sanf's own files
+    are removed); a folder holding other files is refused unless ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    state = run_state(out_dir)
+    if state == "foreign" and not out_dir.is_dir():
+        raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
+    if state == "foreign" and not overwrite:
+        raise SanfError(f"{out_dir} exists and holds files that are not a sanf {what}; choose another --out "
+                        f"(or pass --overwrite to write into it anyway)")
+    if state == "finished" and not overwrite:
+        raise SanfError(f"{out_dir} already holds a finished {what}{finished_hint}; pass --overwrite to replace it "
+                        f"or choose another --out")
+    result = "new"
+    if state == "unfinished":
+        old = read_json_file(out_dir / CONFIG_FILE, f"{out_dir / CONFIG_FILE}")
+        old_settings = old.get("settings") if isinstance(old, dict) else None
+        if old_settings == settings:
+            result = "resume"
+        elif not overwrite:
+            diff = diff_settings(old_settings or {}, settings)
+            shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise SanfError(f"{out_dir} holds an unfinished {what} with other settings ({shown}); rerun with the "
+                            f"same settings to resume it, choose another --out, or pass --overwrite")
+    if overwrite and result == "new" and out_dir.is_dir():
+        remove_run_files(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise _os_error(exc, out_dir, "write to") from None
+    for stale in out_dir.glob(".*.tmp"):  # temporary files of an interrupted writer: never trusted
+        stale.unlink(missing_ok=True)
+    return result
+
+
+def remove_run_files(run_dir) -> None:
+    """Remove sanf's own files from a run folder (nothing else)."""
+    run_dir = Path(run_dir)
+    try:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise _os_error(exc, run_dir, "clean") from None
+
+
+def default_run_name(cache_path, class_name: str, suffix: str = "") -> Path:
+    stem = Path(str(cache_path).rstrip("/\\")).name
+    for ext in (".h5", ".hdf5", ".zarr"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{stem}-{class_name}{suffix}")
+    return Path("runs") / safe.strip(".")
+
+
+# -------------------------------------------------------------------------------------------- loading runs
+@dataclass
+class LoadedRun:
+    """A finished flow run read back from its folder."""
+
+    run_dir: Path
+    config: dict
+    flow: Any
+    normalizer: Any
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def needs_patch(self) -> bool:
+        flow = self.config["flow"]
+        return flow.get("fusion") != "none" or flow.get("main_input") == "spatial"
+
+
+def read_run_config(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SanfError(f"run folder {run_dir} does not exist; create it with `sanf fit`")
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        raise SanfError(f"{run_dir} is not a sanf run (no {CONFIG_FILE}); create it with `sanf fit`")
+    config = read_json_file(path)
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise SanfError(f"{path} is not a sanf run config")
+    if int(config.get("format_version", 0)) > RUN_FORMAT_VERSION:
+        raise SanfError(f"{run_dir} was written by a newer sanf (run format {config['format_version']}); upgrade sanf")
+    return config
+
+
+def load_run(run_dir, device: str = "cpu") -> LoadedRun:
+    """Rebuild the flow and the normaliser of a finished run (safetensors + JSON only)."""
+    from .features import Normalizer
+    from .flow import SANFlow
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    model_path = run_dir / MODEL_FILE
+    if not model_path.exists():
+        raise SanfError(f"run {run_dir} is incomplete (no {MODEL_FILE}): its fit did not finish; rerun the same "
+                        f"`sanf fit` command to resume it")
+    tensors, meta = load_tensors(model_path)
+    if meta.get("run_id") != config.get("run_id"):
+        raise SanfError(f"{model_path} does not belong to {run_dir / CONFIG_FILE} (run ids differ); the folder mixes "
+                        f"files of two runs, refit it")
+    flow_cfg = meta.get("flow")
+    if not isinstance(flow_cfg, dict):
+        raise SanfError(f"{model_path} lacks the flow configuration; it is damaged, refit the run")
+    try:
+        flow = SANFlow(**flow_cfg)
+        state = {k[len("flow."):]: v for k, v in tensors.items() if k.startswith("flow.")}
+        flow.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SanfError(f"{model_path} does not match its flow configuration ({str(exc).splitlines()[0]}); "
+                        f"it is damaged, refit the run") from None
+    normalizer = Normalizer.from_state(meta.get("normalizer") or {}, tensors)
+    flow.eval().to(device)
+    return LoadedRun(run_dir=run_dir, config=config, flow=flow, normalizer=normalizer)
