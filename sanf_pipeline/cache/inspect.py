@@ -86,7 +86,12 @@ def verify_cache(path, progress=None) -> VerifyReport:
         group = cache._group(name)
         for i, start in enumerate(range(0, view.n, shard)):
             stop = min(view.n, start + shard)
-            rows = {k: np.asarray(group[k][start:stop]) for k in ("cls", "patch", "valid")}
+            try:
+                rows = {k: np.asarray(group[k][start:stop]) for k in ("cls", "patch", "valid")}
+            except Exception as exc:  # e.g. zarr's checksum of a damaged shard file: a problem, not a traceback
+                report.problems.append(f"{name}: shard {i} (rows {start}:{stop}) cannot be read "
+                                       f"({type(exc).__name__}: {exc})")
+                continue
             if i < len(digests) and shard_digest(rows) != digests[i]:
                 report.problems.append(f"{name}: shard {i} (rows {start}:{stop}) does not match its checksum")
             keep = rows["valid"]

@@ -103,7 +103,11 @@ class ZarrStore(_Store):
     def create(self, meta: dict, layout: dict[str, dict[str, Any]], index: dict[str, dict[str, np.ndarray]]):
         import zarr
 
-        root = zarr.open_group(store=str(self.path), mode="w")
+        # build the store beside its place and move it there once whole (callers hold the creation lock): a run
+        # killed while creating must not leave a half-made zarr that a rerun would take for a foreign folder
+        tmp = self.path.with_name(f".{self.path.name}.creating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        root = zarr.open_group(store=str(tmp), mode="w")
         for split, arrays in layout.items():
             for name, spec in arrays.items():
                 root.create_array(
@@ -117,7 +121,10 @@ class ZarrStore(_Store):
                 )
             for name, value in index[split].items():
                 root[f"{split}/{name}"][...] = value
-        self.write_meta(meta)
+        write_json_atomic(tmp / META_FILE, meta)
+        if self.path.is_dir():
+            self.path.rmdir()  # an empty folder; anything else was refused or removed before
+        os.replace(tmp, self.path)
 
     def _shard_files(self, split: str, name: str, shard: int, ndim: int) -> Path:
         return self.path / split / name / "c" / str(shard) / Path(*(["0"] * (ndim - 1)))
@@ -185,7 +192,9 @@ class H5Store(_Store):
                 group = f.create_group(split)
                 shard_size = meta["shard_size"]
                 for name, spec in arrays.items():
-                    chunks = tuple(spec["chunks"]) if spec["shape"][0] else None
+                    # HDF5 refuses chunks larger than the array: a split smaller than one chunk gets smaller chunks
+                    chunks = tuple(min(c, n) for c, n in zip(spec["chunks"], spec["shape"], strict=True)) \
+                        if spec["shape"][0] else None
                     ds = group.create_dataset(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=chunks)
                     if name in INDEX_ARRAYS:
                         ds[...] = np.load(self.work_dir / split / f"{name}.npy", allow_pickle=False)

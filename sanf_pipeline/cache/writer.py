@@ -229,16 +229,32 @@ class CacheWriter:
             raise _os_error(exc, self.path) from None
 
     # -- sealing
+    def is_sealed(self) -> bool:
+        """Whether the cache on disk is sealed (by this process or another one)."""
+        if not self.already_sealed and self.store.exists():
+            self.already_sealed = bool(self.store.read_meta().get("sealed"))
+        return self.already_sealed
+
     def complete(self) -> bool:
+        if self.is_sealed():  # a sealed HDF5 cache has no shard markers left
+            return True
         for split, listing in self.spec.listings.items():
             if len(self.store.done_markers(split)) < num_shards(len(listing.labels), self.spec.shard_size):
                 return False
         return True
 
     def seal(self) -> dict:
-        """Gather what every shard recorded and mark the cache complete; idempotent."""
-        if self.already_sealed:
-            return self.store.read_meta()
+        """Gather what every shard recorded and mark the cache complete; idempotent, and safe when several
+        processes that all found the cache complete race to seal it (one seals, the others find it sealed)."""
+        try:
+            with creation_lock(self.path):
+                if self.is_sealed():
+                    return self.store.read_meta()
+                return self._seal()
+        except OSError as exc:
+            raise _os_error(exc, self.path) from None
+
+    def _seal(self) -> dict:
         skipped, digests, n_valid = [], {}, {}
         for split in self.spec.splits:
             markers = self.store.done_markers(split)
@@ -254,10 +270,7 @@ class CacheWriter:
         })
         for split, count in n_valid.items():
             meta["splits"][split]["n_valid"] = count
-        try:
-            self.store.seal(meta)
-        except OSError as exc:
-            raise _os_error(exc, self.path) from None
+        self.store.seal(meta)
         self.already_sealed = True
         return meta
 
