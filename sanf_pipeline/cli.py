@@ -173,6 +173,103 @@ def cache_verify_cmd(path):
     raise SanfError(f"{path} failed verification ({len(report.problems)} problem(s))")
 
 
+# ---------------------------------------------------------------------------------------------- stage two
+@cli.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
+@click.option("--normal-class", required=True, help="The normal class, by name or index.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/<cache>-<class>].")
+@click.option("--fusion", type=click.Choice(["none", "gap", "learnable", "semantic"]), default="semantic",
+              show_default=True, help="Feature fusion module.")
+@click.option("--blocks", type=int, default=4, show_default=True, help="Coupling layers (FLLs).")
+@click.option("--clamp", type=float, default=2.0, show_default=True, help="Soft clamp alpha.")
+@click.option("--hidden", type=int, default=1024, show_default=True, help="FFM MLP width.")
+@click.option("--heads", type=int, default=1, show_default=True, help="Attention heads of the fusion.")
+@click.option("--spatial-channels", type=click.Choice(["half", "full"]), default="half", show_default=True,
+              help="Patch-token channels each FFM sees.")
+@click.option("--main-input", type=click.Choice(["semantic", "spatial"]), default="semantic", show_default=True,
+              help="What the flow transforms (spatial: paper Table 4 ablation).")
+@click.option("--normalize", type=click.Choice(["none", "l2", "standardize", "l2+standardize"]),
+              default="l2+standardize", show_default=True, help="Input normalisation (fit on normal train data).")
+@click.option("--lr", type=float, default=5e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: off).")
+@click.option("--epochs", type=int, help="Train a fixed number of epochs on all training rows (no early stopping).")
+@click.option("--early-stopping", is_flag=True,
+              help="Early stopping on held-out normal training NLL (the default unless --epochs is given).")
+@click.option("--max-epochs", type=int, help="Early stopping: the most epochs [default: 30].")
+@click.option("--val-fraction", type=float, help="Early stopping: held-out share of the training rows [0.1].")
+@click.option("--patience", type=int, help="Early stopping: epochs without improvement before stopping [3].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--no-amp", is_flag=True, help="No mixed precision on GPU.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run or one with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, main_input, normalize,
+        lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience, seed,
+        device, no_amp, overwrite, quiet):
+    """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
+    from .train import FitConfig, fit_run
+
+    if epochs is not None and (early_stopping or max_epochs is not None):
+        raise SanfError("--epochs (a fixed length) and --early-stopping/--max-epochs exclude each other; choose one")
+    if epochs is not None and (val_fraction is not None or patience is not None):
+        raise SanfError("--val-fraction and --patience belong to early stopping; drop them with --epochs")
+    es = {k: v for k, v in (("max_epochs", max_epochs), ("val_fraction", val_fraction), ("patience", patience))
+          if v is not None}
+    length = {"early_stopping": False, "epochs": epochs} if epochs is not None else {"early_stopping": True, **es}
+    cfg = FitConfig(fusion=fusion, blocks=blocks, clamp=clamp, hidden=hidden, heads=heads,
+                    spatial_channels=spatial_channels, main_input=main_input, normalize=normalize, lr=lr,
+                    weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
+                    device=device, amp=not no_amp, **length)
+    run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
+    res = run.result
+    how = (f"best epoch {res.best_epoch} of {res.epochs_run} by held-out normal training NLL"
+           if cfg.early_stopping else f"{res.epochs_run} epoch(s), fixed")
+    resumed = f", resumed after epoch {res.resumed_from}" if res.resumed_from else ""
+    click.echo(f"run {run.run_dir}: trained on {res.n_train} samples of {run.config['normal_class_name']!r} "
+               f"({how}{resumed}); model in {run.run_dir / 'model.safetensors'}; "
+               f"next: sanf eval --run {run.run_dir}")
+
+
+@cli.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder from `sanf fit`.")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path),
+              help="Cache to score [default: the one the run was trained on]; must match it.")
+@click.option("--score", type=click.Choice(["nll", "z2"]), default="nll", show_default=True,
+              help="nll: -log p(x); z2: mean z^2 (the official code).")
+@click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: the run folder].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
+def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
+    """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, scores, report, plots."""
+    from .evaluate import eval_run
+
+    res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device)
+    m = res.metrics
+    click.echo(f"{m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, AUPR {m['aupr']:.4f}, "
+               f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {score}); "
+               f"results in {res.out_dir} (metrics.json, scores.csv, report.md, plots)")
+
+
+@cli.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
+@click.option("--normal-class", required=True, help="The normal class, by name or index.")
+@click.option("--method", type=click.Choice(["knn", "knn-l2", "gaussian"]), default="knn", show_default=True,
+              help="kNN (k=2) on class tokens, on L2-normalised ones, or Gaussian with Ledoit-Wolf covariance.")
+@click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
+@click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
+def baseline(cache_path, normal_class, method, out, overwrite):
+    """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
+    from .baselines import baseline_run
+
+    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite)
+    m = res.metrics
+    click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
+               f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "
+               f"results in {res.out_dir}")
+
+
 def main(argv=None) -> None:
     cli.main(args=argv, prog_name="sanf")
 

@@ -41,6 +41,7 @@ SCORE_DESCRIPTIONS = {
     "z2": "mean of z^2 over the latent dimensions (official code), higher = more anomalous",
 }
 MAX_FPR = 0.05
+EVAL_BLOCK_BYTES = 256 * 2**20
 
 
 def compute_metrics(labels_is_anomaly, scores) -> dict:
@@ -149,13 +150,13 @@ class EvalResult:
 
 
 def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite: bool = False,
-             device: str = "cpu", batch_size: int = 256, plots: bool = True) -> EvalResult:
+             device: str = "auto", batch_size: int = 256, plots: bool = True) -> EvalResult:
     """Score the whole test split with a finished run; write the result files (default: into the run folder)."""
     import torch
 
     from .cache import open_cache
     from .runs import LOG_FILE, read_jsonl
-    from .train import amp_dtype, resolve_device, score_flow
+    from .train import resolve_device, score_flow
 
     if score not in SCORES:
         raise SanfError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
@@ -167,22 +168,31 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
     if cache is None and not cache_path.exists():
         raise SanfError(f"the cache this run was trained on ({cache_path}) is not there; pass --cache PATH")
     out_dir = Path(out_dir) if out_dir else run_dir
+    normal = int(cfg["normal_class"])
     c = open_cache(cache_path)
     try:
         check_cache_matches(cfg["cache"], c, run_dir)
-        cls, patch, labels, sample_ids = c.split("test").read_all(patch=run.needs_patch)
-        check_finite(f"the test features in {c.path}", cls, patch)
-        fingerprint = c.fingerprint
+        identity = {"method": cfg.get("method", "sanf-flow"), "score": score, "normal_class": normal,
+                    "cache_fingerprint": c.fingerprint, "run_id": cfg.get("run_id")}
+        guard_results(out_dir, identity, overwrite)
+        split = c.split("test")
+        labels, sample_ids = split.labels, split.sample_ids
+        # stream the split in blocks of rows so memory stays bounded for large token caches
+        row_bytes = (c.num_tokens + 1 if run.needs_patch else 1) * c.dim * 4
+        rows = max(256, EVAL_BLOCK_BYTES // max(row_bytes, 1))
+        parts = []
+        for start in range(0, split.n, rows):
+            cls, patch = split.read(start, min(start + rows, split.n), patch=run.needs_patch)
+            if not len(cls):
+                continue
+            check_finite(f"the test features in {c.path}", cls, patch)
+            x, p = run.normalizer.transform(cls, patch)
+            parts.append(score_flow(run.flow, torch.from_numpy(x), None if p is None else torch.from_numpy(p),
+                                    score, batch_size=batch_size))
     finally:
         c.close()
-    normal = int(cfg["normal_class"])
-    identity = {"method": cfg.get("method", "sanf-flow"), "score": score, "normal_class": normal,
-                "cache_fingerprint": fingerprint, "run_id": cfg.get("run_id")}
-    guard_results(out_dir, identity, overwrite)
-    x, p = run.normalizer.transform(cls, patch)
+    scores = np.concatenate(parts) if parts else np.zeros(0)
     fit = cfg.get("fit", {})
-    scores = score_flow(run.flow, torch.from_numpy(x), None if p is None else torch.from_numpy(p), score,
-                        batch_size=batch_size, amp=amp_dtype(dev, bool(fit.get("amp", True))))
     is_anomaly = labels != normal
     metrics = compute_metrics(is_anomaly, scores)
     result = cfg.get("result") or {}
@@ -197,7 +207,10 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
         "evaluated": now(),
     })
     log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SanfError(f"cannot create {out_dir}: {exc.strerror or exc}; choose another --out") from None
     paths = write_results(out_dir, metrics, sample_ids, labels, is_anomaly, scores, train_log=log, plots=plots)
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
 

@@ -35,6 +35,7 @@ from .errors import SanfError
 NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize")
 _L2_EPS = 1e-12
 _STD_REL_FLOOR = 1e-6
+_BLOCK_ROWS = 65536
 PREFIX = "normalizer."
 
 
@@ -43,10 +44,26 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, _L2_EPS)
 
 
-def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
-    mean = flat.mean(axis=0)
-    std = flat.std(axis=0)
+def _blocks(x: np.ndarray, rows: int = _BLOCK_ROWS):
+    """Row blocks of a (..., d) array viewed as (m, d), so large patch arrays never get a float64 copy."""
+    flat = x.reshape(-1, x.shape[-1])
+    for start in range(0, len(flat), rows):
+        yield flat[start:start + rows]
+
+
+def _stats(x: np.ndarray, l2: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (float64, two passes over row blocks) of x, L2-normalised first if ``l2``."""
+    n = int(np.prod(x.shape[:-1]))
+    total = np.zeros(x.shape[-1])
+    for b in _blocks(x):
+        b = b.astype(np.float64)
+        total += (_l2(b) if l2 else b).sum(axis=0)
+    mean = total / max(n, 1)
+    sq = np.zeros(x.shape[-1])
+    for b in _blocks(x):
+        b = b.astype(np.float64)
+        sq += (((_l2(b) if l2 else b) - mean) ** 2).sum(axis=0)
+    std = np.sqrt(sq / max(n, 1))
     floor = max(np.finfo(np.float64).tiny, _STD_REL_FLOOR * float(std.max(initial=0.0)))
     std = np.where(std < floor, 1.0, std)
     return mean, std
@@ -81,22 +98,27 @@ class Normalizer:
         """Fit on training features (the normal class's training rows only)."""
         norm = cls(check_method(method))
         if norm.standardize:
-            c = _l2(np.asarray(cls_tokens, dtype=np.float64)) if norm.l2 else cls_tokens
-            norm.cls_mean, norm.cls_std = _stats(c)
+            norm.cls_mean, norm.cls_std = _stats(np.asarray(cls_tokens), norm.l2)
             if patch is not None:
-                p = _l2(np.asarray(patch, dtype=np.float64)) if norm.l2 else patch
-                norm.patch_mean, norm.patch_std = _stats(p)
+                norm.patch_mean, norm.patch_std = _stats(np.asarray(patch), norm.l2)
         return norm
 
     def _apply(self, x: np.ndarray, mean, std) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64 if self.standardize else np.float32)
-        if self.l2:
-            x = _l2(x)
-        if self.standardize:
-            if mean is None:
-                raise SanfError("the normaliser was fitted without patch tokens; refit the run with patch tokens")
-            x = (x - mean) / std
-        return np.ascontiguousarray(x, dtype=np.float32)
+        x = np.asarray(x)
+        if self.standardize and mean is None:
+            raise SanfError("the normaliser was fitted without patch tokens; refit the run with patch tokens")
+        out = np.empty(x.shape, dtype=np.float32)
+        flat = out.reshape(-1, x.shape[-1])
+        start = 0
+        for b in _blocks(x):  # float64 per block, float32 out
+            b = b.astype(np.float64)
+            if self.l2:
+                b = _l2(b)
+            if self.standardize:
+                b = (b - mean) / std
+            flat[start:start + len(b)] = b
+            start += len(b)
+        return out
 
     def transform_cls(self, cls_tokens: np.ndarray) -> np.ndarray:
         return self._apply(cls_tokens, self.cls_mean, self.cls_std)

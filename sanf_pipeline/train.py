@@ -21,8 +21,9 @@ fell from 0.85 to 0.71 after 10 epochs); the measurements behind this default ar
 
 Determinism: the weights are initialised under ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``
 (the caller's RNG is left alone); the held-out slice comes from ``numpy.random.default_rng(seed)``; the batch
-order of epoch ``e`` from a ``torch.Generator`` seeded with ``(seed, e)``. So on CPU the same seed and data give
-bit-identical weights, and a resumed run needs only the model and optimiser state of its last completed
+order of epoch ``e`` from a ``torch.Generator`` seeded with ``(seed, e)``. So on CPU the same seed, data and
+number of torch threads give bit-identical weights (a different thread count changes the last bits of the float
+sums), and a resumed run needs only the model and optimiser state of its last completed
 epoch to continue exactly as an uninterrupted one (the global RNG state is saved too, for safety).
 """
 
@@ -55,6 +56,7 @@ from .runs import (
     now,
     package_versions,
     prepare_out_dir,
+    read_json_file,
     save_tensors_atomic,
     settings_id,
     write_json_atomic,
@@ -309,15 +311,15 @@ def _diverged(what, epoch, step, steps, cfg, last_good, run_dir) -> SanfError:
 
 # ------------------------------------------------------------------------------------------------ fitting
 def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConfig | None = None, *,
-             run_dir=None, quiet: bool = True, callback: Callable[[int, dict], None] | None = None,
+             run_dir=None, quiet: bool = True, callback: Callable[[int, dict, torch.nn.Module], None] | None = None,
              description: str = "fit") -> FitResult:
     """Fit a flow on the normal class's training features (in memory).
 
     ``train_cls (n, d)``, ``train_patch (n, T, d)`` or None when ``cfg.needs_patch`` is False. With ``run_dir``
     every completed epoch is checkpointed there (``checkpoint.safetensors``, replaced atomically) and an
-    existing checkpoint of the same settings and data is resumed. ``callback(epoch, log_row)`` runs after each
-    epoch's checkpoint. Returns the model (in eval mode, on CPU) of the final epoch, or of the best epoch
-    with early stopping.
+    existing checkpoint of the same settings and data is resumed. ``callback(epoch, log_row, model)`` runs after
+    each epoch's checkpoint (for monitoring; it must not change the model). Returns the model (in eval mode, on
+    CPU) of the final epoch, or of the best epoch with early stopping.
     """
     from .flow import SANFlow, log_likelihood
 
@@ -445,17 +447,18 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                     scaler.update()
                 else:
                     opt.step()
-                loss_sum += float(loss.detach()) * len(idx)
+                loss_value = float(loss.detach())
+                loss_sum += loss_value * len(idx)
                 seen = step * cfg.batch_size + len(idx)
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.update(task, advance=1, rate=f"{rate:.0f} samples/s",
-                           description=f"{description} epoch {epoch}/{total_epochs} loss {float(loss):.4f}")
+                           description=f"{description} epoch {epoch}/{total_epochs} loss {loss_value:.4f}")
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": loss_sum / n_tr, "val_nll": None, "samples_per_s": n_tr / seconds,
                    "seconds": seconds, "lr": cfg.lr}
             if n_val:
-                val = float(score_flow(flow, x_va, p_va, "nll", batch_size=cfg.eval_batch_size, amp=amp).mean()
-                            / flow.z_dim)
+                # held-out NLL in full precision (also under AMP): it decides the epoch
+                val = float(score_flow(flow, x_va, p_va, "nll", batch_size=cfg.eval_batch_size).mean() / flow.z_dim)
                 if not math.isfinite(val):
                     raise _diverged(f"the held-out NLL became {val}", epoch, steps, steps, cfg, start_epoch,
                                     run_dir)
@@ -474,7 +477,7 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                 save_checkpoint(epoch)
             start_epoch = epoch  # the last good checkpoint
             if callback is not None:
-                callback(epoch, row)
+                callback(epoch, row, flow)
         if stopped_early:
             bar.update(task, completed=steps * total_epochs)
 
@@ -497,7 +500,7 @@ class FitRun:
 
 
 def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None, *, overwrite: bool = False,
-            quiet: bool = False, callback: Callable[[int, dict], None] | None = None) -> FitRun:
+            quiet: bool = False, callback: Callable[[int, dict, torch.nn.Module], None] | None = None) -> FitRun:
     """Fit a flow on one normal class of a cache and write the run folder (resuming an unfinished one)."""
     from .cache import open_cache
 
@@ -508,23 +511,27 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
         name = cache.class_names[ci]
         run_dir = Path(out_dir) if out_dir else default_run_name(cache_path, name)
         settings = {"fit": cfg.settings(), "cache_fingerprint": cache.fingerprint, "normal_class": ci}
-        mode = prepare_out_dir(run_dir, settings, overwrite=overwrite, what="run",
-                               finished_hint=f" (evaluate it with `sanf eval --run {run_dir}`)")
-        split = cache.split("train")
-        cls, patch = split.read_class(ci, patch=cfg.needs_patch)
+        cls, patch = cache.split("train").read_class(ci, patch=cfg.needs_patch)
         if len(cls) == 0:
             raise SanfError(f"class {name!r} has no valid training samples in {cache.path}")
         check_finite(f"the training features of class {name!r} in {cache.path}", cls, patch)
         identity = cache_identity(cache)
     finally:
         cache.close()
+    mode = prepare_out_dir(run_dir, settings, overwrite=overwrite, what="run",
+                           finished_hint=f" (evaluate it with `sanf eval --run {run_dir}`)")
+    created = now()
+    if mode == "resume":
+        created = read_json_file(run_dir / CONFIG_FILE).get("created", created)
     config = {
         "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "kind": "flow", "method": "sanf-flow",
         "run_id": settings_id(settings), "settings": settings, "fit": cfg.to_dict(),
         "normal_class": ci, "normal_class_name": name, "n_train_total": int(len(cls)), "cache": identity,
         "epoch_selection": cfg.epoch_selection, "device": str(resolve_device(cfg.device)),
-        "created": now(), "versions": package_versions(), "status": "running",
+        "created": created, "versions": package_versions(), "status": "running",
     }
+    if mode == "resume":
+        config["resumed"] = now()
     write_json_atomic(run_dir / CONFIG_FILE, config)
     result = fit_flow(cls, patch, cfg, run_dir=run_dir, quiet=quiet, callback=callback,
                       description=f"fit {name}")

@@ -1,0 +1,156 @@
+"""Tables (markdown) and PNG plots from result files and metrics; no scoring here.
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so they work
+headless and from worker processes.
+
+- ``plot_score_histograms(path, is_anomaly, scores, ...)``: normal vs anomalous score histograms (the paper's
+  Figure 4).
+- ``plot_roc(path, is_anomaly, scores, ...)``: the ROC curve with its AUROC and the 5% FPR line.
+- ``write_plots(out_dir, is_anomaly, scores, metrics)``: both, as ``score_hist.png`` and ``roc.png``.
+- ``write_run_report(out_dir, metrics, train_log=None, plots=...)``: ``report.md`` of one run.
+- ``markdown_table(rows, columns)``: a markdown table (used by sweeps for side-by-side comparisons).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .runs import HIST_PNG, REPORT_FILE, ROC_PNG, write_text_atomic
+
+
+def _figure(width=6.0, height=4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def plot_score_histograms(path, is_anomaly, scores, *, title: str = "", score_name: str = "score",
+                          bins: int = 50) -> Path:
+    """Normal vs anomalous score histograms (density), the paper's Figure 4."""
+    y = np.asarray(is_anomaly, bool)
+    s = np.asarray(scores, np.float64)
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    lo, hi = (float(np.percentile(s, 0.5)), float(np.percentile(s, 99.5))) if len(s) else (0.0, 1.0)
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    clipped = np.clip(s, lo, hi)
+    for mask, label, color in ((~y, "normal", "tab:blue"), (y, "anomalous", "tab:red")):
+        if mask.any():
+            ax.hist(clipped[mask], bins=edges, density=True, alpha=0.55, color=color,
+                    label=f"{label} (n={int(mask.sum())})")
+    ax.set_xlabel(f"{score_name} (clipped to the 0.5-99.5 percentile range)")
+    ax.set_ylabel("density")
+    ax.set_title(title or "anomaly scores")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_roc(path, is_anomaly, scores, *, title: str = "", auroc: float | None = None) -> Path:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.asarray(is_anomaly, bool)
+    s = np.asarray(scores, np.float64)
+    fpr, tpr, _ = roc_curve(y, s)
+    auroc = float(roc_auc_score(y, s)) if auroc is None else auroc
+    fig = _figure(5.0, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(fpr, tpr, color="tab:red", label=f"AUROC {auroc:.4f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax.axvline(0.05, color="grey", linestyle="--", linewidth=0.8, label="5% FPR")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (normal flagged)")
+    ax.set_ylabel("true positive rate (anomalies caught)")
+    ax.set_title(title or "ROC, anomalies positive")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def _title(metrics: dict) -> str:
+    return (f"{metrics.get('method', '?')} | normal class {metrics.get('normal_class_name', '?')} "
+            f"({metrics.get('normal_class', '?')})")
+
+
+def write_plots(out_dir, is_anomaly, scores, metrics: dict) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    title = _title(metrics)
+    return {
+        "hist": plot_score_histograms(out_dir / HIST_PNG, is_anomaly, scores, title=title,
+                                      score_name=str(metrics.get("score", "score"))),
+        "roc": plot_roc(out_dir / ROC_PNG, is_anomaly, scores, title=title, auroc=metrics.get("auroc")),
+    }
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+    if v is None:
+        return ""
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return ""
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_report_markdown(metrics: dict, train_log: list[dict] | None = None, plots: dict | None = None) -> str:
+    m = metrics
+    out = [f"# {m.get('method', 'result')}: normal class {m.get('normal_class_name')} ({m.get('normal_class')})", ""]
+    out.append(markdown_table([{"AUROC": m.get("auroc"), "AUPR": m.get("aupr"), "TPR@5%FPR": m.get("tpr_at_5_fpr"),
+                                "n_test": m.get("n_test"), "n_anomalous": m.get("n_anomalous")}]))
+    out += [f"- score: `{m.get('score')}`" + (f" ({m['score_description']})" if m.get("score_description") else ""),
+            "- anomalies are the positive class; anomalous = test label differs from the normal class",
+            f"- epoch selection: {m.get('epoch_selection')}"]
+    for key, label in (("best_epoch", "reported epoch"), ("epochs_run", "epochs trained"),
+                       ("n_train", "training samples"), ("cache", "cache"), ("cache_fingerprint", "cache fingerprint"),
+                       ("run", "run folder")):
+        if m.get(key) is not None:
+            out.append(f"- {label}: {m[key]}")
+    if m.get("n_nonfinite_scores"):
+        out.append(f"- **{m['n_nonfinite_scores']} non-finite score(s)**, counted as the most anomalous")
+    settings = m.get("fit") or m.get("settings")
+    if settings:
+        out += ["", "## Settings", "", "```", *(f"{k}: {v}" for k, v in sorted(settings.items())), "```"]
+    if train_log:
+        out += ["", "## Training log", "",
+                markdown_table(train_log, ["epoch", "train_loss", "val_nll", "samples_per_s", "seconds"])]
+    if plots:
+        out += ["", "## Plots", ""]
+        if plots.get("hist"):
+            out.append(f"![normal vs anomalous scores]({plots['hist']})")
+        if plots.get("roc"):
+            out.append(f"![ROC curve]({plots['roc']})")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_run_report(out_dir, metrics: dict, *, train_log: list[dict] | None = None,
+                     plots: dict | None = None) -> Path:
+    path = Path(out_dir) / REPORT_FILE
+    write_text_atomic(path, run_report_markdown(metrics, train_log, plots))
+    return path

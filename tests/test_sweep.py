@@ -1,0 +1,255 @@
+"""`sanf sweep` / `sanf report` and the sweep API: run folders, summaries, resume after SIGKILL, equality with
+single runs and baselines, errors, the Ray executor. Fast: synthetic caches (d=16, T=4) and tiny flows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sanf_pipeline.cache.synthetic import write_synthetic_cache
+from sanf_pipeline.errors import SanfError
+from sanf_pipeline.sweep import (
+    HEATMAP_PNG,
+    PLAN_FILE,
+    SUMMARY_CSV,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    parse_grid,
+    plan_sweep,
+    run_sweep,
+    summarize,
+)
+from sanf_pipeline.sweep_cli import report, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED = ["epochs=2", "early_stopping=false", "hidden=32", "blocks=2", "batch_size=16", "lr=2e-3"]
+SET_ARGS = [a for f in FIXED for a in ("--set", f)]
+GRID = ["fusion=none,semantic"]
+CLASSES = ["cat", "dog", "frog"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only cost time on shared cores
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_synthetic_cache(tmp_path_factory.mktemp("c") / "syn", n_classes=3, n_train=40, n_test=20, dim=16,
+                                 num_tokens=4, separation=1.0, seed=1, class_names=CLASSES)
+
+
+def invoke(command, *args):
+    return CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def swept(cache, tmp_path_factory):
+    """One CLI sweep: 3 classes x (2 flow settings x 1 seed + knn), 2 workers (plots: see test_plots_option)."""
+    out = tmp_path_factory.mktemp("s") / "sweep"
+    r = invoke(sweep, "--cache", cache, "--out", out, "--grid", *GRID, "--methods", "flow,knn",
+               "--seeds", "0", *SET_ARGS, "--device", "cpu", "--workers", "2", "--no-plots", "--quiet")
+    assert r.exit_code == 0, (r.output, r.exception)
+    return out, r.output
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_sweep_writes_runs_summary_and_heatmap(swept):
+    out, stdout = swept
+    assert "9 run(s) computed" in stdout and str(out / "summary.md") in stdout
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    expected = sorted([f"{c}-flow-fusion={f}-s0" for c in CLASSES for f in ("none", "semantic")]
+                      + [f"{c}-knn" for c in CLASSES])
+    assert runs == expected
+    for name in runs:
+        files = {p.name for p in (out / "runs" / name).iterdir()}
+        assert {"metrics.json", "scores.csv", "report.md", "config.json"} <= files and "roc.png" not in files
+        if "-flow-" in name:
+            assert {"model.safetensors", "train_log.jsonl"} <= files and "checkpoint.safetensors" not in files
+    for f in (PLAN_FILE, SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, HEATMAP_PNG):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert (out / HEATMAP_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # M-AUROC = the mean over classes of each run's metrics.json
+    s = json.loads((out / SUMMARY_JSON).read_text())
+    assert s["n_finished"] == s["n_runs"] == 9
+    for setting, run_suffix in (("flow fusion=semantic", "flow-fusion=semantic-s0"), ("knn", "knn")):
+        per_class = [metrics(out / "runs" / f"{c}-{run_suffix}")["auroc"] for c in CLASSES]
+        assert s["m_auroc"][setting]["mean"] == pytest.approx(np.mean(per_class), abs=1e-12)
+        assert [s["cells"][setting][c]["auroc_mean"] for c in CLASSES] == pytest.approx(per_class, abs=1e-12)
+    md = (out / SUMMARY_MD).read_text()
+    assert "M-AUROC" in md and "flow fusion=none" in md and "| 1 dog |" in md
+    # a sweep run is an ordinary run folder: `sanf eval --run` accepts it
+    from sanf_pipeline.evaluate import eval_run
+
+    again = eval_run(out / "runs" / "dog-flow-fusion=none-s0", out_dir=out.parent / "re-eval", plots=False)
+    assert again.metrics["auroc"] == pytest.approx(metrics(out / "runs" / "dog-flow-fusion=none-s0")["auroc"],
+                                                   abs=1e-9)
+
+
+def test_plots_option(cache, tmp_path):
+    res = run_sweep(cache, tmp_path / "p", "dog", None, "knn", "0", None, plots=True)
+    files = {p.name for p in (tmp_path / "p" / "runs" / "dog-knn").iterdir()}
+    assert {"score_hist.png", "roc.png", "report.md", "metrics.json", "scores.csv"} <= files
+    assert res.summary["n_finished"] == 1 and (tmp_path / "p" / HEATMAP_PNG).is_file()
+
+
+def test_report_rerenders_identical_summary(swept):
+    out, _ = swept
+    before = {f: (out / f).read_bytes() for f in (SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD)}
+    for f in (*before, HEATMAP_PNG):
+        (out / f).unlink()
+    r = invoke(report, out)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "9 of 9 run(s) finished" in r.output
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert (out / HEATMAP_PNG).is_file()
+    r = invoke(report, out.parent / "nothing-here")
+    assert isinstance(r.exception, SanfError) and "not a sanf sweep" in str(r.exception)
+
+
+def test_sweep_run_equals_fit_eval_and_baseline_run(swept, cache, tmp_path):
+    from sanf_pipeline.baselines import baseline_run
+    from sanf_pipeline.evaluate import eval_run
+    from sanf_pipeline.train import FitConfig, fit_run
+
+    out, _ = swept
+    cfg = FitConfig(fusion="semantic", epochs=2, early_stopping=False, hidden=32, blocks=2, batch_size=16, lr=2e-3,
+                    seed=0, device="cpu")
+    fit_run(cache, "frog", cfg, tmp_path / "single", quiet=True)
+    single = eval_run(tmp_path / "single", plots=False).metrics["auroc"]
+    assert abs(single - metrics(out / "runs" / "frog-flow-fusion=semantic-s0")["auroc"]) <= 1e-3
+    base = run_sweep(cache, tmp_path / "base", "cat", None, "knn-l2,gaussian", "0", None, plots=False).out_dir
+    for method, where in (("knn", out), ("knn-l2", base), ("gaussian", base)):
+        b = baseline_run(cache, "cat", method, tmp_path / method, plots=False).metrics
+        m = metrics(where / "runs" / f"cat-{method}")
+        assert b["auroc"] == pytest.approx(m["auroc"], abs=1e-12)
+        assert {k: b[k] for k in ("aupr", "tpr_at_5_fpr", "settings")} == {k: m[k] for k in ("aupr", "tpr_at_5_fpr",
+                                                                                               "settings")}
+
+
+def test_plan_ids_and_validation(cache):
+    specs = plan_sweep(cache, "frog,0", GRID + ["clamp=2,3"], "flow,knn", "0,1", FIXED)
+    ids = [s.run_id for s in specs]
+    assert ids[:3] == ["frog-flow-fusion=none-clamp=2-s0", "frog-flow-fusion=none-clamp=2-s1",
+                       "frog-flow-fusion=none-clamp=3-s0"]
+    assert "frog-knn" in ids and "cat-knn" in ids and len(ids) == 2 * (2 * 2 * 2 + 1)
+    assert ids == [s.run_id for s in plan_sweep(cache, "frog,0", GRID + ["clamp=2,3"], "flow,knn", "0,1", FIXED)]
+    assert specs[0].fit["clamp"] == 2.0 and specs[0].fit["epochs"] == 2 and specs[0].fit["early_stopping"] is False
+    # unsafe class names become safe, unique ids
+    odd = plan_sweep(["a b/c", "a_b_c"], "all", None, "knn", "0", None)
+    assert len({s.run_id for s in odd}) == 2 and all("/" not in s.run_id and " " not in s.run_id for s in odd)
+    assert parse_grid(["betas=0.8:0.8,0.9:0.999", "attn_dim=none,8"]) == {"betas": [(0.8, 0.8), (0.9, 0.999)],
+                                                                          "attn_dim": [None, 8]}
+    for args, fragment in (
+        (dict(grid=["fuson=gap"]), "unknown grid key 'fuson'"),
+        (dict(grid=["seed=1,2"]), "use --seeds"),
+        (dict(grid=["clamp=2,x"]), "invalid value 'x' for clamp"),
+        (dict(grid=["fusion=bogus"]), "invalid fusion='bogus'"),
+        (dict(classes="zebra"), "unknown class 'zebra'; valid classes are 0=cat, 1=dog, 2=frog"),
+        (dict(methods="flow,svm"), "unknown method 'svm'"),
+        (dict(fixed=["epochs=2", "early_stopping=true"]), "exclude each other"),
+        (dict(grid=["clamp=2"], fixed=["clamp=3"]), "both a grid key and a fixed"),
+        (dict(methods="knn", grid=["clamp=2"]), "flow runs only"),
+    ):
+        kwargs = {"classes": "all", "grid": None, "methods": "flow", "seeds": "0", "fixed": None, **args}
+        with pytest.raises(SanfError, match=None) as exc:
+            plan_sweep(cache, **kwargs)
+        assert fragment in str(exc.value), (fragment, str(exc.value))
+    assert "valid keys are the fit settings: " in str(pytest.raises(SanfError, parse_grid, ["x=1"]).value)
+
+
+def test_other_plan_refused_unless_overwrite(cache, tmp_path):
+    out = tmp_path / "sw"
+    kw = dict(methods="flow,knn", seeds="0", fixed=FIXED, device="cpu", plots=False, workers=1, threads=1)
+    run_sweep(cache, out, "cat,dog", ["fusion=none"], **kw)
+    mtime = (out / "runs" / "cat-knn" / "metrics.json").stat().st_mtime_ns
+    with pytest.raises(SanfError, match="another plan"):
+        run_sweep(cache, out, "cat,dog", ["fusion=none,gap"], **kw)
+    res = run_sweep(cache, out, "cat", ["fusion=none,gap"], **kw, overwrite=True)
+    assert sorted(res.removed) == ["dog-flow-fusion=none-s0", "dog-knn"] and not (out / "runs" / "dog-knn").exists()
+    assert sorted(res.skipped) == ["cat-flow-fusion=none-s0", "cat-knn"]
+    assert (out / "runs" / "cat-knn" / "metrics.json").stat().st_mtime_ns == mtime
+    assert [c["name"] for c in res.summary["classes"]] == ["cat"]
+    # a folder with other files is not a sweep
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(SanfError, match="not a sanf sweep"):
+        run_sweep(cache, tmp_path / "foreign", "cat", None, **kw)
+
+
+def _sweep_subprocess(cache, out, extra):
+    args = ["--cache", str(cache), "--out", str(out), "--grid", *GRID, "--methods", "flow", "--seeds", "0",
+            "--device", "cpu", "--no-plots", "--quiet", *extra]
+    code = ("import sys; from sanf_pipeline.sweep_cli import sweep; "
+            f"sweep.main({args!r}, standalone_mode=False)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill(cache, tmp_path):
+    slow = ["--set", "epochs=6", "--set", "early_stopping=false", "--set", "hidden=32", "--set", "blocks=2",
+            "--set", "batch_size=8", "--workers", "2"]
+    out = tmp_path / "killed"
+    proc = _sweep_subprocess(cache, out, slow)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("runs/*/metrics.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list(out.glob("runs/*/metrics.json"))
+    assert 0 < len(done) < 6, f"the sweep was not interrupted mid-way ({len(done)} runs finished)"
+    mtimes = {p.parent.name: p.stat().st_mtime_ns for p in done}
+    r = invoke(sweep, "--cache", cache, "--out", out, "--grid", *GRID, "--methods", "flow", "--seeds", "0",
+               "--device", "cpu", "--no-plots", "--quiet", *slow)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert f"{6 - len(done)} run(s) computed" in r.output and f"{len(done)} already finished" in r.output
+    assert {n: (out / "runs" / n / "metrics.json").stat().st_mtime_ns for n in mtimes} == mtimes
+    assert not list(out.glob("runs/*/checkpoint.safetensors")) and not list(out.glob("runs/*/.*.tmp"))
+    # the same summary as an uninterrupted sweep (in this process, one run after the other)
+    fixed = [a for a in slow[:-2] if a != "--set"]
+    ref = run_sweep(cache, tmp_path / "ref", "all", GRID, "flow", "0", fixed, workers=1, threads=1, device="cpu",
+                    plots=False)
+    a, b = summarize(out), ref.summary
+    assert a["n_finished"] == b["n_finished"] == 6
+    assert [r["auroc"] for r in a["runs"]] == pytest.approx([r["auroc"] for r in b["runs"]], abs=1e-9)
+    assert {k: v["mean"] for k, v in a["m_auroc"].items()} == pytest.approx(
+        {k: v["mean"] for k, v in b["m_auroc"].items()}, abs=1e-9)
+
+
+def test_ray_executor(swept, cache, tmp_path):
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        pytest.skip(f"Ray is not installed (optional extra sanf[ray]): {exc}")
+    out, _ = swept
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        res = run_sweep(cache, tmp_path / "ray", "all", GRID, "flow,knn", "0", FIXED, executor="ray", device="cpu",
+                        plots=False, ray_cpus_per_task=1)
+    finally:
+        ray.shutdown()
+    assert len(res.computed) == 9 and not res.failed
+    local = summarize(out)
+    for setting in ("flow fusion=none", "flow fusion=semantic", "knn"):
+        for c in CLASSES:
+            assert res.summary["cells"][setting][c]["auroc_mean"] == pytest.approx(
+                local["cells"][setting][c]["auroc_mean"], abs=1e-3)
+    assert (tmp_path / "ray" / "runs" / "dog-flow-fusion=semantic-s0" / "model.safetensors").is_file()

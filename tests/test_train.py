@@ -1,0 +1,289 @@
+"""Stage two training: normalisation, fit_flow / fit_run, seeds, early stopping, NaN, resume, run folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sanf_pipeline.cache import SplitView, open_cache
+from sanf_pipeline.cache.synthetic import write_synthetic_cache
+from sanf_pipeline.errors import SanfError
+from sanf_pipeline.evaluate import compute_metrics, eval_run
+from sanf_pipeline.features import NORMALIZATIONS, Normalizer
+from sanf_pipeline.runs import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, MODEL_FILE, load_run, load_tensors, read_jsonl
+from sanf_pipeline.train import FitConfig, fit_flow, fit_run, score_flow
+
+TINY = dict(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", max_epochs=3, patience=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention (10x faster)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_synthetic_cache(tmp_path_factory.mktemp("c") / "syn", n_classes=3, n_train=40, n_test=20, dim=16,
+                                 num_tokens=4, separation=1.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def arrays(cache):
+    c = open_cache(cache)
+    cls, patch = c.split("train").read_class(0)
+    tc, tp, labels, _ = c.split("test").read_all()
+    return cls, patch, tc, tp, labels
+
+
+def _state_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _test_auroc(res, tc, tp, labels, normal=0, score="nll"):
+    x, p = res.normalizer.transform(tc, tp)
+    s = score_flow(res.model, torch.from_numpy(x), torch.from_numpy(p), score)
+    return compute_metrics(labels != normal, s)["auroc"]
+
+
+# ------------------------------------------------------------------------------------------ normalisation
+@pytest.mark.parametrize("method", NORMALIZATIONS)
+def test_normalizer_roundtrip_and_stats(method):
+    rng = np.random.default_rng(0)
+    cls = rng.normal(3.0, 5.0, size=(50, 8)).astype(np.float32)
+    cls[:, 2] = 7.0  # a constant feature must not produce NaN
+    patch = rng.normal(-1.0, 2.0, size=(50, 3, 8)).astype(np.float32)
+    norm = Normalizer.fit(method, cls, patch)
+    x, p = norm.transform(cls, patch)
+    assert x.dtype == np.float32 and p.shape == patch.shape and np.isfinite(x).all() and np.isfinite(p).all()
+    if norm.standardize:
+        assert np.allclose(x.mean(0), 0, atol=1e-5)
+        assert np.allclose(p.reshape(-1, 8).mean(0), 0, atol=1e-5)  # pooled over tokens
+        keep = np.arange(8) != 2
+        assert np.allclose(x.std(0)[keep], 1, atol=1e-4)
+    elif norm.l2:
+        assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    again = Normalizer.from_state(norm.config(), norm.state_dict())
+    x2, p2 = again.transform(cls, patch)
+    assert np.array_equal(x, x2) and np.array_equal(p, p2)
+
+
+# ---------------------------------------------------------------------------------------------- fit_flow
+def test_fit_flow_separates_and_is_seeded(arrays):
+    cls, patch, tc, tp, labels = arrays
+    cfg = FitConfig(**TINY, seed=3)
+    a = fit_flow(cls, patch, cfg)
+    b = fit_flow(cls, patch, cfg)
+    assert _state_equal(a.model, b.model)  # bit-identical on CPU
+    assert [r["train_loss"] for r in a.log] == [r["train_loss"] for r in b.log]
+    assert _test_auroc(a, tc, tp, labels) > 0.8
+    x, p = a.normalizer.transform(tc, tp)
+    sa = score_flow(a.model, torch.from_numpy(x), torch.from_numpy(p))
+    sb = score_flow(b.model, torch.from_numpy(x), torch.from_numpy(p))
+    assert np.array_equal(sa, sb)
+    c = fit_flow(cls, patch, FitConfig(**{**TINY, "seed": 4}))
+    assert not _state_equal(a.model, c.model)
+
+
+def test_fusion_none_needs_no_patch_and_z2_score(arrays):
+    cls, _, tc, tp, labels = arrays
+    res = fit_flow(cls, None, FitConfig(**TINY, fusion="none"))
+    x = res.normalizer.transform_cls(tc)
+    s = score_flow(res.model, torch.from_numpy(x), None, "z2")
+    assert compute_metrics(labels != 0, s)["auroc"] > 0.8
+
+
+def test_early_stopping_keeps_best_epoch(arrays):
+    cls, patch, *_ = arrays
+    cfg = FitConfig(hidden=64, blocks=2, batch_size=8, lr=2e-2, device="cpu", max_epochs=12, patience=2,
+                    val_fraction=0.25, seed=0)
+    res = fit_flow(cls, patch, cfg)
+    vals = [r["val_nll"] for r in res.log]
+    assert all(v is not None for v in vals) and res.n_val == 10 and res.n_train == 30
+    assert res.best_epoch == 1 + int(np.argmin(vals))
+    if res.stopped_early:
+        assert res.epochs_run - res.best_epoch == cfg.patience
+    # the returned model is the best epoch's: its held-out NLL is the logged minimum
+    order = np.random.default_rng(cfg.seed).permutation(len(cls))
+    va = np.sort(order[:res.n_val])
+    x, p = res.normalizer.transform(cls[va], patch[va])
+    nll = score_flow(res.model, torch.from_numpy(x), torch.from_numpy(p)).mean() / cls.shape[1]
+    assert nll == pytest.approx(min(vals), rel=1e-5)
+
+
+def test_fixed_epochs_uses_all_rows(arrays):
+    cls, patch, *_ = arrays
+    res = fit_flow(cls, patch, FitConfig(**{**TINY, "early_stopping": False, "epochs": 2}))
+    assert res.n_train == len(cls) and res.n_val == 0 and res.epochs_run == 2 and res.best_epoch == 2
+    assert all(r["val_nll"] is None for r in res.log)
+
+
+@pytest.mark.parametrize("kind", ["large", "constant", "duplicated"])
+def test_numerically_awkward_features_train(kind):
+    rng = np.random.default_rng(0)
+    cls = rng.normal(size=(24, 8)).astype(np.float32)
+    if kind == "large":
+        cls *= 1e6
+    elif kind == "constant":
+        cls[:] = 3.0
+    else:
+        cls[12:] = cls[:12]
+    res = fit_flow(cls, None, FitConfig(**{**TINY, "fusion": "none", "early_stopping": False, "epochs": 2}))
+    assert all(np.isfinite(r["train_loss"]) for r in res.log)
+
+
+def test_nonfinite_input_refused(arrays):
+    cls, patch, *_ = arrays
+    bad = cls.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(SanfError, match="NaN/Inf"):
+        fit_flow(bad, patch, FitConfig(**TINY))
+
+
+def test_bad_settings_refused(arrays):
+    cls, patch, *_ = arrays
+    with pytest.raises(SanfError, match="fusion"):
+        fit_flow(cls, patch, FitConfig(**TINY, fusion="bogus"))
+    with pytest.raises(SanfError, match="device"):
+        fit_flow(cls, patch, FitConfig(**{**TINY, "device": "tpu"}))
+
+
+# ----------------------------------------------------------------------------------------------- fit_run
+def test_fit_run_writes_run_folder_and_never_reads_test(cache, tmp_path, monkeypatch):
+    real_read = SplitView.read
+
+    def guarded(self, *a, **k):
+        assert self.name != "test", "fit must not read the test split"
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(SplitView, "read", guarded)
+    monkeypatch.setattr(SplitView, "read_all", lambda self, *a, **k: pytest.fail("fit must not read whole splits"))
+    run = fit_run(cache, "class1", FitConfig(**TINY), tmp_path / "run", quiet=True)
+    monkeypatch.undo()
+    d = run.run_dir
+    assert (d / MODEL_FILE).exists() and not (d / CHECKPOINT_FILE).exists()
+    config = json.loads((d / CONFIG_FILE).read_text())
+    assert config["normal_class"] == 1 and config["normal_class_name"] == "class1"
+    assert config["cache"]["fingerprint"] == open_cache(cache).fingerprint
+    assert config["fit"]["lr"] == TINY["lr"] and config["fit"]["betas"] == [0.9, 0.999]
+    assert config["flow"]["hidden"] == 16 and config["normalizer"]["method"] == "l2+standardize"
+    assert "never test AUROC" in config["epoch_selection"]
+    log = read_jsonl(d / LOG_FILE)
+    assert [r["epoch"] for r in log] == list(range(1, len(log) + 1))
+    assert {"train_loss", "val_nll", "samples_per_s", "seconds"} <= set(log[0])
+    tensors, meta = load_tensors(d / MODEL_FILE)
+    assert meta["run_id"] == config["run_id"] and meta["flow"] == config["flow"]
+    assert any(k.startswith("normalizer.") for k in tensors)
+    loaded = load_run(d)
+    assert _state_equal(loaded.flow, run.result.model)
+
+
+def test_finished_run_refused_unless_overwrite(cache, tmp_path):
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 1})
+    fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
+    with pytest.raises(SanfError, match="already holds a finished run.*--overwrite"):
+        fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
+    run = fit_run(cache, 0, cfg, tmp_path / "r", quiet=True, overwrite=True)
+    assert run.result.epochs_run == 1
+
+
+def test_foreign_folder_refused(cache, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "thesis.tex").write_text("precious")
+    with pytest.raises(SanfError, match="not a sanf run"):
+        fit_run(cache, 0, FitConfig(**TINY), tmp_path / "x", quiet=True)
+    assert (tmp_path / "x" / "thesis.tex").read_text() == "precious"
+
+
+def test_nonfinite_cache_features_refused(cache, tmp_path, monkeypatch):
+    real = SplitView.read_class
+
+    def poisoned(self, c, patch=True):
+        cls, p = real(self, c, patch=patch)
+        cls[0, 0] = np.inf
+        return cls, p
+
+    monkeypatch.setattr(SplitView, "read_class", poisoned)
+    with pytest.raises(SanfError, match="NaN/Inf.*cache verify"):
+        fit_run(cache, 0, FitConfig(**TINY), tmp_path / "r", quiet=True)
+
+
+def _nan_after(monkeypatch, calls: int):
+    import sanf_pipeline.flow as flow_pkg
+
+    real = flow_pkg.log_likelihood
+    count = {"n": 0}
+
+    def fake(z, logdet):
+        count["n"] += 1
+        out = real(z, logdet)
+        return out * float("nan") if count["n"] > calls else out
+
+    monkeypatch.setattr(flow_pkg, "log_likelihood", fake)
+
+
+def test_nan_loss_stops_with_epoch_step_and_keeps_checkpoint(cache, tmp_path, monkeypatch):
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 3})  # 40 rows / 16 = 3 steps per epoch
+    _nan_after(monkeypatch, 4)  # epoch 1: 3 steps; epoch 2, step 2 diverges
+    with pytest.raises(SanfError) as err:
+        fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
+    msg = str(err.value)
+    assert "epoch 2, step 2/3" in msg and "epoch 1 is kept" in msg and "--lr" in msg and "\n" not in msg
+    assert not (tmp_path / "r" / MODEL_FILE).exists()
+    _, meta = load_tensors(tmp_path / "r" / CHECKPOINT_FILE)
+    assert meta["epoch"] == 1 and len(read_jsonl(tmp_path / "r" / LOG_FILE)) == 1
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_resume_after_interrupt_matches_uninterrupted(cache, tmp_path, early):
+    cfg = FitConfig(**{**TINY, "early_stopping": early, "epochs": 4, "max_epochs": 4, "patience": 4})
+    full = fit_run(cache, 2, cfg, tmp_path / "full", quiet=True)
+
+    def interrupt(epoch, row, model):
+        if epoch == 2:
+            raise _Stop()
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_run(cache, 2, cfg, tmp_path / "cut", quiet=True, callback=interrupt)
+    assert not (tmp_path / "cut" / MODEL_FILE).exists() and (tmp_path / "cut" / CHECKPOINT_FILE).exists()
+    # other settings into the unfinished run are refused, naming what differs
+    with pytest.raises(SanfError, match="other settings.*lr"):
+        fit_run(cache, 2, FitConfig(**{**TINY, "lr": 1e-4}), tmp_path / "cut", quiet=True)
+    resumed = fit_run(cache, 2, cfg, tmp_path / "cut", quiet=True)
+    assert resumed.resumed and resumed.result.resumed_from == 2
+    assert _state_equal(full.result.model, resumed.result.model)
+    strip = [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in full.result.log]
+    assert strip == [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+                     for r in resumed.result.log]
+    a = eval_run(full.run_dir, plots=False).metrics
+    b = eval_run(resumed.run_dir, plots=False).metrics
+    assert (a["auroc"], a["aupr"], a["tpr_at_5_fpr"]) == (b["auroc"], b["aupr"], b["tpr_at_5_fpr"])
+
+
+@pytest.mark.parametrize("over", [
+    {"fusion": "gap"},
+    {"fusion": "learnable", "heads": 2},
+    {"spatial_channels": "full"},
+    {"main_input": "spatial"},
+    {"normalize": "none", "fusion": "none"},
+])
+def test_variants_fit_save_load_and_eval(cache, tmp_path, over):
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 1, **over})
+    run = fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
+    assert run.config["flow"] == {**run.config["flow"], **{k: v for k, v in over.items() if k != "normalize"}}
+    res = eval_run(run.run_dir, plots=False)
+    assert 0.0 <= res.metrics["auroc"] <= 1.0 and np.isfinite(res.scores).all()
+    x, p = run.result.normalizer.transform(*open_cache(cache).split("test").read_all()[:2])
+    direct = score_flow(run.result.model, torch.from_numpy(x), torch.from_numpy(p) if cfg.needs_patch else None)
+    assert np.allclose(direct, res.scores)  # save -> load reproduces the model and the normaliser
