@@ -270,6 +270,36 @@ def baseline(cache_path, normal_class, method, out, overwrite):
                f"results in {res.out_dir}")
 
 
+@cli.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Folder for the demo's cache, runs and reports.")
+@click.option("--weights", help="DINOv2 ViT-S/14 weights file [default: $SANF_WEIGHTS_DIR, then timm].")
+@click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Start the demo afresh.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_cmd(out, weights, weights_dir, device, overwrite, quiet):
+    """The main job on scikit-learn's bundled digits: extract -> fit+eval every digit -> AUROC table."""
+    from .demo import run_demo
+
+    result = run_demo(out, weights=weights, weights_dir=str(weights_dir) if weights_dir else None, device=device,
+                      quiet=quiet, overwrite=overwrite)
+    md = result.sweep / "summary.md"
+    if md.exists():
+        click.echo(md.read_text())
+    click.echo(f"cache: {result.cache}; runs and reports: {result.sweep}/runs/*/report.md; summary: {md}")
+
+
+def _register_sweep_commands() -> None:
+    from .sweep_cli import report, sweep
+
+    cli.add_command(sweep)
+    cli.add_command(report)
+
+
+_register_sweep_commands()
+
+
 def main(argv=None) -> None:
     cli.main(args=argv, prog_name="sanf")
 

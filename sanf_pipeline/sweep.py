@@ -84,12 +84,15 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 HEATMAP_PNG = "heatmap.png"
 SWEEP_LOG = "sweep_log.jsonl"
+LOCK_FILE = ".sweep.lock"
+LOCK_WAIT_S = 5.0
 SWEEP_FILES = (PLAN_FILE, SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, HEATMAP_PNG, SWEEP_LOG)
 FLOW = "flow"
 EXECUTORS = ("local", "ray")
 NOT_GRID = {"seed": "use --seeds", "device": "use --device"}
 EARLY_STOPPING_KEYS = ("val_fraction", "patience", "max_epochs", "min_delta")
 MAX_RUN_ID = 160
+RAY_MISSING = "--executor ray needs Ray, an optional extra: pip install 'sanf[ray]' (or use --executor local)"
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -747,8 +750,9 @@ def _attach(desc) -> np.ndarray | None:
 def _detach_except(keep: set) -> None:
     for name in list(_ATTACHED):
         if name not in keep:
-            shm, _ = _ATTACHED.pop(name)
-            with contextlib.suppress(BufferError):
+            shm, arr = _ATTACHED.pop(name)
+            del arr  # the view must go before the mapping can close
+            with contextlib.suppress(BufferError):  # still referenced somewhere: unmapped when collected
                 shm.close()
 
 
@@ -884,8 +888,7 @@ def _run_ray(todo, ctx, data: _Data, address: str | None, cpus: float, gpus: flo
     try:
         import ray
     except ImportError:
-        raise SanfError("--executor ray needs Ray, an optional extra: pip install 'sanf[ray]' (or use --executor "
-                        "local)") from None
+        raise SanfError(RAY_MISSING) from None
     if cpus <= 0 or gpus < 0:
         raise SanfError("--ray-cpus-per-task must be > 0 and --ray-gpus-per-task >= 0")
     own = not ray.is_initialized()
@@ -968,6 +971,52 @@ class SweepResult:
         return {s: v["mean"] for s, v in self.summary["m_auroc"].items()}
 
 
+@contextlib.contextmanager
+def _sweep_lock(out: Path):
+    """One `sanf sweep` per folder at a time (flock: released by the kernel when a process dies, even SIGKILLed;
+    waits a few seconds so the pool workers of a just-killed sweep can exit)."""
+    if out.exists() and not out.is_dir():
+        raise SanfError(f"{out} exists and is not a folder; choose another --out")
+    created = not out.exists()
+    try:
+        import fcntl
+
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held for the whole sweep)
+    except ImportError:  # no fcntl (not POSIX): no lock
+        yield
+        return
+    except OSError as exc:
+        raise SanfError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from None
+    deadline = time.monotonic() + LOCK_WAIT_S
+    locked = False
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SanfError(f"another `sanf sweep` is writing to {out}; wait for it to finish (or stop it) "
+                                    f"and rerun, or choose another --out") from None
+                time.sleep(0.2)
+            except OSError:  # a filesystem without flock: go on without the lock
+                break
+        yield
+    except BaseException:
+        if locked and not (out / PLAN_FILE).exists():  # refused before anything was written: leave no trace
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise
+    finally:
+        if locked:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
 def _prepare_sweep_dir(out: Path, plan: dict, specs: list[RunSpec], overwrite: bool) -> tuple[bool, list[str]]:
     """Check or write plan.json; with overwrite, clean run folders the new plan does not contain as they are.
 
@@ -1005,7 +1054,7 @@ def _prepare_sweep_dir(out: Path, plan: dict, specs: list[RunSpec], overwrite: b
             raise SanfError(f"{out} holds a sweep with another plan ({'; '.join(why)}); rerun the same command to "
                             f"resume it, choose another --out, or pass --overwrite to replace the plan (finished runs "
                             f"that stay identical are kept)")
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
         raise SanfError(f"{out} exists and holds files that are not a sanf sweep; choose another --out (or pass "
                         f"--overwrite to write into it anyway)")
     runs_dir = out / RUNS_DIR
@@ -1050,15 +1099,21 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
         raise SanfError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if score not in SCORES:
         raise SanfError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise SanfError(RAY_MISSING)
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise SanfError(f"--workers must be a positive integer, got {workers}")
     out = Path(out)
-    c = open_cache(cache)
-    try:
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(open_cache(cache))
         specs = plan_sweep(c, classes, grid, methods, seeds, fixed)
         grid_p, fixed_p = parse_grid(grid), _training_length(parse_fixed(fixed), parse_grid(grid))
         plan = make_plan(specs, c, classes=list(dict.fromkeys(s.class_index for s in specs)), grid=grid_p,
                          methods=parse_methods(methods), seeds=parse_seeds(seeds), fixed=fixed_p, score=score)
+        stack.enter_context(_sweep_lock(out))
         _, removed = _prepare_sweep_dir(out, plan, specs, overwrite)
         runs_dir = out / RUNS_DIR
         fp = c.fingerprint
@@ -1102,11 +1157,10 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
                     method_used = _start_method(threads, gpu, start_method)
                     _run_pool(todo, ctx, data, workers, threads, method_used, on_done)
         t_run = time.perf_counter() - t_run
-    finally:
         c.close()
-    t_sum = time.perf_counter()
-    summary = write_summary(out)
-    t_sum = time.perf_counter() - t_sum
+        t_sum = time.perf_counter()
+        summary = write_summary(out)
+        t_sum = time.perf_counter() - t_sum
     timings = {"wall_s": time.perf_counter() - t_start, "read_s": data.read_s, "run_s": t_run,
                "summary_s": t_sum, "reads": data.reads}
     result = SweepResult(out_dir=out, specs=specs, computed=computed, skipped=skipped, failed=failed,

@@ -192,6 +192,22 @@ def test_other_plan_refused_unless_overwrite(cache, tmp_path):
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(SanfError, match="not a sanf sweep"):
         run_sweep(cache, tmp_path / "foreign", "cat", None, **kw)
+    assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
+
+
+def test_one_sweep_per_folder(cache, tmp_path, monkeypatch):
+    import fcntl
+
+    from sanf_pipeline import sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "LOCK_WAIT_S", 0.3)
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / sweep_mod.LOCK_FILE, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # another process's sweep, as far as flock can tell (another open file)
+        with pytest.raises(SanfError, match="another `sanf sweep` is writing to"):
+            run_sweep(cache, out, "cat", None, "knn", "0", None, plots=False)
+    assert run_sweep(cache, out, "cat", None, "knn", "0", None, plots=False).summary["n_finished"] == 1
 
 
 def _sweep_subprocess(cache, out, extra):
@@ -253,3 +269,17 @@ def test_ray_executor(swept, cache, tmp_path):
             assert res.summary["cells"][setting][c]["auroc_mean"] == pytest.approx(
                 local["cells"][setting][c]["auroc_mean"], abs=1e-3)
     assert (tmp_path / "ray" / "runs" / "dog-flow-fusion=semantic-s0" / "model.safetensors").is_file()
+
+
+def test_ray_missing_and_option_errors(cache, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(SanfError, match=r"pip install 'sanf\[ray\]'"):
+        run_sweep(cache, tmp_path / "r", "cat", None, "knn", "0", None, executor="ray")
+    r = invoke(sweep, "--cache", cache, "--out", tmp_path / "x", "--ray-gpus-per-task", "0.5")
+    assert isinstance(r.exception, SanfError) and "--executor ray" in str(r.exception)
+    r = invoke(sweep, "--cache", cache, "--out", tmp_path / "x", "--grid", "fuson=gap")
+    assert isinstance(r.exception, SanfError) and "unknown grid key 'fuson'" in str(r.exception)
+    assert not (tmp_path / "x").exists()
