@@ -41,10 +41,14 @@ NOTES = """## How to read this
   interpreter starts with torch/sklearn/matplotlib imports, two cache opens and a test-split read, and runs each
   flow with torch's default threads (all cores); the sweep pays the imports once, reads the test split once,
   and runs one flow per core with one thread each. The pool-vs-one-process rows are the measurement behind the
-  default executor: `workers = cores` (one thread each) on CPU. On this shared 2-core machine a single flow
-  with torch's default two threads is several times slower than with one (small batches, OpenMP threads
-  competing with other jobs), which is a large part of the speed-up over sequential processes; the process
-  starts (row "interpreter start + imports", twice per run) are most of the rest.
+  default executor: `workers = cores` (one thread each) on CPU. On this shared 2-core machine one flow with
+  torch's default two threads is several times slower than with one (small batches; OpenMP threads competing
+  with other jobs; the factor grows with the machine's load). So that the comparison measures the sweep's design
+  and not that effect, the sequential processes run with one thread (`--sequential-threads 1`, the default);
+  with torch's default threads they were much slower still (an earlier run of this script at load ~4:
+  450 s for the 10 sequential runs vs 29 s for the sweep, 15x). What remains is the process starts (row
+  "interpreter start + imports", twice per run), the repeated cache opens and test-split reads, and one core
+  left idle by sequential processes.
 - (2) The official code extracts features inside each training run: the normal class's training images and the
   whole test split, for every class and every setting. The sweep extracts each image once (`sanf extract`) and
   every run reads the cache. With one setting per class the forward ratio is bounded by
@@ -93,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="sweep workers [default: run_sweep's default]")
     p.add_argument("--serial-classes", type=int, default=2,
                    help="classes for the pool vs one-process-all-threads comparison (0: skip)")
+    p.add_argument("--sequential-threads", type=int, default=1,
+                   help="OMP_NUM_THREADS of the sequential fit/eval processes (0: torch's default, all cores)")
     p.add_argument("--extract-img-per-s", type=float, default=None)
     p.add_argument("--markdown", type=Path, help="write the result table to this file")
     args = p.parse_args(argv)
@@ -137,6 +143,8 @@ def main(argv=None) -> int:
 
         # (1c) the same runs as sequential `sanf fit` + `sanf eval` processes
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        if args.sequential_threads:
+            env.update(OMP_NUM_THREADS=str(args.sequential_threads), MKL_NUM_THREADS=str(args.sequential_threads))
         t = time.perf_counter()
         seq_auroc = {}
         for c in range(args.classes):
@@ -183,7 +191,9 @@ def main(argv=None) -> int:
                     f"this benchmark took {time.perf_counter() - t_bench:.0f} s"),
         ("sweep workers", f"{res.workers} x {res.threads_per_worker} thread(s), start method {res.start_method}"),
         (f"**(1) sweep, {args.classes} classes (run_sweep)**", f"{t_sweep:.1f} s ({per_run_sweep:.1f} s per run)"),
-        ("(1) sequential `sanf fit` + `sanf eval` processes", f"{t_seq:.1f} s ({per_run_seq:.1f} s per run)"),
+        ("(1) sequential `sanf fit` + `sanf eval` processes",
+         f"{t_seq:.1f} s ({per_run_seq:.1f} s per run; torch threads: "
+         f"{args.sequential_threads or 'default (all cores)'})"),
         ("**(1) speed-up over sequential processes**", f"**{t_seq / t_sweep:.2f}x** (goal >= 3x)"),
         ("(1) max AUROC difference sweep vs fit+eval", f"{max_diff:.2e}"),
         ("(1) one interpreter start + imports (paid by each of the 2 processes per run)", f"{t_start:.1f} s"),

@@ -441,8 +441,13 @@ def is_finished(run_dir: Path, spec: RunSpec, fingerprint: str, score: str) -> b
 
 
 def _clean_tmp(run_dir: Path) -> None:
+    """Before a run (re)starts: temporary files of an interrupted writer, and a metrics.json that is not this
+    run's (a run is only started when it is not finished), so that metrics.json keeps meaning 'complete'."""
+    from .runs import METRICS_FILE
+
     for stale in run_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
 def _score_blocks(model, normalizer, cls: np.ndarray, patch: np.ndarray | None, score: str, batch_size: int,

@@ -63,7 +63,16 @@ def test_normalizer_roundtrip_and_stats(method):
     norm = Normalizer.fit(method, cls, patch)
     x, p = norm.transform(cls, patch)
     assert x.dtype == np.float32 and p.shape == patch.shape and np.isfinite(x).all() and np.isfinite(p).all()
-    if norm.standardize:
+    if norm.whiten:
+        # |x|^2 is the Mahalanobis distance under the Ledoit-Wolf covariance of the L2-normalised features:
+        # the identity-initialised flow starts exactly at the Gaussian baseline
+        from sklearn.covariance import LedoitWolf
+
+        a = cls / np.linalg.norm(cls, axis=1, keepdims=True)
+        lw = LedoitWolf().fit(a)
+        assert np.allclose((x.astype(np.float64) ** 2).sum(1), lw.mahalanobis(a), rtol=1e-4)
+        assert np.allclose(p.reshape(-1, 8).mean(0), 0, atol=1e-5)
+    elif norm.standardize:
         assert np.allclose(x.mean(0), 0, atol=1e-5)
         assert np.allclose(p.reshape(-1, 8).mean(0), 0, atol=1e-5)  # pooled over tokens
         keep = np.arange(8) != 2
