@@ -104,7 +104,8 @@ def main(argv=None) -> int:
             (cls.nbytes + patch.nbytes) / 2**20
         rows = [
             ("device", f"{device} ({torch.get_num_threads()} threads)"),
-            ("backbone", f"{args.backbone} @ {size}px, d={c.dim}, {c.num_tokens} patch tokens, batch {args.batch_size}"),
+            ("backbone", f"{args.backbone} @ {size}px, d={c.dim}, {c.num_tokens} patch tokens, "
+                         f"batch {args.batch_size}"),
             ("images", f"{n_images} CIFAR-10 JPEGs"),
             ("bare forward", f"{bare:.1f} img/s"),
             ("sanf extract", f"{full:.1f} img/s (wall incl. model load {result.images / wall:.1f} img/s)"),
