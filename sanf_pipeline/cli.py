@@ -189,7 +189,7 @@ def cache_verify_cmd(path):
 @click.option("--main-input", type=click.Choice(["semantic", "spatial"]), default="semantic", show_default=True,
               help="What the flow transforms (spatial: paper Table 4 ablation).")
 @click.option("--normalize", type=click.Choice(["none", "l2", "standardize", "l2+standardize", "l2+whiten"]),
-              default="l2+standardize", show_default=True, help="Input normalisation (fit on normal train data).")
+              default="l2+whiten", show_default=True, help="Input normalisation (fit on normal train data).")
 @click.option("--lr", type=float, default=5e-5, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-5, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)

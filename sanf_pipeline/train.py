@@ -102,7 +102,7 @@ class FitConfig:
     main_input: str = "semantic"
     attn_dim: int | None = None
     # inputs (features.py)
-    normalize: str = "l2+standardize"
+    normalize: str = "l2+whiten"
     # optimiser: Adam as the paper's final setting; eps is PyTorch's default (the official code used 1e-4)
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)

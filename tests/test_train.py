@@ -182,7 +182,7 @@ def test_fit_run_writes_run_folder_and_never_reads_test(cache, tmp_path, monkeyp
     assert config["normal_class"] == 1 and config["normal_class_name"] == "class1"
     assert config["cache"]["fingerprint"] == open_cache(cache).fingerprint
     assert config["fit"]["lr"] == TINY["lr"] and config["fit"]["betas"] == [0.9, 0.999]
-    assert config["flow"]["hidden"] == 16 and config["normalizer"]["method"] == "l2+standardize"
+    assert config["flow"]["hidden"] == 16 and config["normalizer"]["method"] == "l2+whiten"
     assert "never test AUROC" in config["epoch_selection"]
     log = read_jsonl(d / LOG_FILE)
     assert [r["epoch"] for r in log] == list(range(1, len(log) + 1))
