@@ -9,10 +9,8 @@ cache by owning disjoint shards; whoever finds every shard done seals it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
 from .cache import BackgroundShardWriter, CacheSpec, CacheWriter, SplitListing
 from .cache.schema import DTYPES, FORMATS, shard_geometry
 from .errors import BadImageError, SanfError
 from .progress import progress_bar
+from .runs import package_versions
+from .train import resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ON_ERROR = ("skip", "fail")
@@ -89,17 +88,6 @@ class ExtractResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SanfError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise SanfError(f"unknown --device {device!r}; use auto, cpu or cuda") from None
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         if device.type == "cuda":
@@ -147,17 +135,6 @@ def listing_digest(labels: np.ndarray, ids: list[str]) -> str:
     for s in ids:
         h.update(s.encode("utf-8", "replace") + b"\0")
     return h.hexdigest()[:16]
-
-
-def package_versions() -> dict:
-    import timm
-
-    versions = {"sanf": __version__, "torch": torch.__version__, "timm": timm.__version__,
-                "numpy": np.__version__, "python": platform.python_version()}
-    for name in ("zarr", "h5py"):
-        with contextlib.suppress(ImportError):
-            versions[name] = __import__(name).__version__
-    return versions
 
 
 def _default_workers() -> int:

@@ -134,12 +134,18 @@ def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def package_versions() -> dict:
-    import sklearn
+    """Versions of everything that can change a cache's or a run's numbers (recorded in both)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
-    return {"sanf": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+    versions = {"sanf": __version__, "python": platform.python_version()}
+    for name in ("torch", "timm", "numpy", "scikit-learn", "zarr", "h5py"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
 
 
 def now() -> str:
