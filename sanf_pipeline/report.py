@@ -29,7 +29,8 @@ def _figure(width=6.0, height=4.0):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path) -> Path:
+    """Write a figure so that a reader never sees half a PNG."""
     import os
 
     path = Path(path)
@@ -62,7 +63,7 @@ def plot_score_histograms(path, is_anomaly, scores, *, title: str = "", score_na
     ax.set_ylabel("density")
     ax.set_title(title or "anomaly scores")
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_roc(path, is_anomaly, scores, *, title: str = "", auroc: float | None = None) -> Path:
@@ -83,7 +84,7 @@ def plot_roc(path, is_anomaly, scores, *, title: str = "", auroc: float | None =
     ax.set_ylabel("true positive rate (anomalies caught)")
     ax.set_title(title or "ROC, anomalies positive")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _title(metrics: dict) -> str:

@@ -1352,14 +1352,9 @@ def plot_heatmap(path, summary: dict) -> Path:
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if dark else "white")
     ax.set_title(f"AUROC, sweep {summary['sweep']} (mean over seeds)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    from .report import save_png
+
+    return save_png(fig, path)
 
 
 def write_summary(sweep_dir) -> dict:

@@ -99,3 +99,14 @@ def assert_same_cache(a, b) -> None:
 def same_cache():
     """``same_cache(a, b)`` asserts two caches hold bitwise identical arrays (see :func:`assert_same_cache`)."""
     return assert_same_cache
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small flows train several times faster on 1 thread than on 2 shared cores; results are per thread count."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

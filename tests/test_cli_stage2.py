@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
@@ -16,11 +15,8 @@ FAST = ["--hidden", "16", "--blocks", "2", "--batch-size", "16", "--lr", "2e-3",
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
@@ -22,11 +21,8 @@ TINY = FitConfig(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", earl
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

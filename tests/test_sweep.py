@@ -38,13 +38,8 @@ CLASSES = ["cat", "dog", "frog"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only cost time on shared cores
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,8 @@ TINY = dict(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", max_epoch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention (10x faster)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
