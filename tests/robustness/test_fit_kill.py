@@ -7,8 +7,21 @@ import signal
 from pathlib import Path
 
 import pytest
+from robust_helpers import (  # noqa: F401 (fixtures)
+    EPOCHS,
+    fit_args,
+    log_lines,
+    read_metrics,
+    sanf,
+    small_cache_fixture,
+    start_fit,
+    wait_for_epochs,
+)
 
-from conftest import EPOCHS, fit_args, log_lines, read_metrics, sanf, start_fit, wait_for_epochs
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread):  # the shared fixture of tests/conftest.py (subprocesses get OMP_NUM_THREADS=1)
+    yield
 
 METRIC_KEYS = ("auroc", "aupr", "tpr_at_5_fpr", "n_test", "n_normal", "n_anomalous", "n_nonfinite_scores",
                "epochs_run", "best_epoch", "n_train")
@@ -29,21 +42,14 @@ def _scores(run_dir) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def reference(small_cache, tmp_path_factory):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("reference") / "run"
-        metrics = _fit_and_eval(small_cache, out)
-    finally:
-        torch.set_num_threads(before)
+    out = tmp_path_factory.mktemp("reference") / "run"
+    metrics = _fit_and_eval(small_cache, out)
     assert 0.5 < metrics["auroc"] < 1.0, "the reference AUROC should be informative, not saturated"
     return metrics, _scores(out)
 
 
 @pytest.mark.parametrize("kill_after", [1, 2, 3, 4, 5])
-def test_sigkill_then_rerun_matches_uninterrupted(small_cache, tmp_path, reference, one_thread, kill_after):
+def test_sigkill_then_rerun_matches_uninterrupted(small_cache, tmp_path, reference, kill_after):
     out = tmp_path / "run"
     proc = start_fit(small_cache, out)
     wait_for_epochs(proc, out, kill_after)

@@ -1,4 +1,5 @@
-"""Shared helpers of the fault-injection tests: a small synthetic cache, the fit command, subprocess helpers."""
+"""Shared helpers and fixtures of the fault-injection tests (not a conftest.py: tests/conftest.py owns that name
+for `from conftest import ...`): a small synthetic cache, the fit command, subprocess helpers."""
 
 from __future__ import annotations
 
@@ -65,21 +66,10 @@ def read_metrics(run_dir) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def small_cache(tmp_path_factory) -> Path:
-    """A synthetic cache (d=16, T=4, 3 classes, 600 train rows per class) so one epoch takes a noticeable moment."""
+@pytest.fixture(scope="session", name="small_cache")
+def small_cache_fixture(tmp_path_factory) -> Path:
+    """A synthetic cache (d=16, T=4, 3 classes, 150 train rows per class) so one epoch takes a noticeable moment."""
     from sanf_pipeline.cache.synthetic import write_synthetic_cache
 
-    return write_synthetic_cache(tmp_path_factory.mktemp("robust") / "cache", n_train=600, n_test=20, dim=16, separation=0.3,
-                                 num_tokens=4)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread in this process (as in the subprocesses), restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return write_synthetic_cache(tmp_path_factory.mktemp("robust") / "cache", n_train=150, n_test=20, dim=16,
+                                 separation=0.3, num_tokens=4)
