@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +227,7 @@ def _barrier() -> None:
 def _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result) -> None:
     size = int(backbone.data_config["input_size"][-1])
     total = sum(j.stop - j.start for j in jobs)
-    batches, owners = [], []
+    batches = []
     for job in jobs:
         for b in range(job.start, job.stop, cfg.batch_size):
             batches.append((job, b, min(job.stop, b + cfg.batch_size)))
@@ -241,7 +241,6 @@ def _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result
                 items, batch_sampler=split_batches, num_workers=workers, collate_fn=_collate,
                 pin_memory=device.type == "cuda", persistent_workers=False,
                 prefetch_factor=4 if workers else None)
-    del owners
     bg = BackgroundShardWriter(writer)
     dtype = np.dtype(cfg.dtype)
     started = time.perf_counter()
@@ -298,10 +297,6 @@ def _forward(backbone, x: torch.Tensor, device: torch.device, amp: torch.dtype |
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         cls, patch = backbone(x)
     return cls.float().cpu().numpy(), patch.float().cpu().numpy()
-
-
-def config_dict(cfg: ExtractConfig) -> dict:
-    return asdict(cfg)
 
 
 def default_cache_path(dataset: str, category: str | None = None) -> Path:
