@@ -8,10 +8,10 @@ Methods (``NORMALIZATIONS``):
 - ``l2+whiten`` (the default): L2 first, then ZCA whitening of the class tokens with a Ledoit-Wolf shrinkage
   covariance (patch tokens: L2 + per-channel standardisation). Measured against l2+standardize with the
   default flow and early stopping: scikit-learn digits, all 10 classes, M-AUROC 0.949 vs 0.913 (Gaussian
-  baseline 0.946); CIFAR-10 DINOv2 ViT-S/14 block 8 at 112 px, fusion none, classes 0 and 3: 0.795/0.785 vs
-  0.765/0.763 (Gaussian 0.729/0.795). The flow then starts (identity init) exactly at the
-  shrinkage-Gaussian baseline's density and training can only move it by what held-out NLL rewards; ZCA
-  keeps channels aligned with the original ones, so ``spatial_channels="half"`` pairing still holds.
+  baseline 0.946; benchmarks/normalization.md); CIFAR-10 mean AUROC with it in benchmarks/quality_cifar10.md.
+  The flow then starts (identity init) exactly at the shrinkage-Gaussian baseline's density and training
+  can only move it by what held-out NLL rewards; ZCA keeps channels aligned with the original ones, so
+  ``spatial_channels="half"`` pairing still holds.
 - ``l2+standardize``: L2 first, then standardise with the statistics of the
   L2-normalised training features. METHOD.md section 6 measured this as the best input for the flow on class
   features (0.82 -> 0.85 mean AUROC on two CIFAR-10 classes against raw features). Re-measured (default flow,

@@ -14,9 +14,7 @@ from sanf_pipeline.cli import cli
 FAST = ["--hidden", "16", "--blocks", "2", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

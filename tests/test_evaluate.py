@@ -20,9 +20,7 @@ from sanf_pipeline.train import FitConfig, fit_run
 TINY = FitConfig(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", early_stopping=False, epochs=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,7 @@ GRID = ["fusion=none,semantic"]
 CLASSES = ["cat", "dog", "frog"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,7 @@ from sanf_pipeline.train import FitConfig, fit_flow, fit_run, score_flow
 TINY = dict(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", max_epochs=3, patience=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

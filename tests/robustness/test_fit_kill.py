@@ -18,10 +18,7 @@ from robust_helpers import (  # noqa: F401 (fixtures)
     wait_for_epochs,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):  # the shared fixture of tests/conftest.py (subprocesses get OMP_NUM_THREADS=1)
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 METRIC_KEYS = ("auroc", "aupr", "tpr_at_5_fpr", "n_test", "n_normal", "n_anomalous", "n_nonfinite_scores",
                "epochs_run", "best_epoch", "n_train")

@@ -10,10 +10,7 @@ import pytest
 from conftest import TINY_IMAGE_SIZE, TINY_VIT, TINY_VIT_KWARGS
 from robust_helpers import EPOCHS, fit_args, log_lines, read_metrics, sanf, small_cache_fixture  # noqa: F401 (fixtures)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_torch_thread):  # the shared fixture of tests/conftest.py (subprocesses get OMP_NUM_THREADS=1)
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _extract_args(data, cache) -> list[str]:
