@@ -174,22 +174,27 @@ def cache_verify_cmd(path):
 
 
 # ---------------------------------------------------------------------------------------------- stage two
+# FitConfig's defaults, spelled out so that `sanf --help` need not import torch; tests/test_cli_stage2.py checks
+# that every `sanf fit` default equals FitConfig's
+_FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", token_pool=1, normalize="l2+whiten")
 @cli.command()
 @click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
 @click.option("--normal-class", required=True, help="The normal class, by name or index.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/<cache>-<class>].")
-@click.option("--fusion", type=click.Choice(["none", "gap", "learnable", "semantic"]), default="semantic",
+@click.option("--fusion", type=click.Choice(["none", "gap", "learnable", "semantic"]), default=_FIT_DEFAULTS["fusion"],
               show_default=True, help="Feature fusion module.")
 @click.option("--blocks", type=int, default=4, show_default=True, help="Coupling layers (FLLs).")
-@click.option("--clamp", type=float, default=2.0, show_default=True, help="Soft clamp alpha.")
+@click.option("--clamp", type=float, default=_FIT_DEFAULTS["clamp"], show_default=True, help="Soft clamp alpha.")
 @click.option("--hidden", type=int, default=1024, show_default=True, help="FFM MLP width.")
 @click.option("--heads", type=int, default=1, show_default=True, help="Attention heads of the fusion.")
-@click.option("--spatial-channels", type=click.Choice(["half", "full"]), default="half", show_default=True,
-              help="Patch-token channels each FFM sees.")
+@click.option("--spatial-channels", type=click.Choice(["half", "full"]), default=_FIT_DEFAULTS["spatial_channels"],
+              show_default=True, help="Patch-token channels each FFM sees.")
+@click.option("--token-pool", type=int, default=_FIT_DEFAULTS["token_pool"], show_default=True,
+              help="Average-pool the cached patch grid KxK before the fusion (K divides the grid side).")
 @click.option("--main-input", type=click.Choice(["semantic", "spatial"]), default="semantic", show_default=True,
               help="What the flow transforms (spatial: paper Table 4 ablation).")
 @click.option("--normalize", type=click.Choice(["none", "l2", "standardize", "l2+standardize", "l2+whiten"]),
-              default="l2+whiten", show_default=True, help="Input normalisation (fit on normal train data).")
+              default=_FIT_DEFAULTS["normalize"], show_default=True, help="Input normalisation (fit on normal train data).")
 @click.option("--lr", type=float, default=5e-5, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-5, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -205,8 +210,8 @@ def cache_verify_cmd(path):
 @click.option("--no-amp", is_flag=True, help="No mixed precision on GPU.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run or one with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, main_input, normalize,
-        lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience, seed,
+def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, token_pool, main_input,
+        normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience, seed,
         device, no_amp, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
     from .train import FitConfig, fit_run
@@ -219,7 +224,8 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
           if v is not None}
     length = {"early_stopping": False, "epochs": epochs} if epochs is not None else {"early_stopping": True, **es}
     cfg = FitConfig(fusion=fusion, blocks=blocks, clamp=clamp, hidden=hidden, heads=heads,
-                    spatial_channels=spatial_channels, main_input=main_input, normalize=normalize, lr=lr,
+                    spatial_channels=spatial_channels, token_pool=token_pool, main_input=main_input,
+                    normalize=normalize, lr=lr,
                     weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
                     device=device, amp=not no_amp, **length)
     run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)

@@ -1,4 +1,10 @@
-"""Input normalisation of cached features, fitted on the normal class's training data only.
+"""Input preparation of cached features, fitted on the normal class's training data only: optional average
+pooling of the patch-token grid (``token_pool``), then normalisation.
+
+Pooling (``token_pool=K``): the cached ``(n, H*W, d)`` patch tokens of a square ``H x W`` grid are averaged in
+KxK windows (``backbones.pool_tokens``, the same operation as ``sanf extract --pool``), so one fine-grid cache
+serves runs at several grid sizes; the official SANF code pooled ViT-B/16's 24x24 grid 3x3 to 8x8. It is part of
+the fitted transform, stored with the run, so evaluation pools exactly as training did.
 
 Methods (``NORMALIZATIONS``):
 
@@ -95,6 +101,30 @@ def check_method(method: str) -> str:
     return method
 
 
+def check_token_pool(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SanfError(f"token_pool must be a positive integer, got {k!r}")
+    return k
+
+
+def pool_square_grid(patch: np.ndarray, k: int) -> np.ndarray:
+    """``(n, H*H, d)`` tokens of a square grid -> ``(n, (H/k)^2, d)`` float32, averaged in KxK windows."""
+    from .backbones import pool_tokens
+
+    n, t, d = patch.shape
+    h = int(round(t ** 0.5))
+    if h * h != t:
+        raise SanfError(f"token_pool={k} needs a square patch grid; the cache has {t} tokens per image")
+    if h % k:
+        raise SanfError(f"token_pool={k} does not divide the {h}x{h} patch grid of the cache; choose a divisor "
+                        f"of {h}")
+    out = np.empty((n, t // (k * k), d), dtype=np.float32)
+    for start in range(0, n, 1024):  # bounded float32 copies of a float16 cache block
+        block = torch.from_numpy(np.asarray(patch[start:start + 1024], dtype=np.float32))
+        out[start:start + len(block)] = pool_tokens(block, (h, h), k).numpy()
+    return out
+
+
 @dataclass
 class Normalizer:
     """A fitted input normalisation; ``transform(cls, patch)`` applies it to any split."""
@@ -105,6 +135,7 @@ class Normalizer:
     patch_mean: np.ndarray | None = None
     patch_std: np.ndarray | None = None
     cls_whiten: np.ndarray | None = None
+    token_pool: int = 1
 
     @property
     def l2(self) -> bool:
@@ -119,9 +150,11 @@ class Normalizer:
         return self.method == "l2+whiten"
 
     @classmethod
-    def fit(cls, method: str, cls_tokens: np.ndarray, patch: np.ndarray | None = None) -> Normalizer:
+    def fit(cls, method: str, cls_tokens: np.ndarray, patch: np.ndarray | None = None, *,
+            token_pool: int = 1) -> Normalizer:
         """Fit on training features (the normal class's training rows only)."""
-        norm = cls(check_method(method))
+        norm = cls(check_method(method), token_pool=check_token_pool(token_pool))
+        patch = norm.pool(patch)
         if norm.standardize:
             norm.cls_mean, norm.cls_std = _stats(np.asarray(cls_tokens), norm.l2)
             if patch is not None:
@@ -153,17 +186,23 @@ class Normalizer:
     def transform_cls(self, cls_tokens: np.ndarray) -> np.ndarray:
         return self._apply(cls_tokens, self.cls_mean, self.cls_std, self.cls_whiten)
 
+    def pool(self, patch: np.ndarray | None) -> np.ndarray | None:
+        """Average-pool the square patch-token grid ``token_pool`` x ``token_pool`` (no-op for 1 or None)."""
+        if patch is None or self.token_pool == 1:
+            return patch
+        return pool_square_grid(patch, self.token_pool)
+
     def transform_patch(self, patch: np.ndarray | None) -> np.ndarray | None:
         if patch is None:
             return None
-        return self._apply(patch, self.patch_mean, self.patch_std)
+        return self._apply(self.pool(patch), self.patch_mean, self.patch_std)
 
     def transform(self, cls_tokens: np.ndarray, patch: np.ndarray | None = None):
         return self.transform_cls(cls_tokens), self.transform_patch(patch)
 
     # -- persistence: tensors + a JSON-able config, never pickles ---------------------------------------------
     def config(self) -> dict:
-        return {"method": self.method, "has_patch_stats": self.patch_mean is not None}
+        return {"method": self.method, "has_patch_stats": self.patch_mean is not None, "token_pool": self.token_pool}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -175,7 +214,7 @@ class Normalizer:
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> Normalizer:
-        norm = cls(check_method(str(config.get("method"))))
+        norm = cls(check_method(str(config.get("method"))), token_pool=check_token_pool(config.get("token_pool", 1)))
         for name in ("cls_mean", "cls_std", "patch_mean", "patch_std", "cls_whiten"):
             t = tensors.get(PREFIX + name)
             if t is not None:

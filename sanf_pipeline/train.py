@@ -101,7 +101,8 @@ class FitConfig:
     spatial_channels: str = "half"
     main_input: str = "semantic"
     attn_dim: int | None = None
-    # inputs (features.py)
+    # inputs (features.py): KxK average pooling of the cached patch grid, then normalisation
+    token_pool: int = 1
     normalize: str = "l2+whiten"
     # optimiser: Adam as the paper's final setting; eps is PyTorch's default (the official code used 1e-4)
     lr: float = 5e-5
@@ -151,7 +152,7 @@ class FitConfig:
         if self.normalize not in NORMALIZATIONS:
             bad("normalize", self.normalize, f"choose one of {', '.join(NORMALIZATIONS)}")
         for name in ("blocks", "hidden", "heads", "batch_size", "epochs", "patience", "max_epochs",
-                     "eval_batch_size"):
+                     "eval_batch_size", "token_pool"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(name, v, "must be a positive integer")
@@ -366,7 +367,7 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
     tr_idx, va_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
 
     normalizer = Normalizer.fit(cfg.normalize, train_cls[tr_idx], None if train_patch is None else
-                                train_patch[tr_idx])
+                                train_patch[tr_idx], token_pool=cfg.token_pool)
     x_all, p_all = normalizer.transform(train_cls, train_patch)
     device = resolve_device(cfg.device)
     amp = amp_dtype(device, cfg.amp)
@@ -376,8 +377,8 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
     p_va = None if p_all is None else torch.from_numpy(p_all[va_idx]).to(device)
 
     d = train_cls.shape[1]
-    patch_dim = d if train_patch is None else train_patch.shape[2]
-    num_tokens = 1 if train_patch is None else train_patch.shape[1]
+    patch_dim = d if p_all is None else p_all.shape[2]
+    num_tokens = 1 if p_all is None else p_all.shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         try:
@@ -385,8 +386,10 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
         except ValueError as exc:
             raise SanfError(f"invalid flow settings: {exc}") from None
     flow.to(device).train()
+    # fused: one kernel for all 20M+ parameters; PyTorch's CPU default (per-tensor loop) spent 7x longer per step
+    # than the fused kernel here and dominated the fit time of the default flow (benchmarks/quality_cifar10.md)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, fused=True)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     ckpt_id = settings_id({"settings": cfg.settings(), "data": _data_digest(train_cls, train_patch)})

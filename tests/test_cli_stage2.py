@@ -125,3 +125,27 @@ def test_eval_with_mismatched_cache_refused(cache, tmp_path):
                                   class_names=["cat", "dog", "frog"])
     r = run("eval", "--run", out, "--cache", other)
     assert_user_error(r, "trained on another cache", "dim 16 vs 8")
+
+
+def test_fit_cli_defaults_equal_fitconfig_defaults():
+    """`sanf fit --help` shows the Python API's defaults (the CLI spells them out to avoid importing torch)."""
+    import dataclasses
+
+    from sanf_pipeline.train import FitConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    checked = []
+    for param in cli.commands["fit"].params:
+        if param.name in defaults and param.default not in (None, click_unset()):
+            assert param.default == defaults[param.name], param.name
+            checked.append(param.name)
+    assert {"fusion", "clamp", "hidden", "blocks", "spatial_channels", "token_pool", "normalize", "lr"} <= set(checked)
+
+
+def click_unset():
+    """click 8.2+ marks an option without a default with a sentinel instead of None."""
+    try:
+        from click._utils import UNSET
+    except ImportError:
+        return None
+    return UNSET

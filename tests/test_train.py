@@ -12,7 +12,7 @@ from sanf_pipeline.cache import SplitView, open_cache
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.evaluate import compute_metrics, eval_run
-from sanf_pipeline.features import NORMALIZATIONS, Normalizer
+from sanf_pipeline.features import NORMALIZATIONS, Normalizer, pool_square_grid
 from sanf_pipeline.runs import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, MODEL_FILE, load_run, load_tensors, read_jsonl
 from sanf_pipeline.train import FitConfig, fit_flow, fit_run, score_flow
 
@@ -274,17 +274,38 @@ def test_resume_after_interrupt_matches_uninterrupted(cache, tmp_path, early):
     assert (a["auroc"], a["aupr"], a["tpr_at_5_fpr"]) == (b["auroc"], b["aupr"], b["tpr_at_5_fpr"])
 
 
+def test_token_pool_averages_square_windows_and_travels_with_the_run():
+    patch = np.arange(2 * 16 * 3, dtype=np.float32).reshape(2, 16, 3)  # a 4x4 grid, row-major tokens
+    pooled = pool_square_grid(patch, 2)
+    grid = patch.reshape(2, 4, 4, 3)
+    want = grid.reshape(2, 2, 2, 2, 2, 3).mean(axis=(2, 4)).reshape(2, 4, 3)  # (n, 2, k, 2, k, d) windows
+    assert np.allclose(pooled, want)
+    norm = Normalizer.fit("l2+standardize", patch[:, 0], patch, token_pool=2)
+    assert norm.transform_patch(patch).shape == (2, 4, 3)
+    again = Normalizer.from_state(norm.config(), norm.state_dict())
+    assert again.token_pool == 2 and np.array_equal(again.transform_patch(patch), norm.transform_patch(patch))
+    with pytest.raises(SanfError, match="does not divide"):
+        pool_square_grid(patch, 3)
+    with pytest.raises(SanfError, match="square"):
+        pool_square_grid(patch[:, :12], 2)
+    with pytest.raises(SanfError, match="token_pool"):
+        FitConfig(token_pool=0).validate()
+
+
 @pytest.mark.parametrize("over", [
     {"fusion": "gap"},
     {"fusion": "learnable", "heads": 2},
     {"spatial_channels": "full"},
     {"main_input": "spatial"},
     {"normalize": "none", "fusion": "none"},
+    {"token_pool": 2},
 ])
 def test_variants_fit_save_load_and_eval(cache, tmp_path, over):
     cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 1, **over})
     run = fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
-    assert run.config["flow"] == {**run.config["flow"], **{k: v for k, v in over.items() if k != "normalize"}}
+    flow_keys = {k: v for k, v in over.items() if k not in ("normalize", "token_pool")}
+    assert run.config["flow"] == {**run.config["flow"], **flow_keys}
+    assert run.config["flow"]["num_tokens"] == (4 // cfg.token_pool ** 2 if cfg.needs_patch else 1)
     res = eval_run(run.run_dir, plots=False)
     assert 0.0 <= res.metrics["auroc"] <= 1.0 and np.isfinite(res.scores).all()
     x, p = run.result.normalizer.transform(*open_cache(cache).split("test").read_all()[:2])
