@@ -194,7 +194,8 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--main-input", type=click.Choice(["semantic", "spatial"]), default="semantic", show_default=True,
               help="What the flow transforms (spatial: paper Table 4 ablation).")
 @click.option("--normalize", type=click.Choice(["none", "l2", "standardize", "l2+standardize", "l2+whiten"]),
-              default=_FIT_DEFAULTS["normalize"], show_default=True, help="Input normalisation (fit on normal train data).")
+              default=_FIT_DEFAULTS["normalize"], show_default=True,
+              help="Input normalisation (fit on normal train data).")
 @click.option("--lr", type=float, default=5e-5, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-5, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -211,8 +212,8 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--overwrite", is_flag=True, help="Replace a finished run or one with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, token_pool, main_input,
-        normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience, seed,
-        device, no_amp, overwrite, quiet):
+        normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
+        seed, device, no_amp, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
     from .train import FitConfig, fit_run
 
