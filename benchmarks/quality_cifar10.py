@@ -1,55 +1,175 @@
-"""CIFAR-10 one-vs-rest quality on real features: the flow's fusion modes against the baselines, per backbone.
+"""CIFAR-10 one-vs-rest quality on real features (issue 5): the flow's fusion modes against the baselines, per
+backbone, plus z2 scoring, half/full patch channels, patch-grid pooling and clamp ablations.
 
-Runs one `sanf sweep` per cache (all 10 classes as the normal class in turn, the grid below, kNN/kNN-L2/Gaussian
-on the same class tokens) and writes the M-AUROC tables to a markdown file. The caches come from
-(unzip ../shared/data/cifar10-jpg.zip to DATA first):
+The experiments are the ``PLAN`` below; every run is resumable, so rerunning the script re-uses finished runs and
+only rewrites the tables. Caches that do not exist are reported as missing. The caches come from (unzip
+../shared/data/cifar10-jpg.zip to DATA first; ``--limit-per-class 1000`` keeps the first 1,000 training images
+per class and all 1,000 test images per class):
 
+    sanf extract --backbone vit_small_patch14_dinov2 \\
+        --weights ../shared/weights/vit_small_patch14_dinov2.imgfocus.safetensors --dataset folder \\
+        --data-root DATA/cifar10 --image-size 224 --layer 8 --limit-per-class 1000 \\
+        --cache cache/cifar10-dinov2s-224-L8
     sanf extract --backbone tf_efficientnet_lite0 --weights ../shared/weights/tf_efficientnet_lite0.in1k.safetensors \\
         --dataset folder --data-root DATA/cifar10 --image-size 224 --limit-per-class 1000 \\
         --cache cache/cifar10-effnet-lite0-224
-    sanf extract --backbone vit_small_patch14_dinov2 \\
-        --weights ../shared/weights/vit_small_patch14_dinov2.imgfocus.safetensors --dataset folder \\
-        --data-root DATA/cifar10 --image-size 112 --layer 8 --limit-per-class 1000 \\
-        --cache cache/cifar10-dinov2s-112-L8
+    # the block comparison at 112 px: --image-size 112 with --layer 8 and --layer -1
 
-`--limit-per-class 1000` keeps the first 1,000 training images per class and all 1,000 test images per class.
-
-    python benchmarks/quality_cifar10.py --cache cache/cifar10-dinov2s-112-L8 --grid fusion=none,semantic \\
-        --seeds 0 --markdown benchmarks/quality_cifar10.md
+    python benchmarks/quality_cifar10.py --markdown benchmarks/quality_cifar10.md
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+# name, cache, fixed flow settings, main grid, ablations (one key at a time, the default fusion)
+PLAN = [
+    {"name": "DINOv2 ViT-S/14, block 8, 224 px", "cache": "cache/cifar10-dinov2s-224-L8",
+     "fixed": {"token_pool": 2}, "grid": {"fusion": ["none", "gap", "learnable", "semantic"]},
+     "ablations": {"spatial_channels": ["full"], "token_pool": [1, 4], "clamp": [3.0]}},
+    {"name": "EfficientNet-Lite0 (ImageNet), 224 px", "cache": "cache/cifar10-effnet-lite0-224",
+     "fixed": {}, "grid": {"fusion": ["none", "gap", "learnable", "semantic"]},
+     "ablations": {"spatial_channels": ["full"], "clamp": [3.0]}},
+    {"name": "DINOv2 ViT-S/14, block 8, 112 px (block comparison)", "cache": "cache/cifar10-dinov2s-112-L8",
+     "fixed": {}, "grid": {"fusion": ["semantic"]}, "ablations": {}, "seeds": "0"},
+    {"name": "DINOv2 ViT-S/14, last block, 112 px (block comparison)", "cache": "cache/cifar10-dinov2s-112-Llast",
+     "fixed": {}, "grid": {"fusion": ["semantic"]}, "ablations": {}, "seeds": "0"},
+]
+BASELINES = "knn,knn-l2,gaussian"
+
+
+def _extraction_wall(cache: Path) -> str:
+    meta = json.loads((cache / "sanf.json").read_text()) if (cache / "sanf.json").exists() else {}
+    try:
+        t0, t1 = (dt.datetime.strptime(meta[k], "%Y-%m-%dT%H:%M:%S%z") for k in ("created", "sealed_at"))
+    except (KeyError, ValueError):
+        return "unknown"
+    return f"{(t1 - t0).total_seconds() / 60:.1f} min (created -> sealed, 2-core CPU)"
+
+
+def _pm(values) -> str:
+    if not values:
+        return "missing"
+    return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
+
+
+def _default_setting(summary: dict, fusion: str) -> str | None:
+    for s in summary["settings"]:
+        if s == f"flow fusion={fusion}":
+            return s
+    return None
+
+
+def score_z2(sweep_dir: Path, cache: Path, setting: str, summary: dict) -> dict[str, float]:
+    """M-AUROC per seed of the official code's score (mean z^2) for the finished runs of ``setting``."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from sanf_pipeline.cache import open_cache
+    from sanf_pipeline.runs import load_run
+    from sanf_pipeline.train import score_flow
+
+    with open_cache(cache) as c:
+        cls, patch, labels, _ = c.split("test").read_all()
+    per_seed: dict[str, list[float]] = {}
+    for row in summary["runs"]:
+        if row["setting"] != setting or row["status"] != "finished":
+            continue
+        run = load_run(sweep_dir / "runs" / row["run_id"])
+        needs_patch = run.flow.fusion != "none" or run.flow.main_input == "spatial"
+        scores = []
+        for start in range(0, len(cls), 2048):
+            x, p = run.normalizer.transform(cls[start:start + 2048], patch[start:start + 2048] if needs_patch else None)
+            scores.append(score_flow(run.flow, torch.from_numpy(x), None if p is None else torch.from_numpy(p), "z2"))
+        auroc = roc_auc_score(labels != row["class_index"], np.concatenate(scores))
+        per_seed.setdefault(str(row["seed"]), []).append(float(auroc))
+    n_classes = len(summary["classes"])
+    return {seed: float(np.mean(v)) for seed, v in per_seed.items() if len(v) == n_classes}
+
+
+def run_entry(entry: dict, seeds: str, ablation_seeds: str, out_root: Path, workers: int | None) -> str:
+    from sanf_pipeline.sweep import run_sweep
+    from sanf_pipeline.train import FitConfig
+
+    cache = Path(entry["cache"])
+    head = f"## {entry['name']}\n\nCache `{cache}`"
+    if not (cache / "sanf.json").exists():
+        return f"{head}: missing (build it with the commands in the script's docstring).\n"
+    meta = json.loads((cache / "sanf.json").read_text())
+    bb = meta["backbone"]
+    lines = [f"{head}: {bb['arch']}, {meta['preprocessing']['image_size'][0]} px, block "
+             f"{bb.get('layer') if bb.get('layer') is not None else 'last'}, d {meta['dim']}, "
+             f"{meta['num_tokens']} patch tokens ({'x'.join(map(str, meta['grid']))}); extraction "
+             f"{_extraction_wall(cache)}. Fixed flow settings: {json.dumps(entry['fixed']) or '{}'} "
+             f"(everything else the `sanf fit` defaults).", ""]
+    seeds = entry.get("seeds", seeds)
+    out = out_root / f"quality-{cache.name}"
+    t = time.perf_counter()
+    res = run_sweep(cache, out, grid=entry["grid"], methods=f"flow,{BASELINES}", seeds=seeds, fixed=entry["fixed"],
+                    workers=workers, plots=False)
+    wall = time.perf_counter() - t
+    summary = res.summary
+    lines += [f"### Fusion modes and baselines (seeds {seeds})", "",
+              f"Sweep `{out}`: {len(res.specs)} runs, {len(res.computed)} computed in this invocation, "
+              f"{wall:.0f} s wall (2 workers x 1 thread).", ""]
+    md = (out / "summary.md").read_text()
+    table = md[md.index("## AUROC per class and setting"):md.index("![AUROC heatmap]")]
+    lines.append(table.replace("## ", "#### ").strip())
+    lines.append("")
+
+    default_fusion = FitConfig().fusion
+    setting = _default_setting(summary, default_fusion) or summary["settings"][0]
+    nll = summary["m_auroc"][setting]["per_seed"]
+    z2 = score_z2(out, cache, setting, summary)
+    lines += ["### Score: NLL vs the official code's mean z^2 (same models)", "",
+              "| setting | NLL M-AUROC | z2 M-AUROC |", "|---|---|---|",
+              f"| {setting} | {_pm(list(nll.values()))} | {_pm(list(z2.values()))} |", ""]
+
+    if entry["ablations"]:
+        rows = [f"| default ({setting}) | {_pm(list(nll.values()))} | | seeds {seeds} |"]
+        for key, values in entry["ablations"].items():
+            a_out = out_root / f"quality-{cache.name}-{key}"
+            t = time.perf_counter()
+            a = run_sweep(cache, a_out, grid={key: values}, methods="flow", seeds=ablation_seeds,
+                          fixed={**entry["fixed"], "fusion": default_fusion}, workers=workers, plots=False)
+            a_wall = time.perf_counter() - t
+            for s in a.summary["settings"]:
+                per_seed = a.summary["m_auroc"][s]["per_seed"]
+                same_seed_default = [nll[k] for k in per_seed if k in nll]
+                delta = (np.mean(list(per_seed.values())) - np.mean(same_seed_default)
+                         if per_seed and same_seed_default else None)
+                rows.append(f"| {s} | {_pm(list(per_seed.values()))} | "
+                            f"{'' if delta is None else f'{delta:+.4f}'} | seeds {ablation_seeds}; "
+                            f"{len(a.computed)} runs computed, {a_wall:.0f} s |")
+        lines += [f"### Ablations of the default flow (fusion={default_fusion})", "",
+                  "Δ: against the default's M-AUROC on the same seeds.", "",
+                  "| setting | M-AUROC | Δ | runs |", "|---|---|---|---|", *rows, ""]
+    return "\n".join(lines) + "\n"
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", action="append", required=True, help="a CIFAR-10 cache (repeatable)")
-    p.add_argument("--grid", action="append", default=None, help="flow grid, e.g. fusion=none,gap,learnable,semantic")
-    p.add_argument("--methods", default="flow,knn,knn-l2,gaussian")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--only", action="append", help="run only the PLAN entries whose cache path contains this")
+    p.add_argument("--seeds", default="0,1,2", help="flow seeds of the fusion-mode rows")
+    p.add_argument("--ablation-seeds", default="0,1,2", help="flow seeds of the ablation rows")
+    p.add_argument("--workers", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("sweeps"))
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
 
-    from sanf_pipeline.sweep import run_sweep
-
-    grid = args.grid or ["fusion=none,gap,learnable,semantic"]
-    sections = []
-    for cache in args.cache:
-        out = args.out / f"quality-{Path(cache).name}"
-        t = time.perf_counter()
-        result = run_sweep(cache, out, classes="all", grid=grid, methods=args.methods, seeds=args.seeds, plots=False)
-        wall = time.perf_counter() - t
-        md = (out / "summary.md").read_text()
-        sections.append(f"## {Path(cache).name}\n\nSweep wall time {wall:.0f} s "
-                        f"({len(result.computed)} runs computed now).\n\n{md}\n")
+    entries = [e for e in PLAN if not args.only or any(o in e["cache"] for o in args.only)]
+    t = time.perf_counter()
+    sections = [run_entry(e, args.seeds, args.ablation_seeds, args.out, args.workers) for e in entries]
     cmd = "python benchmarks/quality_cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = f"# CIFAR-10 one-vs-rest quality\n\nCommand: `{cmd}`\n\n" + "\n".join(sections)
+    text = (f"# CIFAR-10 one-vs-rest quality\n\nCommand: `{cmd}` ({time.perf_counter() - t:.0f} s in this "
+            f"invocation; finished runs are re-used).\n\n" + "\n".join(sections))
     if args.markdown:
         args.markdown.write_text(text)
     print(text)

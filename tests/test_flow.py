@@ -431,3 +431,32 @@ def test_bad_input_shapes_raise_value_error():
         flow(x, patch[:, :3])
     with pytest.raises(ValueError, match="x must have shape"):
         flow(x[:, :6], patch)
+
+
+def _literal_attention(branch, x, ctx):
+    """METHOD.md's single-query attention written out: K, V of every token of m = concat(query, ctx)."""
+    lead = x.shape[:-1]
+    a, h, dh = branch.attn_dim, branch.heads, branch.head_dim
+    query = branch.query_token(x).expand(*lead, a)
+    tokens = branch.ctx_proj(ctx).expand(*lead, -1, a)
+    m = torch.cat([query.unsqueeze(-2), tokens], dim=-2)  # (..., 1 + T, a)
+    q = branch.w_q(query).reshape(*lead, h, 1, dh)
+    k = branch.w_k(m).reshape(*lead, -1, h, dh).transpose(-3, -2)
+    v = branch.w_v(m).reshape(*lead, -1, h, dh).transpose(-3, -2)
+    attn = torch.softmax(q @ k.transpose(-2, -1) / dh ** 0.5, dim=-1)
+    return branch.w_o((attn @ v).reshape(*lead, a))
+
+
+@pytest.mark.parametrize("fusion", ["semantic", "learnable"])
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("layout", ["semantic", "spatial"])
+def test_attention_fusion_equals_the_literal_formula(fusion, heads, layout):
+    torch.manual_seed(0)
+    branch = FUSION_MODES[fusion](in_dim=6, ctx_dim=12, attn_dim=12, heads=heads).double()
+    for p in branch.parameters():  # non-zero biases everywhere, so the bias algebra is exercised
+        torch.nn.init.normal_(p)
+    if layout == "semantic":  # x (B, d), ctx (B, T, c)
+        x, ctx = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 7, 12, dtype=torch.float64)
+    else:  # x (B, T, d) per patch token, one broadcast context token per image (B, 1, 1, c)
+        x, ctx = torch.randn(5, 7, 6, dtype=torch.float64), torch.randn(5, 1, 1, 12, dtype=torch.float64)
+    assert torch.allclose(branch(x, ctx), _literal_attention(branch, x, ctx), atol=1e-10, rtol=1e-10)

@@ -117,25 +117,27 @@ class _AttentionFusion(FusionBranch):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """``softmax(q K(m)^T / sqrt(dh)) V(m)`` per head, ``m = concat(query, tokens)``, then ``W_o``.
+
+        With a single query the per-token projections fold into the query side, exactly:
+        ``q_h . (W_k m_j + b_k) = (W_k,h^T q_h) . m_j + const_h`` (the constant cancels in the softmax) and
+        ``sum_j a_hj (W_v m_j + b_v) = W_v,h (sum_j a_hj m_j) + b_v,h`` (the weights sum to one). So the ``T``
+        context tokens are never multiplied by ``W_k``/``W_v``: the cost per FFM drops from ``2 T a^2`` to
+        ``~2 T a h`` multiply-adds (the projections were 60% of the default flow's compute with 64 tokens).
+        ``tests/test_flow.py`` checks the result against the literal formula.
+        """
         lead = x.shape[:-1]
         a, h, dh = self.attn_dim, self.heads, self.head_dim
-        query = self.query_token(x)
-        tokens = self.ctx_proj(ctx)
-        # K = W_k m with m = concat(query, tokens) is row-wise, so K(m) = concat(K(query), K(tokens)). The
-        # tokens' keys/values are computed once on the un-broadcast context and only then expanded: in the
-        # spatial layout one class token serves every patch token and is not projected T times.
-        k = torch.cat(
-            [self.w_k(query).expand(*lead, a).unsqueeze(-2), self.w_k(tokens).expand(*lead, -1, a)], dim=-2
-        )
-        v = torch.cat(
-            [self.w_v(query).expand(*lead, a).unsqueeze(-2), self.w_v(tokens).expand(*lead, -1, a)], dim=-2
-        )
-        q = self.w_q(query).expand(*lead, a).reshape(*lead, h, 1, dh)
-        k = k.reshape(*lead, -1, h, dh).transpose(-3, -2)  # (..., h, M, dh)
-        v = v.reshape(*lead, -1, h, dh).transpose(-3, -2)
-        attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(dh), dim=-1)  # (..., h, 1, M)
-        out = (attn @ v).reshape(*lead, a)
-        return self.w_o(out)
+        query = self.query_token(x).expand(*lead, a)  # (..., a)
+        tokens = self.ctx_proj(ctx)  # (..., T, a); leading axes may be broadcast (size 1)
+        q = self.w_q(query).reshape(*lead, h, dh)
+        q_eff = torch.einsum("...hd,hda->...ha", q, self.w_k.weight.reshape(h, dh, a)) / math.sqrt(dh)
+        s_self = (q_eff * query.unsqueeze(-2)).sum(dim=-1, keepdim=True)  # (..., h, 1)
+        s_tok = q_eff @ tokens.transpose(-1, -2)  # (..., h, T)
+        attn = torch.softmax(torch.cat([s_self, s_tok], dim=-1), dim=-1)
+        mixed = attn[..., :1] * query.unsqueeze(-2) + attn[..., 1:] @ tokens  # (..., h, a): sum_j a_hj m_j
+        out = torch.einsum("...ha,hda->...hd", mixed, self.w_v.weight.reshape(h, dh, a)) + self.w_v.bias.reshape(h, dh)
+        return self.w_o(out.reshape(*lead, a))
 
 
 @register_fusion("learnable")
