@@ -511,6 +511,7 @@ def _run_flow(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
                 model, normalizer, config = loaded.flow, loaded.normalizer, loaded.config
                 log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else []
                 reused = True
+                (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # killed between saving the model and this
         except SanfError:
             pass
     if model is None:
@@ -1022,6 +1023,18 @@ def _sweep_lock(out: Path):
         fh.close()
 
 
+def _stale_temporaries(out: Path) -> list[Path]:
+    """``.<file>.<pid>.tmp`` of the sweep's own files (plan.json, the summary) that a killed sweep was writing."""
+    prefixes = [f".{name}." for name in SWEEP_FILES]
+    return [p for p in (out.iterdir() if out.is_dir() else ()) if p.name.endswith(".tmp") and
+            any(p.name.startswith(pre) and p.name[len(pre):-4].isdigit() for pre in prefixes)]
+
+
+def _empty_runs_dir(p: Path) -> bool:
+    """The runs folder a sweep killed before its plan.json was in place had created (a plan is written last)."""
+    return p.name == RUNS_DIR and p.is_dir() and not any(p.iterdir())
+
+
 def _prepare_sweep_dir(out: Path, plan: dict, specs: list[RunSpec], overwrite: bool) -> tuple[bool, list[str]]:
     """Check or write plan.json; with overwrite, clean run folders the new plan does not contain as they are.
 
@@ -1031,6 +1044,8 @@ def _prepare_sweep_dir(out: Path, plan: dict, specs: list[RunSpec], overwrite: b
     removed: list[str] = []
     if out.exists() and not out.is_dir():
         raise SanfError(f"{out} exists and is not a folder; choose another --out")
+    for stale in _stale_temporaries(out):  # we hold the sweep lock: no other sweep is writing them
+        stale.unlink(missing_ok=True)
     plan_path = out / PLAN_FILE
     if plan_path.exists():
         try:
@@ -1059,7 +1074,7 @@ def _prepare_sweep_dir(out: Path, plan: dict, specs: list[RunSpec], overwrite: b
             raise SanfError(f"{out} holds a sweep with another plan ({'; '.join(why)}); rerun the same command to "
                             f"resume it, choose another --out, or pass --overwrite to replace the plan (finished runs "
                             f"that stay identical are kept)")
-    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
+    elif out.is_dir() and any(p.name != LOCK_FILE and not _empty_runs_dir(p) for p in out.iterdir()) and not overwrite:
         raise SanfError(f"{out} exists and holds files that are not a sanf sweep; choose another --out (or pass "
                         f"--overwrite to write into it anyway)")
     runs_dir = out / RUNS_DIR

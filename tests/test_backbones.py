@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from conftest import TINY_TIMM_KWARGS, save_weights, tiny_timm
 
 from sanf_pipeline import backbones as B
 from sanf_pipeline.backbones import (
@@ -34,34 +34,12 @@ CIFAR_ZIP = SHARED / "data" / "cifar10-jpg.zip"
 
 VIT = "vit_small_patch14_dinov2"
 REG = "vit_small_patch14_reg4_dinov2"
-TINY = dict(depth=3, embed_dim=32, num_heads=2)  # patch 14: 56 px -> 4x4 grid
+TINY = dict(TINY_TIMM_KWARGS)  # patch 14: 56 px -> 4x4 grid
 
 
 @pytest.fixture(autouse=True)
-def _no_hub(monkeypatch):
-    """No test may reach timm's download; tests that need the hub step patch it themselves."""
-    monkeypatch.delenv(B.WEIGHTS_ENV, raising=False)
-
-    def refuse(model_name, kwargs):
-        raise AssertionError(f"hub download attempted for {model_name}")
-
-    monkeypatch.setattr(B, "_create_from_hub", refuse)
-
-
-def _tiny_timm(arch=VIT, seed=0, img_size=56, **kw):
-    torch.manual_seed(seed)
-    kwargs = dict(TINY, img_size=img_size, num_classes=0)
-    kwargs.update(kw)
-    return timm.create_model(arch, pretrained=False, **kwargs).eval()
-
-
-def _save(model, path: Path) -> Path:
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        save_file(sd, str(path))
-    else:
-        torch.save(sd, str(path))
-    return path
+def _no_hub(no_hub):
+    """No test may reach timm's download (tests/conftest.py); tests that need the hub step patch it themselves."""
 
 
 def _x(size=56, n=2, seed=1):
@@ -145,8 +123,8 @@ def test_random_weights_are_deterministic_and_recorded():
 
 @pytest.mark.parametrize("layer", [0, 1, -1, -2])
 def test_layer_equals_timm_forward_intermediates(tmp_path, layer):
-    ref = _tiny_timm(REG, seed=3)
-    f = _save(ref, tmp_path / "w.safetensors")
+    ref = tiny_timm(REG, seed=3)
+    f = save_weights(ref, tmp_path / "w.safetensors")
     bb = create_backbone(REG, weights=f, image_size=56, layer=layer, model_kwargs=TINY)
     n = layer % 3
     assert bb.layer == n and len(bb.model.blocks) == n + 1  # later blocks pruned
@@ -248,12 +226,12 @@ def test_cnn_path(arch, size, layer, dim, grid):
 
 
 def test_resolution_order_file_then_dir_then_hub(tmp_path, monkeypatch):
-    a, b, c = _tiny_timm(seed=1), _tiny_timm(seed=2), _tiny_timm(seed=3)
-    explicit = _save(a, tmp_path / "explicit.pth")
+    a, b, c = tiny_timm(seed=1), tiny_timm(seed=2), tiny_timm(seed=3)
+    explicit = save_weights(a, tmp_path / "explicit.pth")
     wdir = tmp_path / "weights"
     wdir.mkdir()
-    in_dir = _save(b, wdir / f"{VIT}.mine.safetensors")
-    _save(c, wdir / f"{REG}.other.safetensors")  # another architecture: ignored
+    in_dir = save_weights(b, wdir / f"{VIT}.mine.safetensors")
+    save_weights(c, wdir / f"{REG}.other.safetensors")  # another architecture: ignored
     x = _x()
 
     def out(model):
@@ -279,7 +257,7 @@ def test_resolution_order_file_then_dir_then_hub(tmp_path, monkeypatch):
 
     def fake_hub(model_name, kwargs):
         calls.append(model_name)
-        return _tiny_timm(seed=3, **{k: v for k, v in kwargs.items() if k not in ("img_size", "num_classes")})
+        return tiny_timm(seed=3, **{k: v for k, v in kwargs.items() if k not in ("img_size", "num_classes")})
 
     monkeypatch.setattr(B, "_create_from_hub", fake_hub)
     bb = create_backbone("dinov2_vits14", weights_dir=tmp_path, image_size=56, model_kwargs=TINY)
@@ -292,17 +270,17 @@ def test_resolution_order_file_then_dir_then_hub(tmp_path, monkeypatch):
 
 
 def test_weights_dir_prefers_tag_and_refuses_ambiguity(tmp_path):
-    m = _tiny_timm()
-    _save(m, tmp_path / f"{VIT}.imgfocus.safetensors")
-    _save(m, tmp_path / f"{VIT}.lvd142m.safetensors")
+    m = tiny_timm()
+    save_weights(m, tmp_path / f"{VIT}.imgfocus.safetensors")
+    save_weights(m, tmp_path / f"{VIT}.lvd142m.safetensors")
     assert resolve_weights(VIT, weights_dir=tmp_path, tag="lvd142m").file.endswith(f"{VIT}.lvd142m.safetensors")
     with pytest.raises(SanfError, match="several weights files"):
         resolve_weights(VIT, weights_dir=tmp_path)
     # the same stem in two formats: safetensors wins
     d2 = tmp_path / "two"
     d2.mkdir()
-    _save(m, d2 / f"{VIT}.x.pth")
-    _save(m, d2 / f"{VIT}.x.safetensors")
+    save_weights(m, d2 / f"{VIT}.x.pth")
+    save_weights(m, d2 / f"{VIT}.x.safetensors")
     assert resolve_weights(VIT, weights_dir=d2).file.endswith(".safetensors")
 
 
@@ -330,37 +308,8 @@ def test_no_pretrained_weights_in_timm(tmp_path):
         resolve_weights("vit_small_patch16_18x2_224", weights_dir=tmp_path)
 
 
-def test_mismatched_weights_file(tmp_path):
-    f = _save(_tiny_timm(embed_dim=48), tmp_path / "wide.safetensors")
-    with pytest.raises(SanfError) as e:
-        create_backbone(VIT, weights=f, image_size=56, model_kwargs=TINY)
-    assert str(f) in str(e.value) and "shape mismatch" in str(e.value) and "cls_token" in str(e.value)
-
-    sd = _tiny_timm().state_dict()
-    del sd["blocks.2.mlp.fc2.bias"]
-    sd["extra.weight"] = torch.zeros(2)
-    f2 = tmp_path / "broken.pth"
-    torch.save(sd, f2)
-    with pytest.raises(SanfError) as e:
-        create_backbone(VIT, weights=f2, image_size=56, model_kwargs=TINY)
-    assert "missing keys blocks.2.mlp.fc2.bias" in str(e.value) and "unexpected keys extra.weight" in str(e.value)
-
-
-def test_unreadable_and_missing_weights_files(tmp_path):
-    with pytest.raises(SanfError, match="does not exist"):
-        create_backbone(VIT, weights=tmp_path / "nope.safetensors", model_kwargs=TINY)
-    bad = tmp_path / "garbage.safetensors"
-    bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(SanfError, match="cannot read weights file"):
-        create_backbone(VIT, weights=bad, image_size=56, model_kwargs=TINY)
-    pickled = tmp_path / "object.pth"
-    torch.save({"w": torch.zeros(1), "obj": io.StringIO("x")}, pickled)  # not allowed by weights_only
-    with pytest.raises(SanfError, match="cannot read weights file"):
-        create_backbone(VIT, weights=pickled, image_size=56, model_kwargs=TINY)
-
-
 def test_classifier_head_dropped_and_wrapped_state_dict(tmp_path):
-    m = _tiny_timm(num_classes=7)
+    m = tiny_timm(num_classes=7)
     sd = {"state_dict": {"module." + k: v for k, v in m.state_dict().items()}}
     f = tmp_path / "with_head.pth"
     torch.save(sd, f)
@@ -371,7 +320,7 @@ def test_classifier_head_dropped_and_wrapped_state_dict(tmp_path):
 
 
 def test_image_size_resamples_position_embeddings(tmp_path):
-    f = _save(_tiny_timm(img_size=56), tmp_path / "w.safetensors")
+    f = save_weights(tiny_timm(img_size=56), tmp_path / "w.safetensors")
     bb = create_backbone(VIT, weights=f, image_size=84, model_kwargs=TINY)
     assert bb.grid == (6, 6) and bb.model.pos_embed.shape[1] == 36 + 1
     with torch.inference_mode():
@@ -382,7 +331,7 @@ def test_image_size_resamples_position_embeddings(tmp_path):
 
 
 def test_sha256_streamed_and_recorded(tmp_path):
-    f = _save(_tiny_timm(), tmp_path / "w.safetensors")
+    f = save_weights(tiny_timm(), tmp_path / "w.safetensors")
     want = hashlib.sha256(f.read_bytes()).hexdigest()
     assert file_sha256(f) == want == file_sha256(f, chunk=4096)
     bb = create_backbone(VIT, weights=f, image_size=56, model_kwargs=TINY)

@@ -1,15 +1,12 @@
-"""sanf_pipeline.data: every reader on small files written in the real on-disk format, and
-decode_image on the awkward images real folders contain."""
+"""sanf_pipeline.data: every reader on small files written in the real on-disk format, and decode_image on
+ordinary images (the awkward and broken ones real folders contain: tests/robustness/test_bad_images.py)."""
 
 from __future__ import annotations
 
 import gzip
-import io
-import os
 import pickle
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +22,7 @@ from sanf_pipeline.data import (
     list_datasets,
     register_dataset,
 )
-from sanf_pipeline.data import images as images_mod
-from sanf_pipeline.errors import BadImageError, SanfError
+from sanf_pipeline.errors import SanfError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_JPG_ZIP = SHARED / "data" / "cifar10-jpg.zip"
@@ -231,18 +227,6 @@ def test_cifar10_limit_per_class(tmp_path):
     check_common(ds)
 
 
-def test_cifar_refuses_code_in_pickles(tmp_path):
-    write_cifar10(tmp_path)
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    dump({"label_names": Evil()}, tmp_path / "cifar-10-batches-py" / "batches.meta")
-    with pytest.raises(SanfError, match="not a readable CIFAR pickle"):
-        create_dataset("cifar10", tmp_path, "train")
-
-
 @pytest.mark.parametrize("category", [None, "coarse", "fine"])
 def test_cifar100(tmp_path, category):
     fine_names, coarse_names, data = write_cifar100(tmp_path)
@@ -387,15 +371,6 @@ def test_folder_accepts_parent_of_dataset_folder(tmp_path):
     assert ds.load(0).shape == (9, 7, 3)
 
 
-def test_folder_bad_image_raises_on_load(tmp_path):
-    write_folder(tmp_path)
-    (tmp_path / "train/cat/a.png").write_bytes(b"")
-    ds = create_dataset("folder", tmp_path, "train")
-    with pytest.raises(BadImageError, match="empty"):
-        ds.load(0)
-    assert ds.load(1).shape == (9, 7, 3)
-
-
 def test_folder_errors(tmp_path):
     with pytest.raises(SanfError, match="no train/ or test/"):
         create_dataset("folder", tmp_path, "train")
@@ -511,161 +486,3 @@ def test_decode_rgb_png_roundtrip_path_and_bytes(tmp_path):
     assert np.array_equal(decode_image(p.read_bytes()), a)
 
 
-def test_decode_16bit_png_scales_not_clips(tmp_path):
-    vals = np.array([[0, 128, 129, 257], [1000, 32768, 65278, 65535]], dtype=np.uint16)
-    p = tmp_path / "g16.png"
-    Image.fromarray(vals).save(p)
-    with Image.open(p) as im:
-        assert im.mode.startswith("I")
-    out = decode_image(p)
-    want = np.rint(vals / 257.0).astype(np.uint8)
-    assert out.shape == (2, 4, 3) and np.array_equal(out[..., 0], want) and np.array_equal(out[..., 2], want)
-
-
-def test_decode_32bit_int_image_out_of_16bit_range(tmp_path):
-    img = Image.fromarray(np.array([[-5, 0], [10, 1_000_000]], dtype=np.int32), mode="I")
-    p = tmp_path / "i32.tif"
-    img.save(p)
-    out = decode_image(p)
-    assert out[0, 0, 0] == 0 and out[1, 1, 0] == 255
-
-
-def test_decode_palette_png(tmp_path):
-    img = Image.new("P", (4, 3))
-    img.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
-    img.putpixel((1, 2), 2)
-    p = tmp_path / "p.png"
-    img.save(p)
-    out = decode_image(p)
-    assert out.shape == (3, 4, 3)
-    assert out[0, 0].tolist() == [255, 0, 0] and out[2, 1].tolist() == [0, 0, 255]
-
-
-@pytest.mark.parametrize("mode, value, want", [
-    ("RGBA", (10, 20, 30, 0), [10, 20, 30]),
-    ("LA", (77, 128), [77, 77, 77]),
-    ("L", 200, [200, 200, 200]),
-    ("1", 1, [255, 255, 255]),
-])
-def test_decode_modes_png(tmp_path, mode, value, want):
-    p = tmp_path / f"{mode}.png"
-    Image.new(mode, (5, 4), value).save(p)
-    out = decode_image(p)
-    assert out.shape == (4, 5, 3) and out.dtype == np.uint8
-    assert out[1, 1].tolist() == want
-
-
-def test_decode_cmyk_jpeg(tmp_path):
-    p = tmp_path / "cmyk.jpg"
-    Image.new("CMYK", (8, 6), (0, 255, 255, 0)).save(p, quality=95)  # pure red in CMYK
-    with Image.open(p) as im:
-        assert im.mode == "CMYK"
-    out = decode_image(p)
-    assert out.shape == (6, 8, 3)
-    r, g, b = out[3, 4].astype(int)
-    assert r > 200 and g < 60 and b < 60
-
-
-def test_decode_animated_gif_first_frame(tmp_path):
-    frames = [Image.new("RGB", (6, 4), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    p = tmp_path / "anim.gif"
-    frames[0].save(p, save_all=True, append_images=frames[1:], duration=50, loop=0)
-    with Image.open(p) as im:
-        assert im.n_frames == 3
-    out = decode_image(p)
-    assert out.shape == (4, 6, 3) and out[0, 0].tolist() == [255, 0, 0]
-
-
-@pytest.mark.parametrize("orientation, shape", [(1, (20, 40, 3)), (6, (40, 20, 3)), (8, (40, 20, 3)),
-                                                (3, (20, 40, 3))])
-def test_decode_exif_orientation(tmp_path, orientation, shape):
-    a = np.zeros((20, 40, 3), np.uint8)
-    a[:, :20] = 255  # left half white
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    p = tmp_path / "rot.jpg"
-    Image.fromarray(a).save(p, exif=exif, quality=95)
-    out = decode_image(p)
-    assert out.shape == shape
-    if orientation == 6:  # rotate 90 clockwise for display: the stored left half ends on top
-        assert out[5, 10].min() > 200 and out[35, 10].max() < 50
-    if orientation == 3:
-        assert out[10, 35].min() > 200 and out[10, 5].max() < 50
-
-
-def _noisy_bytes(fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng_images(1, 64, 64, 9)[0]).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-@pytest.mark.parametrize("fmt, suffix", [("PNG", ".png"), ("JPEG", ".jpg")])
-def test_decode_truncated(tmp_path, fmt, suffix):
-    data = _noisy_bytes(fmt)
-    p = tmp_path / f"cut{suffix}"
-    p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BadImageError, match="truncated|corrupt") as e:
-        decode_image(p)
-    assert e.value.path == str(p)
-
-
-def test_decode_zero_bytes(tmp_path):
-    p = tmp_path / "empty.png"
-    p.write_bytes(b"")
-    with pytest.raises(BadImageError, match="empty file"):
-        decode_image(p)
-    with pytest.raises(BadImageError, match="empty"):
-        decode_image(b"")
-
-
-def test_decode_text_with_image_suffix(tmp_path):
-    p = tmp_path / "readme.jpg"
-    p.write_text("this is not a JPEG\n")
-    with pytest.raises(BadImageError, match="not a recognised image format"):
-        decode_image(p)
-
-
-def test_decode_missing_and_directory(tmp_path):
-    with pytest.raises(BadImageError, match="not found"):
-        decode_image(tmp_path / "nope.png")
-    d = tmp_path / "dir.png"
-    d.mkdir()
-    with pytest.raises(BadImageError, match="directory"):
-        decode_image(d)
-
-
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="running as root, which can read files whatever their permissions; "
-                    "unreadable paths are covered by test_decode_missing_and_directory")
-def test_decode_permission_denied(tmp_path):
-    p = tmp_path / "secret.png"
-    save_png(p, np.zeros((2, 2, 3), np.uint8))
-    p.chmod(0)
-    try:
-        with pytest.raises(BadImageError, match="permission denied"):
-            decode_image(p)
-    finally:
-        p.chmod(0o644)
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def test_decode_bomb_header(tmp_path):
-    """A tiny PNG whose header claims 100,000 x 100,000 pixels."""
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b""))
-    p = tmp_path / "bomb.png"
-    p.write_bytes(data)
-    with pytest.raises(BadImageError, match="decompression bomb"):
-        decode_image(p)
-
-
-def test_decode_bomb_low_cap(tmp_path, monkeypatch):
-    p = tmp_path / "big.png"
-    save_png(p, np.zeros((20, 20, 3), np.uint8))
-    monkeypatch.setattr(images_mod, "MAX_PIXELS", 100)
-    with pytest.raises(BadImageError, match="decompression bomb: 20x20"):
-        decode_image(p)

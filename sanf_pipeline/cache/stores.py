@@ -85,6 +85,13 @@ class _Store:
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, info)
 
+    def clean_up(self) -> None:
+        """Remove what killed writers left behind, once the cache is sealed (callers hold the creation lock, so no
+        writer is active): their temporary files beside the cache (e.g. a half-assembled HDF5 file)."""
+        for stale in self.path.parent.iterdir():  # .<name>.<pid>.tmp, not another cache's .<name>.v2.<pid>.tmp
+            if _is_tmp_of(stale.name, self.path.name) and stale.is_file():
+                stale.unlink(missing_ok=True)
+
 
 class ZarrStore(_Store):
     @property
@@ -140,6 +147,13 @@ class ZarrStore(_Store):
 
     def seal(self, meta: dict) -> None:
         self.write_meta(meta)
+
+    def clean_up(self) -> None:
+        super().clean_up()
+        # inside the store: chunk files zarr had not yet renamed into place, and our own JSON temporaries
+        for stale in [p for p in self.path.rglob("*") if p.name.endswith(".partial") or
+                      (p.name.startswith(".") and p.name.endswith(".tmp"))]:
+            stale.unlink(missing_ok=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -208,9 +222,20 @@ class H5Store(_Store):
         os.replace(tmp, self.path)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
+    def clean_up(self) -> None:
+        super().clean_up()
+        if self.path.is_file():  # assembled: the staged parts are no longer needed (a run killed before removing them)
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
     def remove(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.path.unlink(missing_ok=True)
+
+
+def _is_tmp_of(name: str, target: str) -> bool:
+    """Whether ``name`` is ``.<target>.<pid>.tmp``, the temporary an atomic write of ``target`` uses."""
+    prefix = f".{target}."
+    return name.startswith(prefix) and name.endswith(".tmp") and name[len(prefix):-4].isdigit()
 
 
 def _save_npy_atomic(path: Path, value: np.ndarray) -> None:

@@ -248,9 +248,9 @@ class CacheWriter:
         processes that all found the cache complete race to seal it (one seals, the others find it sealed)."""
         try:
             with creation_lock(self.path):
-                if self.is_sealed():
-                    return self.store.read_meta()
-                return self._seal()
+                meta = self.store.read_meta() if self.is_sealed() else self._seal()
+                self.store.clean_up()  # what runs killed before, while or right after sealing left behind
+                return meta
         except OSError as exc:
             raise _os_error(exc, self.path) from None
 

@@ -1,10 +1,11 @@
 """Shared helpers and fixtures of the fault-injection tests (not a conftest.py: tests/conftest.py owns that name
-for `from conftest import ...`): a small synthetic cache, the fit command, subprocess helpers."""
+for `from conftest import ...`): a small synthetic cache, the fit command, a finished tiny run, subprocess helpers,
+and :func:`run_killed_at`, which SIGKILLs a `sanf` command at an exact point of its code."""
 
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import sub_env
 
 from sanf_pipeline.cli import cli
 
-REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 6
+TINY_FIT = dict(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", early_stopping=False, epochs=2)
 
 
 def sanf(*args):
@@ -27,12 +29,6 @@ def sanf(*args):
 def fit_args(cache, out) -> list[str]:
     return ["fit", "--cache", str(cache), "--normal-class", "class0", "--out", str(out), "--hidden", "16",
             "--epochs", str(EPOCHS), "--device", "cpu", "--quiet"]
-
-
-def sub_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
 
 
 def start_fit(cache, out) -> subprocess.Popen:
@@ -73,3 +69,64 @@ def small_cache_fixture(tmp_path_factory) -> Path:
 
     return write_synthetic_cache(tmp_path_factory.mktemp("robust") / "cache", n_train=150, n_test=20, dim=16,
                                  separation=0.3, num_tokens=4)
+
+
+@pytest.fixture(scope="module", name="tiny_run")
+def tiny_run_fixture(pets_cache, tmp_path_factory) -> Path:
+    """A finished (not evaluated) tiny flow run of class cat of ``pets_cache`` (tests/conftest.py)."""
+    from sanf_pipeline.train import FitConfig, fit_run
+
+    return fit_run(pets_cache, "cat", FitConfig(**TINY_FIT), tmp_path_factory.mktemp("r") / "run", quiet=True).run_dir
+
+
+# ------------------------------------------------------------------------------------- SIGKILL at a point
+_KILL_AT = r"""
+import importlib, json, os, runpy, signal, sys, threading
+
+point = json.loads(os.environ["SANF_TEST_KILL_AT"])
+module_name, _, attr = point["target"].partition(":")
+*owner_path, name = attr.split(".")
+owner = importlib.import_module(module_name)
+for part in owner_path:
+    owner = getattr(owner, part)
+real = getattr(owner, name)
+calls = 0
+lock = threading.Lock()  # the background shard writer and the main thread may both call the target
+
+
+def killed(*args, **kwargs):
+    global calls
+    hit = False
+    if point["match"] is None or point["match"] in repr(args) + repr(kwargs):
+        with lock:
+            calls += 1
+            hit = calls == point["at"]
+    if hit and point["when"] == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = real(*args, **kwargs)
+    if hit and point["when"] == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+
+setattr(owner, name, killed)
+runpy.run_module("sanf_pipeline", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_killed_at(args, *, target: str, at: int = 1, when: str = "before", match: str | None = None,
+                  expect_rc: int = -signal.SIGKILL, timeout: float = 300) -> str:
+    """Run ``python -m sanf_pipeline *args`` in a subprocess that SIGKILLs itself (whichever thread gets there)
+    right ``before`` or ``after`` the ``at``-th call of ``target`` (``"module:attribute.path"``) whose arguments'
+    repr contains ``match`` (every call counts when None). Fails unless the process died of that SIGKILL (the
+    point was reached), or exited with ``expect_rc`` (e.g. 2 when a forked worker process is the one killed);
+    returns its output."""
+    assert when in ("before", "after")
+    env = dict(sub_env(), SANF_TEST_KILL_AT=json.dumps({"target": target, "at": at, "when": when, "match": match}))
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != expect_rc:
+        pytest.fail(f"the kill point {when} call {at} of {target} (match {match!r}) was not reached: rc "
+                    f"{proc.returncode}\n{output[-3000:]}")
+    return output

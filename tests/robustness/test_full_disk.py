@@ -4,27 +4,12 @@ no traceback, and nothing written before is deleted; the same command finishes o
 from __future__ import annotations
 
 import errno
-import json
 
 import pytest
-from conftest import TINY_IMAGE_SIZE, TINY_VIT, TINY_VIT_KWARGS
+from conftest import assert_user_error, extract_args
 from robust_helpers import EPOCHS, fit_args, log_lines, read_metrics, sanf, small_cache_fixture  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-def _extract_args(data, cache) -> list[str]:
-    return ["extract", "--backbone", TINY_VIT, "--weights", "random", "--model-kwargs", json.dumps(TINY_VIT_KWARGS),
-            "--image-size", str(TINY_IMAGE_SIZE), "--dataset", "folder", "--batch-size", "4", "--shard-size", "8",
-            "--num-workers", "0", "--quiet", "--data-root", str(data), "--cache", str(cache)]
-
-
-def _one_line_error(res) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
-    assert "Traceback" not in res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    return lines[0]
 
 
 def _space_message(line: str) -> None:
@@ -65,7 +50,7 @@ def test_fit_disk_full(small_cache, finished_run, tmp_path, monkeypatch, n_ok):
     out = old.parent / f"run-{n_ok}"
     with monkeypatch.context() as m:
         _fail_safetensors_after(m, n_ok)
-        line = _one_line_error(sanf(*fit_args(small_cache, out)))
+        line = assert_user_error(sanf(*fit_args(small_cache, out)))
     _space_message(line)
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     assert not list(out.glob(".*.tmp")), "a failed write must not leave its temporary file"
@@ -94,8 +79,8 @@ def test_eval_disk_full_keeps_earlier_results(small_cache, tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runs.os, "replace", replace)
-    line = _one_line_error(sanf("eval", "--run", out, "--device", "cpu", "--score", "z2", "--overwrite",
-                                "--out", tmp_path / "other"))
+    line = assert_user_error(sanf("eval", "--run", out, "--device", "cpu", "--score", "z2", "--overwrite",
+                                  "--out", tmp_path / "other"))
     monkeypatch.setattr(runs.os, "replace", real_replace)
     _space_message(line)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -139,16 +124,16 @@ def test_extract_disk_full_keeps_shards_and_resumes(folder_dataset, tmp_path, mo
 
     suffix = ".h5" if fmt == "hdf5" else ""
     cache, clean = tmp_path / f"cache{suffix}", tmp_path / f"clean{suffix}"
-    assert sanf(*_extract_args(folder_dataset, clean)).exit_code == 0
+    assert sanf(*extract_args(folder_dataset, clean)).exit_code == 0
 
     with monkeypatch.context() as m:
         _fail_shards_after(m, 2)
-        line = _one_line_error(sanf(*_extract_args(folder_dataset, cache)))
+        line = assert_user_error(sanf(*extract_args(folder_dataset, cache)))
     _space_message(line)
     store = open_store(cache, fmt)
     done = sum(len(store.done_markers(split)) for split in ("train", "test"))
     assert done == 2, "the shards written before the disk filled up must be kept"
 
-    res = sanf(*_extract_args(folder_dataset, cache))  # space again: the same command resumes
+    res = sanf(*extract_args(folder_dataset, cache))  # space again: the same command resumes
     assert res.exit_code == 0, (res.output, res.exception)
     same_cache(cache, clean)
