@@ -35,8 +35,7 @@ PLAN = [
      "fixed": {"token_pool": 2}, "grid": {"fusion": ["none", "gap", "learnable", "semantic"]},
      "ablations": {"spatial_channels": ["full"], "token_pool": [1, 4], "clamp": [3.0]}},
     {"name": "EfficientNet-Lite0 (ImageNet), 224 px", "cache": "cache/cifar10-effnet-lite0-224",
-     "fixed": {}, "grid": {"fusion": ["none", "gap", "learnable", "semantic"]},
-     "ablations": {"spatial_channels": ["full"], "clamp": [3.0]}},
+     "fixed": {}, "grid": {"fusion": ["none", "gap", "learnable", "semantic"]}, "ablations": {}},
     {"name": "DINOv2 ViT-S/14, block 8, 112 px (block comparison)", "cache": "cache/cifar10-dinov2s-112-L8",
      "fixed": {}, "grid": {"fusion": ["semantic"]}, "ablations": {}, "seeds": "0"},
     {"name": "DINOv2 ViT-S/14, last block, 112 px (block comparison)", "cache": "cache/cifar10-dinov2s-112-Llast",
@@ -94,14 +93,15 @@ def score_z2(sweep_dir: Path, cache: Path, setting: str, summary: dict) -> dict[
     return {seed: float(np.mean(v)) for seed, v in per_seed.items() if len(v) == n_classes}
 
 
-def run_entry(entry: dict, seeds: str, ablation_seeds: str, out_root: Path, workers: int | None) -> str:
+def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None) -> tuple[list[str], dict | None]:
+    """The fusion modes x seeds and the baselines of one PLAN entry, and z2 beside NLL for the default flow."""
     from sanf_pipeline.sweep import run_sweep
     from sanf_pipeline.train import FitConfig
 
     cache = Path(entry["cache"])
     head = f"## {entry['name']}\n\nCache `{cache}`"
     if not (cache / "sanf.json").exists():
-        return f"{head}: missing (build it with the commands in the script's docstring).\n"
+        return [f"{head}: missing (build it with the commands in the script's docstring).", ""], None
     meta = json.loads((cache / "sanf.json").read_text())
     bb = meta["backbone"]
     lines = [f"{head}: {bb['arch']}, {meta['preprocessing']['image_size'][0]} px, block "
@@ -132,26 +132,37 @@ def run_entry(entry: dict, seeds: str, ablation_seeds: str, out_root: Path, work
               "| setting | NLL M-AUROC | z2 M-AUROC |", "|---|---|---|",
               f"| {setting} | {_pm(list(nll.values()))} | {_pm(list(z2.values()))} |", ""]
 
-    if entry["ablations"]:
-        rows = [f"| default ({setting}) | {_pm(list(nll.values()))} | | seeds {seeds} |"]
-        for key, values in entry["ablations"].items():
-            a_out = out_root / f"quality-{cache.name}-{key}"
-            t = time.perf_counter()
-            a = run_sweep(cache, a_out, grid={key: values}, methods="flow", seeds=ablation_seeds,
-                          fixed={**entry["fixed"], "fusion": default_fusion}, workers=workers, plots=False)
-            a_wall = time.perf_counter() - t
-            for s in a.summary["settings"]:
-                per_seed = a.summary["m_auroc"][s]["per_seed"]
-                same_seed_default = [nll[k] for k in per_seed if k in nll]
-                delta = (np.mean(list(per_seed.values())) - np.mean(same_seed_default)
-                         if per_seed and same_seed_default else None)
-                rows.append(f"| {s} | {_pm(list(per_seed.values()))} | "
-                            f"{'' if delta is None else f'{delta:+.4f}'} | seeds {ablation_seeds}; "
-                            f"{len(a.computed)} runs computed, {a_wall:.0f} s |")
-        lines += [f"### Ablations of the default flow (fusion={default_fusion})", "",
-                  "Δ: against the default's M-AUROC on the same seeds.", "",
-                  "| setting | M-AUROC | Δ | runs |", "|---|---|---|---|", *rows, ""]
-    return "\n".join(lines) + "\n"
+    return lines, {"nll": nll, "setting": setting, "seeds": seeds}
+
+
+def run_ablations(entry: dict, default: dict, ablation_seeds: str, out_root: Path, workers: int | None) -> list[str]:
+    """One sweep per ablated key, each value against the default flow on the same seeds."""
+    from sanf_pipeline.sweep import run_sweep
+    from sanf_pipeline.train import FitConfig
+
+    if not entry["ablations"] or default is None:
+        return []
+    cache = Path(entry["cache"])
+    default_fusion = FitConfig().fusion
+    nll, setting, seeds = default["nll"], default["setting"], default["seeds"]
+    rows = [f"| default ({setting}) | {_pm(list(nll.values()))} | | seeds {seeds} |"]
+    for key, values in entry["ablations"].items():
+        a_out = out_root / f"quality-{cache.name}-{key}"
+        t = time.perf_counter()
+        a = run_sweep(cache, a_out, grid={key: values}, methods="flow", seeds=ablation_seeds,
+                      fixed={**entry["fixed"], "fusion": default_fusion}, workers=workers, plots=False)
+        a_wall = time.perf_counter() - t
+        for s in a.summary["settings"]:
+            per_seed = a.summary["m_auroc"][s]["per_seed"]
+            same_seed_default = [nll[k] for k in per_seed if k in nll]
+            delta = (np.mean(list(per_seed.values())) - np.mean(same_seed_default)
+                     if per_seed and same_seed_default else None)
+            rows.append(f"| {s} | {_pm(list(per_seed.values()))} | "
+                        f"{'' if delta is None else f'{delta:+.4f}'} | seeds {ablation_seeds}; "
+                        f"{len(a.computed)} runs computed, {a_wall:.0f} s |")
+    return [f"### Ablations of the default flow (fusion={default_fusion})", "",
+            "Δ: against the default's M-AUROC on the same seeds.", "",
+            "| setting | M-AUROC | Δ | runs |", "|---|---|---|---|", *rows, ""]
 
 
 def main(argv=None) -> int:
@@ -166,7 +177,10 @@ def main(argv=None) -> int:
 
     entries = [e for e in PLAN if not args.only or any(o in e["cache"] for o in args.only)]
     t = time.perf_counter()
-    sections = [run_entry(e, args.seeds, args.ablation_seeds, args.out, args.workers) for e in entries]
+    # all main tables first (the issue's core), then the ablations
+    mains = [run_main(e, args.seeds, args.out, args.workers) for e in entries]
+    sections = ["\n".join(lines + run_ablations(e, default, args.ablation_seeds, args.out, args.workers)) + "\n"
+                for e, (lines, default) in zip(entries, mains, strict=True)]
     cmd = "python benchmarks/quality_cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"# CIFAR-10 one-vs-rest quality\n\nCommand: `{cmd}` ({time.perf_counter() - t:.0f} s in this "
             f"invocation; finished runs are re-used).\n\n" + "\n".join(sections))

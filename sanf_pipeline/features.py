@@ -120,7 +120,7 @@ def pool_square_grid(patch: np.ndarray, k: int) -> np.ndarray:
                         f"of {h}")
     out = np.empty((n, t // (k * k), d), dtype=np.float32)
     for start in range(0, n, 1024):  # bounded float32 copies of a float16 cache block
-        block = torch.from_numpy(np.asarray(patch[start:start + 1024], dtype=np.float32))
+        block = torch.from_numpy(np.array(patch[start:start + 1024], dtype=np.float32))  # a writable copy
         out[start:start + len(block)] = pool_tokens(block, (h, h), k).numpy()
     return out
 
