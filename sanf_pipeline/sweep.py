@@ -150,18 +150,29 @@ def _split_item(item: str, what: str) -> tuple[str, str]:
     return key, value
 
 
+def _setting_pairs(items: Iterable[str] | dict | None, what: str) -> list[tuple[str, Any]]:
+    """``key=value`` strings (or a dict) -> ``(key, value)`` with known, allowed and unrepeated FitConfig keys."""
+    pairs = list(items.items()) if isinstance(items, dict) else [_split_item(i, what) for i in (items or [])]
+    seen: set[str] = set()
+    out = []
+    for key, value in pairs:
+        key = str(key).replace("-", "_")
+        if key in NOT_GRID:
+            raise SanfError(f"{what} {key}=... is not allowed: {NOT_GRID[key]}")
+        if key not in _fit_fields():
+            raise _unknown_key(key, "grid" if what == "--grid" else what)
+        if key in seen:
+            raise SanfError(f"{what} {key} is given twice; list all its values once: {what} {key}=a,b"
+                            if what == "--grid" else f"{what} {key} is given twice")
+        seen.add(key)
+        out.append((key, value))
+    return out
+
+
 def parse_grid(items: Iterable[str] | dict | None) -> dict[str, list]:
     """``["fusion=none,gap", "clamp=2,3"]`` (or a dict of lists) -> ``{"fusion": [...], "clamp": [2.0, 3.0]}``."""
     out: dict[str, list] = {}
-    pairs = list(items.items()) if isinstance(items, dict) else [_split_item(i, "--grid") for i in (items or [])]
-    for key, values in pairs:
-        key = str(key).replace("-", "_")
-        if key in NOT_GRID:
-            raise SanfError(f"{key} cannot be a grid key: {NOT_GRID[key]}")
-        if key not in _fit_fields():
-            raise _unknown_key(key, "grid")
-        if key in out:
-            raise SanfError(f"grid key {key!r} is given twice; list all its values once: --grid {key}=a,b")
+    for key, values in _setting_pairs(items, "--grid"):
         raw = values.split(",") if isinstance(values, str) else list(values)
         parsed = [parse_value(key, v) for v in raw if not (isinstance(v, str) and not v.strip())]
         if not parsed:
@@ -174,18 +185,7 @@ def parse_grid(items: Iterable[str] | dict | None) -> dict[str, list]:
 
 def parse_fixed(items: Iterable[str] | dict | None) -> dict[str, Any]:
     """``["epochs=1", "early_stopping=false"]`` (or a dict) -> typed FitConfig settings."""
-    out: dict[str, Any] = {}
-    pairs = list(items.items()) if isinstance(items, dict) else [_split_item(i, "--set") for i in (items or [])]
-    for key, value in pairs:
-        key = str(key).replace("-", "_")
-        if key in NOT_GRID:
-            raise SanfError(f"--set {key}=... is not allowed: {NOT_GRID[key]}")
-        if key not in _fit_fields():
-            raise _unknown_key(key, "--set")
-        if key in out:
-            raise SanfError(f"--set {key} is given twice")
-        out[key] = parse_value(key, value)
-    return out
+    return {key: parse_value(key, value) for key, value in _setting_pairs(items, "--set")}
 
 
 def _csv_list(value, what: str) -> list[str]:

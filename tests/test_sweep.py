@@ -148,6 +148,10 @@ def test_plan_ids_and_validation(cache):
     for args, fragment in (
         (dict(grid=["fuson=gap"]), "unknown grid key 'fuson'"),
         (dict(grid=["seed=1,2"]), "use --seeds"),
+        (dict(fixed=["seed=1"]), "--set seed=... is not allowed"),
+        (dict(grid=["clamp=2", "clamp=3"]), "--grid clamp is given twice"),
+        (dict(fixed=["epochs=1", "epochs=2"]), "--set epochs is given twice"),
+        (dict(fixed=["bogus=1"]), "unknown --set key 'bogus'"),
         (dict(grid=["clamp=2,x"]), "invalid value 'x' for clamp"),
         (dict(grid=["fusion=bogus"]), "invalid fusion='bogus'"),
         (dict(classes="zebra"), "unknown class 'zebra'; valid classes are 0=cat, 1=dog, 2=frog"),
