@@ -479,18 +479,13 @@ def _run_flow(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
         CONFIG_FILE,
         LOG_FILE,
         MODEL_FILE,
-        RUN_FORMAT,
-        RUN_FORMAT_VERSION,
         load_run,
         now,
-        package_versions,
         read_json_file,
         read_jsonl,
         settings_id,
-        write_json_atomic,
-        write_jsonl_atomic,
     )
-    from .train import fit_flow, resolve_device, save_model
+    from .train import finish_run, fit_flow, resolve_device, start_run_config
 
     run_dir = Path(ctx["runs_dir"]) / spec.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -520,23 +515,12 @@ def _run_flow(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
         if (run_dir / CONFIG_FILE).exists() and (run_dir / CHECKPOINT_FILE).exists():  # an unfinished fit
             with contextlib.suppress(SanfError, AttributeError):
                 created = read_json_file(run_dir / CONFIG_FILE).get("created", created)
-        config = {
-            "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "kind": "flow", "method": "sanf-flow",
-            "run_id": rid, "settings": settings, "fit": cfg.to_dict(), "normal_class": ci, "normal_class_name": name,
-            "n_train_total": int(len(train["cls"])), "cache": ctx["cache_identity"],
-            "epoch_selection": cfg.epoch_selection, "device": str(dev), "created": created,
-            "versions": package_versions(), "status": "running",
-            "sweep": sweep_info,
-        }
-        write_json_atomic(run_dir / CONFIG_FILE, config)
+        config = start_run_config(run_dir, cfg, settings, class_index=ci, class_name=name,
+                                  n_train=len(train["cls"]), cache_identity=ctx["cache_identity"], created=created,
+                                  extra={"sweep": sweep_info})
         result = fit_flow(train["cls"], train.get("patch") if cfg.needs_patch else None, cfg, run_dir=run_dir,
                           quiet=True, description=f"fit {name}")
-        config.update({"flow": result.model.config(), "normalizer": result.normalizer.config(),
-                       "result": result.summary(), "status": "finished", "finished": now()})
-        write_json_atomic(run_dir / CONFIG_FILE, config)
-        write_jsonl_atomic(run_dir / LOG_FILE, result.log)
-        save_model(run_dir, result.model, result.normalizer, config)
-        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        finish_run(run_dir, config, result)
         model, normalizer, log = result.model, result.normalizer, result.log
     t_fit = time.perf_counter() - t0
     scores = _score_blocks(model, normalizer, test["cls"], test.get("patch") if cfg.needs_patch else None,

@@ -545,25 +545,40 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
     created = now()
     if mode == "resume":
         created = read_json_file(run_dir / CONFIG_FILE).get("created", created)
+    config = start_run_config(run_dir, cfg, settings, class_index=ci, class_name=name, n_train=len(cls),
+                              cache_identity=identity, created=created)
+    if mode == "resume":
+        config["resumed"] = now()
+        write_json_atomic(run_dir / CONFIG_FILE, config)
+    result = fit_flow(cls, patch, cfg, run_dir=run_dir, quiet=quiet, callback=callback,
+                      description=f"fit {name}")
+    finish_run(run_dir, config, result)
+    return FitRun(run_dir=run_dir, config=config, result=result, resumed=mode == "resume")
+
+
+def start_run_config(run_dir, cfg: FitConfig, settings: dict, *, class_index: int, class_name: str, n_train: int,
+                     cache_identity: dict, created: str, extra: dict | None = None) -> dict:
+    """Write (atomically) and return the ``config.json`` of a flow run that is about to train."""
     config = {
         "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "kind": "flow", "method": "sanf-flow",
         "run_id": settings_id(settings), "settings": settings, "fit": cfg.to_dict(),
-        "normal_class": ci, "normal_class_name": name, "n_train_total": int(len(cls)), "cache": identity,
-        "epoch_selection": cfg.epoch_selection, "device": str(resolve_device(cfg.device)),
-        "created": created, "versions": package_versions(), "status": "running",
+        "normal_class": class_index, "normal_class_name": class_name, "n_train_total": int(n_train),
+        "cache": cache_identity, "epoch_selection": cfg.epoch_selection, "device": str(resolve_device(cfg.device)),
+        "created": created, "versions": package_versions(), "status": "running", **(extra or {}),
     }
-    if mode == "resume":
-        config["resumed"] = now()
-    write_json_atomic(run_dir / CONFIG_FILE, config)
-    result = fit_flow(cls, patch, cfg, run_dir=run_dir, quiet=quiet, callback=callback,
-                      description=f"fit {name}")
+    write_json_atomic(Path(run_dir) / CONFIG_FILE, config)
+    return config
+
+
+def finish_run(run_dir, config: dict, result: FitResult) -> None:
+    """Mark ``config`` finished, then write config, training log and model; drop the epoch checkpoint last."""
+    run_dir = Path(run_dir)
     config.update({"flow": result.model.config(), "normalizer": result.normalizer.config(),
                    "result": result.summary(), "status": "finished", "finished": now()})
     write_json_atomic(run_dir / CONFIG_FILE, config)
     write_jsonl_atomic(run_dir / LOG_FILE, result.log)
     save_model(run_dir, result.model, result.normalizer, config)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return FitRun(run_dir=run_dir, config=config, result=result, resumed=mode == "resume")
 
 
 def save_model(run_dir, flow, normalizer: Normalizer, config: dict) -> Path:
