@@ -176,13 +176,13 @@ def run_ablations(entry: dict, default: dict, ablation_seeds: str, out_root: Pat
         a_out = out_root / f"quality-{cache.name}-{key}"
         t = time.perf_counter()
         a = run_sweep(cache, a_out, grid={key: values}, methods="flow", seeds=ablation_seeds,
-                      fixed={**entry["fixed"], "fusion": default_fusion}, workers=workers, plots=False)
+                      fixed={**{k: v for k, v in entry["fixed"].items() if k != key}, "fusion": default_fusion},
+                      workers=workers, plots=False)
         a_wall = time.perf_counter() - t
         for s in a.summary["settings"]:
             per_seed = a.summary["m_auroc"][s]["per_seed"]
-            same_seed_default = [nll[k] for k in per_seed if k in nll]
-            delta = (np.mean(list(per_seed.values())) - np.mean(same_seed_default)
-                     if per_seed and same_seed_default else None)
+            common = sorted(per_seed.keys() & nll.keys())
+            delta = float(np.mean([per_seed[k] - nll[k] for k in common])) if common else None
             rows.append(f"| {s} | {_pm(list(per_seed.values()))} | "
                         f"{'' if delta is None else f'{delta:+.4f}'} | seeds {ablation_seeds}; "
                         f"{len(a.computed)} runs computed, {a_wall:.0f} s |")

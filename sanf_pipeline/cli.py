@@ -189,7 +189,7 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--heads", type=int, default=1, show_default=True, help="Attention heads of the fusion.")
 @click.option("--spatial-channels", type=click.Choice(["half", "full"]), default=_FIT_DEFAULTS["spatial_channels"],
               show_default=True, help="Patch-token channels each FFM sees.")
-@click.option("--token-pool", type=int, default=_FIT_DEFAULTS["token_pool"], show_default=True,
+@click.option("--token-pool", type=click.IntRange(min=1), default=_FIT_DEFAULTS["token_pool"], show_default=True,
               help="Average-pool the cached patch grid KxK before the fusion (K divides the grid side).")
 @click.option("--main-input", type=click.Choice(["semantic", "spatial"]), default="semantic", show_default=True,
               help="What the flow transforms (spatial: paper Table 4 ablation).")

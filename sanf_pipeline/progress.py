@@ -101,7 +101,7 @@ def progress_bar(quiet: bool = False, unit: str = "img"):
     if quiet:
         yield _Silent()
         return
-    if not console.is_terminal:
+    if not (console.is_terminal or console.is_jupyter):
         yield LogLines(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True), _interval())
         return
     columns = [

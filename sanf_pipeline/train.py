@@ -194,6 +194,8 @@ class FitConfig:
         d = self.to_dict()
         for k in self.NOT_SETTINGS:
             d.pop(k, None)
+        if self.token_pool == 1:  # added later: runs fitted before token_pool existed keep their identity
+            d.pop("token_pool")
         if not self.early_stopping:
             for k in ("val_fraction", "patience", "max_epochs", "min_delta"):
                 d.pop(k)
