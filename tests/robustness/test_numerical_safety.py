@@ -1,0 +1,90 @@
+"""Numerical safety: awkward features train without NaN; NaN/Inf inputs are refused; a diverging fit stops
+clearly (epoch, step, what to change) and keeps its last good checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sanf_pipeline.cache import SplitView, open_cache
+from sanf_pipeline.cache.synthetic import write_synthetic_cache
+from sanf_pipeline.errors import SanfError
+from sanf_pipeline.runs import CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, load_tensors, read_jsonl
+from sanf_pipeline.train import FitConfig, fit_flow, fit_run
+
+TINY = dict(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", max_epochs=3, patience=2)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_synthetic_cache(tmp_path_factory.mktemp("c") / "syn", n_classes=3, n_train=40, n_test=20, dim=16,
+                                 num_tokens=4, separation=1.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def arrays(cache):
+    cls, patch = open_cache(cache).split("train").read_class(0)
+    return cls, patch, None, None, None
+
+
+@pytest.mark.parametrize("kind", ["large", "constant", "duplicated"])
+def test_numerically_awkward_features_train(kind):
+    rng = np.random.default_rng(0)
+    cls = rng.normal(size=(24, 8)).astype(np.float32)
+    if kind == "large":
+        cls *= 1e6
+    elif kind == "constant":
+        cls[:] = 3.0
+    else:
+        cls[12:] = cls[:12]
+    res = fit_flow(cls, None, FitConfig(**{**TINY, "fusion": "none", "early_stopping": False, "epochs": 2}))
+    assert all(np.isfinite(r["train_loss"]) for r in res.log)
+
+
+def test_nonfinite_input_refused(arrays):
+    cls, patch, *_ = arrays
+    bad = cls.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(SanfError, match="NaN/Inf"):
+        fit_flow(bad, patch, FitConfig(**TINY))
+
+
+def test_nonfinite_cache_features_refused(cache, tmp_path, monkeypatch):
+    real = SplitView.read_class
+
+    def poisoned(self, c, patch=True):
+        cls, p = real(self, c, patch=patch)
+        cls[0, 0] = np.inf
+        return cls, p
+
+    monkeypatch.setattr(SplitView, "read_class", poisoned)
+    with pytest.raises(SanfError, match="NaN/Inf.*cache verify"):
+        fit_run(cache, 0, FitConfig(**TINY), tmp_path / "r", quiet=True)
+
+
+def _nan_after(monkeypatch, calls: int):
+    import sanf_pipeline.flow as flow_pkg
+
+    real = flow_pkg.log_likelihood
+    count = {"n": 0}
+
+    def fake(z, logdet):
+        count["n"] += 1
+        out = real(z, logdet)
+        return out * float("nan") if count["n"] > calls else out
+
+    monkeypatch.setattr(flow_pkg, "log_likelihood", fake)
+
+
+def test_nan_loss_stops_with_epoch_step_and_keeps_checkpoint(cache, tmp_path, monkeypatch):
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 3})  # 40 rows / 16 = 3 steps per epoch
+    _nan_after(monkeypatch, 4)  # epoch 1: 3 steps; epoch 2, step 2 diverges
+    with pytest.raises(SanfError) as err:
+        fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
+    msg = str(err.value)
+    assert "epoch 2, step 2/3" in msg and "epoch 1 is kept" in msg and "--lr" in msg and "\n" not in msg
+    assert not (tmp_path / "r" / MODEL_FILE).exists()
+    _, meta = load_tensors(tmp_path / "r" / CHECKPOINT_FILE)
+    assert meta["epoch"] == 1 and len(read_jsonl(tmp_path / "r" / LOG_FILE)) == 1
