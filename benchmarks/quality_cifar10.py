@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-# name, cache, fixed flow settings, main grid, ablations (one key at a time, the default fusion)
+# name, cache, fixed flow settings, main grid, ablations (one key at a time, the default fusion); "flow": False runs
+# the baselines only, "seeds" overrides --seeds
 PLAN = [
     {"name": "DINOv2 ViT-S/14, block 8, 224 px", "cache": "cache/cifar10-dinov2s-224-L8",
      "fixed": {"token_pool": 2}, "grid": {"fusion": ["none", "gap", "learnable", "semantic"]},
@@ -39,7 +40,7 @@ PLAN = [
     {"name": "DINOv2 ViT-S/14, block 8, 112 px (block comparison)", "cache": "cache/cifar10-dinov2s-112-L8",
      "fixed": {}, "grid": {"fusion": ["semantic"]}, "ablations": {}, "seeds": "0"},
     {"name": "DINOv2 ViT-S/14, last block, 112 px (block comparison)", "cache": "cache/cifar10-dinov2s-112-Llast",
-     "fixed": {}, "grid": {"fusion": ["semantic"]}, "ablations": {}, "seeds": "0"},
+     "fixed": {}, "grid": None, "ablations": {}, "flow": False},
 ]
 BASELINES = "knn,knn-l2,gaussian"
 PROTOCOL = """\
@@ -138,11 +139,12 @@ def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None) -> tu
     seeds = entry.get("seeds", seeds)
     out = out_root / f"quality-{cache.name}"
     t = time.perf_counter()
-    res = run_sweep(cache, out, grid=entry["grid"], methods=f"flow,{BASELINES}", seeds=seeds, fixed=entry["fixed"],
-                    workers=workers, plots=False)
+    with_flow = entry.get("flow", True)
+    res = run_sweep(cache, out, grid=entry["grid"], methods=f"flow,{BASELINES}" if with_flow else BASELINES,
+                    seeds=seeds, fixed=entry["fixed"], workers=workers, plots=False)
     wall = time.perf_counter() - t
     summary = res.summary
-    lines += [f"### Fusion modes and baselines (seeds {seeds})", "",
+    lines += [f"### Fusion modes and baselines (seeds {seeds})" if with_flow else "### Baselines", "",
               f"Sweep `{out}`: {len(res.specs)} runs, {len(res.computed)} computed in this invocation, "
               f"{wall:.0f} s wall (2 workers x 1 thread).", ""]
     md = (out / "summary.md").read_text()
@@ -150,6 +152,8 @@ def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None) -> tu
     lines.append(table.replace("## ", "#### ").strip())
     lines.append("")
 
+    if not with_flow:
+        return lines, None
     default_fusion = FitConfig().fusion
     setting = _default_setting(summary, default_fusion) or summary["settings"][0]
     nll = summary["m_auroc"][setting]["per_seed"]
