@@ -120,9 +120,31 @@ def score_z2(sweep_dir: Path, cache: Path, setting: str, summary: dict) -> dict[
     return {seed: float(np.mean(v)) for seed, v in per_seed.items() if len(v) == n_classes}
 
 
-def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None) -> tuple[list[str], dict | None]:
+def _sweep_wall(out: Path) -> str:
+    """Compute time of a sweep's finished runs from its log (the runs of all invocations, summed per worker)."""
+    log = out / "sweep_log.jsonl"
+    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    total = sum(r.get("seconds", 0.0) for r in recs)
+    return f"{total / 60:.0f} worker-minutes of compute for {len(recs)} runs"
+
+
+def _sweep(cache, out, *, report_only: bool, **kw):
+    """run_sweep, or with ``report_only`` the summary of what is finished (missing runs show as 'missing')."""
+    from types import SimpleNamespace
+
+    from sanf_pipeline.sweep import run_sweep, write_summary
+
+    if report_only:
+        summary = write_summary(out) if (out / "plan.json").exists() else None
+        if summary is None:
+            return None
+        return SimpleNamespace(summary=summary, specs=summary["runs"], computed=[])
+    return run_sweep(cache, out, plots=False, **kw)
+
+
+def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None,
+             report_only: bool = False) -> tuple[list[str], dict | None]:
     """The fusion modes x seeds and the baselines of one PLAN entry, and z2 beside NLL for the default flow."""
-    from sanf_pipeline.sweep import run_sweep
     from sanf_pipeline.train import FitConfig
 
     cache = Path(entry["cache"])
@@ -140,13 +162,17 @@ def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None) -> tu
     out = out_root / f"quality-{cache.name}"
     t = time.perf_counter()
     with_flow = entry.get("flow", True)
-    res = run_sweep(cache, out, grid=entry["grid"], methods=f"flow,{BASELINES}" if with_flow else BASELINES,
-                    seeds=seeds, fixed=entry["fixed"], workers=workers, plots=False)
+    res = _sweep(cache, out, report_only=report_only, grid=entry["grid"],
+                 methods=f"flow,{BASELINES}" if with_flow else BASELINES, seeds=seeds, fixed=entry["fixed"],
+                 workers=workers)
+    if res is None:
+        return [*lines, "Not run yet.", ""], None
     wall = time.perf_counter() - t
     summary = res.summary
     lines += [f"### Fusion modes and baselines (seeds {seeds})" if with_flow else "### Baselines", "",
-              f"Sweep `{out}`: {len(res.specs)} runs, {len(res.computed)} computed in this invocation, "
-              f"{wall:.0f} s wall (2 workers x 1 thread).", ""]
+              f"Sweep `{out}`: {len(res.specs)} runs, " + (
+                  f"{_sweep_wall(out)} (per-run times in its sweep_log.jsonl)." if report_only else
+                  f"{len(res.computed)} computed in this invocation, {wall:.0f} s wall (2 workers x 1 thread)."), ""]
     md = (out / "summary.md").read_text()
     table = md[md.index("## AUROC per class and setting"):md.index("![AUROC heatmap]")]
     lines.append(table.replace("## ", "#### ").strip())
@@ -165,9 +191,9 @@ def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None) -> tu
     return lines, {"nll": nll, "setting": setting, "seeds": seeds}
 
 
-def run_ablations(entry: dict, default: dict, ablation_seeds: str, out_root: Path, workers: int | None) -> list[str]:
+def run_ablations(entry: dict, default: dict, ablation_seeds: str, out_root: Path, workers: int | None,
+                  report_only: bool = False) -> list[str]:
     """One sweep per ablated key, each value against the default flow on the same seeds."""
-    from sanf_pipeline.sweep import run_sweep
     from sanf_pipeline.train import FitConfig
 
     if not entry["ablations"] or default is None:
@@ -179,9 +205,12 @@ def run_ablations(entry: dict, default: dict, ablation_seeds: str, out_root: Pat
     for key, values in entry["ablations"].items():
         a_out = out_root / f"quality-{cache.name}-{key}"
         t = time.perf_counter()
-        a = run_sweep(cache, a_out, grid={key: values}, methods="flow", seeds=ablation_seeds,
-                      fixed={**{k: v for k, v in entry["fixed"].items() if k != key}, "fusion": default_fusion},
-                      workers=workers, plots=False)
+        a = _sweep(cache, a_out, report_only=report_only, grid={key: values}, methods="flow", seeds=ablation_seeds,
+                   fixed={**{k: v for k, v in entry["fixed"].items() if k != key}, "fusion": default_fusion},
+                   workers=workers)
+        if a is None:
+            rows.append(f"| {key}={values} | not run yet | | |")
+            continue
         a_wall = time.perf_counter() - t
         for s in a.summary["settings"]:
             per_seed = a.summary["m_auroc"][s]["per_seed"]
@@ -203,13 +232,15 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("sweeps"))
     p.add_argument("--markdown", type=Path)
+    p.add_argument("--report-only", action="store_true", help="tables of what is finished; run nothing")
     args = p.parse_args(argv)
 
     entries = [e for e in PLAN if not args.only or any(o in e["cache"] for o in args.only)]
     t = time.perf_counter()
     # all main tables first (the issue's core), then the ablations
-    mains = [run_main(e, args.seeds, args.out, args.workers) for e in entries]
-    sections = ["\n".join(lines + run_ablations(e, default, args.ablation_seeds, args.out, args.workers)) + "\n"
+    mains = [run_main(e, args.seeds, args.out, args.workers, args.report_only) for e in entries]
+    sections = ["\n".join(lines + run_ablations(e, default, args.ablation_seeds, args.out, args.workers,
+                                                 args.report_only)) + "\n"
                 for e, (lines, default) in zip(entries, mains, strict=True)]
     cmd = "python benchmarks/quality_cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"# CIFAR-10 one-vs-rest quality\n\nCommand: `{cmd}` ({time.perf_counter() - t:.0f} s in this "
