@@ -36,13 +36,14 @@ PLAN = [
      "fixed": {"token_pool": 2}, "grid": {"fusion": ["none", "gap", "learnable", "semantic"]},
      "ablations": {"spatial_channels": ["full"], "token_pool": [1, 4], "clamp": [3.0]}},
     {"name": "EfficientNet-Lite0 (ImageNet), 224 px", "cache": "cache/cifar10-effnet-lite0-224",
-     "fixed": {}, "grid": {"fusion": ["none", "semantic"]}, "ablations": {}},
+     "fixed": {}, "grid": {"fusion": ["none", "semantic"]}, "ablations": {}, "seeds": "0"},
     {"name": "DINOv2 ViT-S/14, block 8, 112 px (block comparison)", "cache": "cache/cifar10-dinov2s-112-L8",
-     "fixed": {}, "grid": {"fusion": ["semantic"]}, "ablations": {}, "seeds": "0"},
+     "fixed": {}, "grid": None, "ablations": {}, "flow": False},
     {"name": "DINOv2 ViT-S/14, last block, 112 px (block comparison)", "cache": "cache/cifar10-dinov2s-112-Llast",
      "fixed": {}, "grid": None, "ablations": {}, "flow": False},
 ]
 BASELINES = "knn,knn-l2,gaussian"
+OVERWRITE = False  # --overwrite: a changed PLAN replaces a sweep's plan (identical finished runs are kept)
 PROTOCOL = """\
 Protocol: `../shared/data/cifar10-jpg.zip` (a JPEG re-encoding of CIFAR-10), each class in turn normal; the flow and
 the baselines train on the first 1,000 training images of the normal class (`--limit-per-class 1000`: the 5,000
@@ -139,7 +140,7 @@ def _sweep(cache, out, *, report_only: bool, **kw):
         if summary is None:
             return None
         return SimpleNamespace(summary=summary, specs=summary["runs"], computed=[])
-    return run_sweep(cache, out, plots=False, **kw)
+    return run_sweep(cache, out, plots=False, overwrite=OVERWRITE, **kw)
 
 
 def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None,
@@ -233,8 +234,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("sweeps"))
     p.add_argument("--markdown", type=Path)
     p.add_argument("--report-only", action="store_true", help="tables of what is finished; run nothing")
+    p.add_argument("--overwrite", action="store_true", help="let a changed PLAN replace a sweep's plan")
     args = p.parse_args(argv)
 
+    global OVERWRITE
+    OVERWRITE = args.overwrite
     entries = [e for e in PLAN if not args.only or any(o in e["cache"] for o in args.only)]
     t = time.perf_counter()
     # all main tables first (the issue's core), then the ablations
