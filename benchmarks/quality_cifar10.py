@@ -51,7 +51,8 @@ would multiply the ViT's 224-px extraction, 39 min on 2 CPU cores, by three) and
 images, anomalies (the nine other classes) positive. Flow: the `sanf fit` defaults (4 coupling blocks, hidden 1024,
 clamp 2, FFM `spatial_channels=half`, `l2+whiten` inputs, Adam lr 5e-5, batch 32) with the training length chosen by
 early stopping on the NLL of a held-out 10% of the normal *training* images (patience 3, at most 30 epochs), never by
-test AUROC; score NLL. Seeds 0, 1, 2 change the flow's initialisation, permutations, held-out slice and batch order;
+test AUROC; score NLL. Seeds 0, 1, 2 (EfficientNet rows and ablations: seed 0 only, for CPU time: a fused
+EfficientNet run costs ~110 s a core) change the flow's initialisation, permutations, held-out slice and batch order;
 cells are mean ± sample std over seeds. kNN (k=2, raw and L2-normalised class tokens) and the Gaussian (Ledoit-Wolf
 covariance, Mahalanobis distance) use the same class tokens and are seed-free. All runs on a 2-core CPU."""
 
@@ -247,8 +248,10 @@ def main(argv=None) -> int:
                                                  args.report_only)) + "\n"
                 for e, (lines, default) in zip(entries, mains, strict=True)]
     cmd = "python benchmarks/quality_cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"# CIFAR-10 one-vs-rest quality\n\nCommand: `{cmd}` ({time.perf_counter() - t:.0f} s in this "
-            f"invocation; finished runs are re-used).\n\n{PROTOCOL}\n\n" + "\n".join(sections))
+    how = ("tables rendered from the finished runs; the same command without --report-only (and --overwrite) runs "
+           "what is missing and re-uses the rest" if args.report_only else
+           f"{time.perf_counter() - t:.0f} s in this invocation; finished runs are re-used")
+    text = f"# CIFAR-10 one-vs-rest quality\n\nCommand: `{cmd}` ({how}).\n\n{PROTOCOL}\n\n" + "\n".join(sections)
     if args.markdown:
         args.markdown.write_text(text)
     print(text)
