@@ -220,7 +220,8 @@ def run_ablations(entry: dict, default: dict, ablation_seeds: str, out_root: Pat
             delta = float(np.mean([per_seed[k] - nll[k] for k in common])) if common else None
             rows.append(f"| {s} | {_pm(list(per_seed.values()))} | "
                         f"{'' if delta is None else f'{delta:+.4f}'} | seeds {ablation_seeds}; "
-                        f"{len(a.computed)} runs computed, {a_wall:.0f} s |")
+                        + (f"{_sweep_wall(a_out)} |" if report_only else
+                           f"{len(a.computed)} runs computed, {a_wall:.0f} s |"))
     return [f"### Ablations of the default flow (fusion={default_fusion})", "",
             "Δ: against the default's M-AUROC on the same seeds.", "",
             "| setting | M-AUROC | Δ | runs |", "|---|---|---|---|", *rows, ""]
