@@ -293,3 +293,11 @@ def pets_cache(tmp_path_factory) -> Path:
 
     return write_synthetic_cache(tmp_path_factory.mktemp("pets") / "syn", n_classes=3, n_train=40, n_test=20, dim=16,
                                  num_tokens=4, separation=1.0, seed=1, class_names=["cat", "dog", "frog"])
+
+
+def three_class_synthetic_cache(tmp_path_factory) -> Path:
+    """The small synthetic cache (3 classes x 40 train / 20 test, d 16, 4 tokens) of the stage-two tests."""
+    from sanf_pipeline.cache.synthetic import write_synthetic_cache
+
+    return write_synthetic_cache(tmp_path_factory.mktemp("c") / "syn", n_classes=3, n_train=40, n_test=20, dim=16,
+                                 num_tokens=4, separation=1.0, seed=1)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import three_class_synthetic_cache
 
 from sanf_pipeline.cache import SplitView, open_cache
-from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.evaluate import compute_metrics, eval_run
 from sanf_pipeline.features import NORMALIZATIONS, Normalizer, pool_square_grid
@@ -24,8 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return write_synthetic_cache(tmp_path_factory.mktemp("c") / "syn", n_classes=3, n_train=40, n_test=20, dim=16,
-                                 num_tokens=4, separation=1.0, seed=1)
+    return three_class_synthetic_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

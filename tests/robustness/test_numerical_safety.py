@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import three_class_synthetic_cache
 
 from sanf_pipeline.cache import SplitView, open_cache
-from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.runs import CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, load_tensors, read_jsonl
 from sanf_pipeline.train import FitConfig, fit_flow, fit_run
@@ -19,8 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return write_synthetic_cache(tmp_path_factory.mktemp("c") / "syn", n_classes=3, n_train=40, n_test=20, dim=16,
-                                 num_tokens=4, separation=1.0, seed=1)
+    return three_class_synthetic_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
