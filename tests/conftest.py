@@ -264,6 +264,7 @@ def no_hub(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- CLI and subprocesses
+TINY_FLOW = dict(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu")  # a flow that fits in well under 1 s
 FAST_FIT = ["--hidden", "16", "--blocks", "2", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu", "--quiet"]
 
 

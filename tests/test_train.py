@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import three_class_synthetic_cache
+from conftest import TINY_FLOW, three_class_synthetic_cache
 
 from sanf_pipeline.cache import SplitView, open_cache
 from sanf_pipeline.errors import SanfError
@@ -16,7 +16,7 @@ from sanf_pipeline.features import NORMALIZATIONS, Normalizer, pool_square_grid
 from sanf_pipeline.runs import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, MODEL_FILE, load_run, load_tensors, read_jsonl
 from sanf_pipeline.train import FitConfig, fit_flow, fit_run, score_flow
 
-TINY = dict(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", max_epochs=3, patience=2)
+TINY = {**TINY_FLOW, "max_epochs": 3, "patience": 2}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py

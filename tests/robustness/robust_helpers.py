@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import sub_env
+from conftest import TINY_FLOW, sub_env
 
 from sanf_pipeline.cli import cli
 
 EPOCHS = 6
-TINY_FIT = dict(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", early_stopping=False, epochs=2)
+TINY_FIT = {**TINY_FLOW, "early_stopping": False, "epochs": 2}
 
 
 def sanf(*args):
