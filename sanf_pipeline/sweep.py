@@ -789,6 +789,36 @@ def _warm_up(plots: bool) -> None:
         fig.savefig(io.BytesIO(), format="png")
 
 
+def _schedule(todo: list[RunSpec], window: int, load_class, submit, wait_any, result, release_class,
+              on_done) -> None:
+    """Keep at most ``window`` runs in flight, in plan order; the executors differ only in the callbacks.
+
+    ``load_class(ci)`` makes a class's training block available (once, before its first run), ``submit(spec, block)``
+    returns a handle, ``wait_any(handles)`` the finished ones, ``result(handle, spec, pending)`` the run's record
+    (or raises, after cancelling ``pending``), ``release_class(block)`` frees the block after the class's last run.
+    """
+    left: dict[int, int] = {}
+    for s in todo:
+        left[s.class_index] = left.get(s.class_index, 0) + 1
+    loaded: dict[int, Any] = {}
+    pending: dict = {}
+    queue = iter(todo)
+    while True:
+        for spec in itertools.islice(queue, max(0, window - len(pending))):
+            ci = spec.class_index
+            if ci not in loaded:
+                loaded[ci] = load_class(ci)
+            pending[submit(spec, loaded[ci])] = spec
+        if not pending:
+            return
+        for handle in wait_any(list(pending)):
+            spec = pending.pop(handle)
+            on_done(spec, result(handle, spec, pending))
+            left[spec.class_index] -= 1
+            if left[spec.class_index] == 0:
+                release_class(loaded.pop(spec.class_index))
+
+
 def _start_method(threads: int, gpu: bool, requested: str | None) -> str:
     import multiprocessing as mp
 
@@ -810,10 +840,6 @@ def _run_pool(todo, ctx, data: _Data, workers: int, threads: int, start_method: 
     test = data.test()
     shared = _SharedArrays()
     needs = _class_patch_needs(todo)
-    left: dict[int, int] = {}
-    for s in todo:
-        left[s.class_index] = left.get(s.class_index, 0) + 1
-    blocks: dict[int, dict] = {}
     mpctx = mp.get_context(start_method)
     if start_method == "forkserver":
         mpctx.set_forkserver_preload(["sanf_pipeline.sweep", *PRELOAD, *(PRELOAD_PLOTS if ctx["plots"] else ())])
@@ -826,42 +852,30 @@ def _run_pool(todo, ctx, data: _Data, workers: int, threads: int, start_method: 
                                    initargs=(ctx, test_descs, test["labels"], test["sample_ids"], threads))
         with pool:
             pool.submit(_ping).result()  # start the workers before anything else runs threads in this process
-            pending: dict = {}
-            queue = iter(todo)
-            window = max(2, 2 * workers)
-            exhausted = False
-            while pending or not exhausted:
-                while not exhausted and len(pending) < window:
-                    spec = next(queue, None)
-                    if spec is None:
-                        exhausted = True
-                        break
-                    ci = spec.class_index
-                    if ci not in blocks:
-                        block = data.train(ci, needs[ci])
-                        blocks[ci] = {"cls": shared.put(block["cls"]), "patch": shared.put(block["patch"])}
-                        del block
-                    pending[pool.submit(_pool_task, spec.to_dict(), blocks[ci])] = spec
-                if not pending:
-                    break
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    spec = pending.pop(fut)
-                    try:
-                        rec = fut.result()
-                    except BrokenProcessPool:
-                        raise SanfError(f"a sweep worker process died (out of memory?) during {spec.run_id}; "
-                                        f"finished runs are kept: rerun the same command (with fewer --workers) "
-                                        f"to resume") from None
-                    except BaseException:
-                        for f in pending:
-                            f.cancel()
-                        raise
-                    on_done(spec, rec)
-                    left[spec.class_index] -= 1
-                    if left[spec.class_index] == 0:
-                        for desc in blocks.pop(spec.class_index).values():
-                            shared.free(desc)
+
+            def load_class(ci: int) -> dict:
+                block = data.train(ci, needs[ci])
+                return {"cls": shared.put(block["cls"]), "patch": shared.put(block["patch"])}
+
+            def result(fut, spec: RunSpec, pending: dict) -> dict:
+                try:
+                    return fut.result()
+                except BrokenProcessPool:
+                    raise SanfError(f"a sweep worker process died (out of memory?) during {spec.run_id}; "
+                                    f"finished runs are kept: rerun the same command (with fewer --workers) "
+                                    f"to resume") from None
+                except BaseException:
+                    for f in pending:
+                        f.cancel()
+                    raise
+
+            def release_class(descs: dict) -> None:
+                for desc in descs.values():
+                    shared.free(desc)
+
+            _schedule(todo, max(2, 2 * workers), load_class,
+                      lambda spec, descs: pool.submit(_pool_task, spec.to_dict(), descs),
+                      lambda futs: wait(futs, return_when=FIRST_COMPLETED)[0], result, release_class, on_done)
     finally:
         shared.close()
 
@@ -898,43 +912,22 @@ def _run_ray(todo, ctx, data: _Data, address: str | None, cpus: float, gpus: flo
         total_cpus = float(ray.cluster_resources().get("CPU", 1))
         window = max(2, 2 * int(total_cpus // cpus))
         needs = _class_patch_needs(todo)
-        left: dict[int, int] = {}
-        for s in todo:
-            left[s.class_index] = left.get(s.class_index, 0) + 1
-        refs: dict[int, Any] = {}
-        pending: dict = {}
-        queue = iter(todo)
-        exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < window:
-                spec = next(queue, None)
-                if spec is None:
-                    exhausted = True
-                    break
-                ci = spec.class_index
-                if ci not in refs:
-                    refs[ci] = ray.put(data.train(ci, needs[ci]))
-                ref = task.remote(spec.to_dict(), ctx, test_ref, refs[ci], max(1, int(cpus)))
-                pending[ref] = spec
-            if not pending:
-                break
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                spec = pending.pop(ref)
-                try:
-                    rec = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    for r in pending:
-                        with contextlib.suppress(Exception):
-                            ray.cancel(r)
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, SanfError):
-                        raise cause from None
-                    raise
-                on_done(spec, rec)
-                left[spec.class_index] -= 1
-                if left[spec.class_index] == 0:
-                    refs.pop(spec.class_index, None)
+
+        def result(ref, spec: RunSpec, pending: dict) -> dict:
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                for r in pending:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(r)
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, SanfError):
+                    raise cause from None
+                raise
+
+        _schedule(todo, window, lambda ci: ray.put(data.train(ci, needs[ci])),
+                  lambda spec, block: task.remote(spec.to_dict(), ctx, test_ref, block, max(1, int(cpus))),
+                  lambda refs: ray.wait(refs, num_returns=1)[0], result, lambda block: None, on_done)
     finally:
         if own:
             ray.shutdown()
