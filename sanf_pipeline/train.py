@@ -388,8 +388,8 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
         except ValueError as exc:
             raise SanfError(f"invalid flow settings: {exc}") from None
     flow.to(device).train()
-    # fused: one kernel for all 20M+ parameters; PyTorch's CPU default (per-tensor loop) spent 7x longer per step
-    # than the fused kernel here and dominated the fit time of the default flow (benchmarks/quality_cifar10.md)
+    # fused: one kernel for all 20M+ parameters; PyTorch's CPU default (per-tensor loop) spent 9x longer per step
+    # than the fused kernel and dominated the fit time of the default flow (benchmarks/flow_speed.md)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, fused=True)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
