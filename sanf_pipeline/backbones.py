@@ -42,10 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .device import resolve_device
 from .errors import SanfError
+from .tokens import pool_tokens
 
 __all__ = [
     "BACKBONE_ALIASES",
@@ -462,24 +463,6 @@ class Preprocess:
                 f"interpolation={self.interpolation!r})")
 
 
-def pool_tokens(patch: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
-    """Average-pool tokens ``(B, H*W, d)`` on their ``(H, W)`` grid with a KxK window and stride K.
-
-    Tokens are transposed to channels-first ``(B, d, H, W)`` before pooling (the official SANF code
-    reshapes without the transpose, which mixes channels and positions). Returns ``(B, H/K * W/K, d)``.
-    """
-    if k == 1:
-        return patch
-    b, n, d = patch.shape
-    h, w = grid
-    if n != h * w:
-        raise SanfError(f"cannot pool {n} tokens as a {h}x{w} grid")
-    if h % k or w % k:
-        raise SanfError(f"--pool {k} does not divide the {h}x{w} token grid")
-    fmap = patch.transpose(1, 2).reshape(b, d, h, w)
-    return F.avg_pool2d(fmap, k).flatten(2).transpose(1, 2).contiguous()
-
-
 # --------------------------------------------------------------------------------------------------------
 # the backbone
 
@@ -697,16 +680,6 @@ class Backbone(nn.Module):
                 f"pool={self.pool}, weights={self.weights_source}")
 
 
-def _parse_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise SanfError(f"unknown device {device!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SanfError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
 def create_backbone(
     name: str,
     *,
@@ -715,7 +688,7 @@ def create_backbone(
     image_size: int | tuple[int, int] | None = None,
     layer: int | None = None,
     pool: int = 1,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     model_kwargs: dict[str, Any] | None = None,
 ) -> Backbone:
     """A frozen backbone for alias or timm model ``name`` (see the module docstring).
@@ -725,7 +698,7 @@ def create_backbone(
     ``depth``/``embed_dim`` for tests), recorded in the provenance.
     """
     alias, arch, tag = resolve_name(name)
-    dev = _parse_device(device)
+    dev = resolve_device(device)
     kwargs = dict(model_kwargs or {})
     kwargs["num_classes"] = 0
     if image_size is not None:

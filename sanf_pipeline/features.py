@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .errors import SanfError
+from .tokens import pool_tokens
 
 NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize", "l2+whiten")
 _L2_EPS = 1e-12
@@ -109,8 +110,6 @@ def check_token_pool(k) -> int:
 
 def pool_square_grid(patch: np.ndarray, k: int) -> np.ndarray:
     """``(n, H*H, d)`` tokens of a square grid -> ``(n, (H/k)^2, d)`` float32, averaged in KxK windows."""
-    from .backbones import pool_tokens
-
     n, t, d = patch.shape
     h = int(round(t ** 0.5))
     if h * h != t:

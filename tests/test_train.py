@@ -11,10 +11,12 @@ from conftest import TINY_FLOW, three_class_synthetic_cache
 
 from sanf_pipeline.cache import SplitView, open_cache
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.evaluate import compute_metrics, eval_run
+from sanf_pipeline.evaluate import compute_metrics
 from sanf_pipeline.features import NORMALIZATIONS, Normalizer, pool_square_grid
-from sanf_pipeline.runs import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, MODEL_FILE, load_run, load_tensors, read_jsonl
-from sanf_pipeline.train import FitConfig, fit_flow, fit_run, score_flow
+from sanf_pipeline.jobs import eval_run, fit_run, load_run
+from sanf_pipeline.runs import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, MODEL_FILE, load_tensors, read_jsonl
+from sanf_pipeline.scoring import score_flow
+from sanf_pipeline.train import FitConfig, fit_flow
 
 TINY = {**TINY_FLOW, "max_epochs": 3, "patience": 2}
 

@@ -9,8 +9,9 @@ from conftest import TINY_FLOW, three_class_synthetic_cache
 
 from sanf_pipeline.cache import SplitView, open_cache
 from sanf_pipeline.errors import SanfError
+from sanf_pipeline.jobs import fit_run
 from sanf_pipeline.runs import CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, load_tensors, read_jsonl
-from sanf_pipeline.train import FitConfig, fit_flow, fit_run
+from sanf_pipeline.train import FitConfig, fit_flow
 
 TINY = {**TINY_FLOW, "max_epochs": 3, "patience": 2}
 
