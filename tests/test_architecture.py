@@ -16,9 +16,9 @@ LAYERS = [
     ["__init__", "errors"],  # no sanf imports
     ["progress", "device", "tokens"],  # foundation: progress bars, device and autocast policy, token pooling
     ["data", "cache", "flow", "baselines"],  # readers, stores, nn.Modules, scorers
-    ["backbones", "features", "runs", "scoring"],  # models and files built on them
-    ["extract", "fit_config", "report"],  # stage one; fit settings; tables and plots
-    ["train", "evaluate"],  # fitting a flow; metrics and result files
+    ["weights", "features", "runs", "scoring"],  # models and files built on them
+    ["backbones", "fit_config", "report"],  # timm backbones; fit settings; tables and plots
+    ["extract", "train", "evaluate"],  # stage one; fitting a flow; metrics and result files
     ["jobs"],  # the run jobs: every flow and baseline run
     ["sweep"],  # many runs from one cache
     ["demo"],
