@@ -76,3 +76,16 @@ def test_the_check_catches_an_upward_import():
     reader = PACKAGE / "cache" / "reader.py"
     source = reader.read_text(encoding="utf-8") + "\n\ndef _x():\n    from ..train import fit_flow\n"
     assert "train" in sanf_imports(reader, source) and "train" not in sanf_imports(reader)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_one_import_style(path):
+    """Inside the package every sanf import is relative (``from .x``, ``from ..x``); tests and users import
+    ``sanf_pipeline.x``."""
+    def absolute_sanf(node) -> bool:
+        if isinstance(node, ast.ImportFrom):
+            return not node.level and (node.module or "").startswith("sanf_pipeline")
+        return isinstance(node, ast.Import) and any(a.name.startswith("sanf_pipeline") for a in node.names)
+
+    absolute = [node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if absolute_sanf(node)]
+    assert not absolute, f"{path.relative_to(PACKAGE)}: absolute sanf imports on lines {absolute}"

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from sanf_pipeline.errors import SanfError
+from ..errors import SanfError
 
 SPLITS = ("train", "test")
 
