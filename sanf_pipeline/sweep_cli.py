@@ -1,4 +1,4 @@
-"""`sanf sweep` and `sanf report`: click commands over ``sweep.py`` (registered into the `sanf` group in cli.py
+"""`sanf sweep` and `sanf report`: click commands over the ``sweep`` package (registered into the `sanf` group in cli.py
 with ``cli.add_command``; the group turns a SanfError into one line and exit code 2)."""
 
 from __future__ import annotations
