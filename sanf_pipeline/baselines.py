@@ -6,6 +6,9 @@ Registry (``BASELINES``, extend with ``register_baseline``):
 - ``knn-l2``: the same on L2-normalised class tokens.
 - ``gaussian``: squared Mahalanobis distance to a Gaussian fitted on the normal class tokens with the
   Ledoit-Wolf shrinkage covariance (``sklearn.covariance.LedoitWolf``).
+- ``gaussian-whiten``: the same on L2-normalised class tokens, i.e. the squared norm of the class tokens after
+  ``features.Normalizer("l2+whiten")``: the density an identity-initialised flow with ``normalize=l2+whiten``
+  starts from (its NLL is half this plus a constant; tests/test_usability.py).
 
 Each scorer has ``fit(train_cls)``, ``score(test_cls) -> (n,)`` (higher = more anomalous), ``description`` and
 optionally ``settings() -> dict`` (reported in ``metrics.json``). A registered name is usable from `sanf baseline`
@@ -58,12 +61,17 @@ class KNNScorer:
 
 
 class GaussianScorer:
-    description = "squared Mahalanobis distance to a Gaussian with Ledoit-Wolf shrinkage covariance"
+    def __init__(self, l2: bool = False):
+        self.l2 = bool(l2)
+        self.description = ("squared Mahalanobis distance to a Gaussian with Ledoit-Wolf shrinkage covariance"
+                            + (" on L2-normalised class tokens (the flow's l2+whiten starting density)"
+                               if self.l2 else ""))
 
     def fit(self, train: np.ndarray) -> GaussianScorer:
         from sklearn.covariance import LedoitWolf
 
         train = np.asarray(train, np.float64)
+        train = _l2(train) if self.l2 else train
         if len(train) < 2:
             raise SanfError(f"the Gaussian baseline needs at least 2 training samples, got {len(train)}")
         self.model = LedoitWolf().fit(train)
@@ -74,13 +82,15 @@ class GaussianScorer:
         return {"shrinkage": self.shrinkage}
 
     def score(self, test: np.ndarray) -> np.ndarray:
-        return self.model.mahalanobis(np.asarray(test, np.float64))
+        test = np.asarray(test, np.float64)
+        return self.model.mahalanobis(_l2(test) if self.l2 else test)
 
 
-BASELINES: dict[str, Callable[[], object]] = {
-    "knn": lambda: KNNScorer(k=2, l2=False),
-    "knn-l2": lambda: KNNScorer(k=2, l2=True),
+BASELINES: dict[str, Callable[..., object]] = {
+    "knn": lambda k=2: KNNScorer(k=k, l2=False),
+    "knn-l2": lambda k=2: KNNScorer(k=k, l2=True),
     "gaussian": GaussianScorer,
+    "gaussian-whiten": lambda: GaussianScorer(l2=True),
 }
 
 
@@ -94,10 +104,15 @@ def register_baseline(name: str, factory: Callable[[], object]) -> None:
     BASELINES[name] = factory
 
 
-def create_baseline(name: str):
+def create_baseline(name: str, **options):
+    """A new scorer of baseline ``name``; ``options`` are its factory's keywords (``k`` for the kNN ones)."""
     if name not in BASELINES:
         raise SanfError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
-    return BASELINES[name]()
+    try:
+        return BASELINES[name](**options)
+    except TypeError:
+        given = ", ".join(f"--{k}" for k in options)
+        raise SanfError(f"{given} does not apply to the {name} baseline") from None
 
 
 def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray) -> np.ndarray:

@@ -66,6 +66,24 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+# Arguments are checked before torch/timm are imported (seconds), so a mistyped path or class fails at once;
+# tests/test_cli_fast_errors.py checks that these errors leave torch and timm unimported.
+def _check_cache(cache_path, normal_class=None) -> None:
+    """Open the cache's metadata (numpy only) and resolve the class: the errors the real run would give."""
+    from .cache import open_cache
+
+    with open_cache(cache_path) as cache:
+        if normal_class is not None:
+            cache.class_index(normal_class)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise SanfError(f"run folder {run_dir} does not exist; create it with `sanf fit`")
+    if not (run_dir / "config.json").is_file():
+        raise SanfError(f"{run_dir} is not a sanf run (no config.json); create it with `sanf fit`")
+
+
 # ---------------------------------------------------------------------------------------------- stage one
 @cli.command()
 @click.option("--backbone", required=True, help="timm model name or alias (see `sanf backbones`).")
@@ -73,7 +91,9 @@ def _echo_json(obj) -> None:
 @click.option("--data-root", type=click.Path(path_type=Path), help="Where the dataset's files are.")
 @click.option("--category", help="MVTec category; for cifar100, 'fine' selects the 100 fine labels.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Output cache (default cache/<dataset>; .h5 = HDF5).")
-@click.option("--weights", help="Weights file (safetensors or state dict), or 'random' for random init.")
+@click.option("--weights", help="Weights file (safetensors or state dict); 'random' for random init; 'timm' for "
+                                "timm's pretrained download only (no weights folder) [default: the search order in "
+                                "the README: --weights-dir/$SANF_WEIGHTS_DIR first].")
 @click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
 @click.option("--image-size", type=int, help="Input size in pixels (ViT position embeddings are resampled).")
 @click.option("--layer", type=int, help="Take the tokens of this block (0-based, negative from the end).")
@@ -84,7 +104,7 @@ def _echo_json(obj) -> None:
               show_default=True, help="Autocast precision (auto: bf16/fp16 on GPU, fp32 on CPU).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--num-workers", type=int, help="DataLoader workers [default: cores - 1].")
+@click.option("--num-workers", type=int, help="DataLoader workers [default: cores - 1, at most 8].")
 @click.option("--limit-per-class", type=int, help="Keep the first N images of each class per split.")
 @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "test"]),
               help="Splits to extract [default: both].")
@@ -100,6 +120,12 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
             dtype, precision, device, batch_size, num_workers, limit_per_class, splits, on_error, num_shards,
             shard_index, shard_size, overwrite, quiet, model_kwargs):
     """Run a frozen backbone over a dataset once and cache class and patch tokens."""
+    from .data import list_datasets
+
+    if dataset not in list_datasets():
+        raise SanfError(f"unknown dataset {dataset!r}; choose one of: {', '.join(list_datasets())}")
+    if data_root is not None and not data_root.exists():
+        raise SanfError(f"dataset root {data_root} does not exist; check --data-root")
     from .extract import ExtractConfig, default_cache_path
     from .extract import extract as run_extract
 
@@ -183,6 +209,7 @@ def cache_verify_cmd(path):
 
 
 # ---------------------------------------------------------------------------------------------- stage two
+DEFAULT_BASELINE = "gaussian"  # equals jobs.baseline_run's default (tests/test_cli_stage2.py)
 # FitConfig's defaults, spelled out so that `sanf --help` need not import torch; tests/test_cli_stage2.py checks
 # that every `sanf fit` default equals FitConfig's
 _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", token_pool=1, normalize="l2+whiten")
@@ -224,6 +251,7 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
         normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
         seed, device, no_amp, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
+    _check_cache(cache_path, normal_class)
     from .fit_config import FitConfig, training_length
     from .jobs import fit_run
 
@@ -236,13 +264,18 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
                     weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
                     device=device, amp=not no_amp, **length)
     run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
+    if run.already_finished:
+        click.echo(f"run {run.run_dir}: already finished with these settings; nothing to do (--overwrite refits it); "
+                   f"next: sanf eval --run {run.run_dir}")
+        return
     res = run.result
     how = (f"best epoch {res.best_epoch} of {res.epochs_run} by held-out normal training NLL"
            if cfg.early_stopping else f"{res.epochs_run} epoch(s), fixed")
     resumed = f", resumed after epoch {res.resumed_from}" if res.resumed_from else ""
-    click.echo(f"run {run.run_dir}: trained on {res.n_train} samples of {run.config['normal_class_name']!r} "
-               f"({how}{resumed}); model in {run.run_dir / 'model.safetensors'}; "
-               f"next: sanf eval --run {run.run_dir}")
+    held = f" ({res.n_train} fitted, {res.n_val} held out for early stopping)" if res.n_val else ""
+    click.echo(f"run {run.run_dir}: trained on {res.n_train + res.n_val} samples of "
+               f"{run.config['normal_class_name']!r}{held} ({how}{resumed}); model in "
+               f"{run.run_dir / 'model.safetensors'}; next: sanf eval --run {run.run_dir}")
 
 
 @cli.command("eval")
@@ -256,6 +289,9 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
 def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
     """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, scores, report, plots."""
+    _check_run_dir(run_dir)
+    if cache_path is not None:
+        _check_cache(cache_path)
     from .jobs import eval_run
 
     res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device)
@@ -268,16 +304,28 @@ def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
 @cli.command()
 @click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
 @click.option("--normal-class", required=True, help="The normal class, by name or index.")
-@click.option("--method", type=_RegistryChoice(_baselines), default="knn", show_default=True,
-              help="A registered baseline: knn (k=2) on class tokens, knn-l2 on L2-normalised ones, gaussian with "
-                   "Ledoit-Wolf covariance.")
+@click.option("--method", type=_RegistryChoice(_baselines), default=DEFAULT_BASELINE, show_default=True,
+              help="A registered baseline: gaussian (Ledoit-Wolf covariance, Mahalanobis distance on class tokens; "
+                   "the default: the strongest baseline in 3 of the 4 committed tables, benchmarks/quality_cifar10.md "
+                   "and normalization.md), gaussian-whiten (the same on L2-normalised class tokens: the density "
+                   "the flow starts from with --normalize l2+whiten), knn-l2 (k nearest L2-normalised class "
+                   "tokens; best on EfficientNet), knn (raw class tokens; the weakest).")
+@click.option("--k", type=click.IntRange(min=1), help="Neighbours of the kNN baselines [default: 2].")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N, for baselines that run in torch; knn, knn-l2 and the Gaussians run in "
+                   "numpy on the CPU whatever this says.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-def baseline(cache_path, normal_class, method, out, overwrite):
+@click.option("--quiet", is_flag=True, help="Print nothing on success (the results are in the folder).")
+def baseline(cache_path, normal_class, method, k, out, device, overwrite, quiet):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
+    _check_cache(cache_path, normal_class)
     from .jobs import baseline_run
 
-    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite)
+    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite,
+                       options={"k": k} if k is not None else None, device=device)
+    if quiet:
+        return
     m = res.metrics
     click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
                f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "
@@ -289,7 +337,7 @@ def baseline(cache_path, normal_class, method, out, overwrite):
               help="Folder for the demo's cache, runs and reports.")
 @click.option("--weights", help="DINOv2 ViT-S/14 weights file [default: $SANF_WEIGHTS_DIR, then timm].")
 @click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N (extraction and flows).")
 @click.option("--overwrite", is_flag=True, help="Start the demo afresh.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_cmd(out, weights, weights_dir, device, overwrite, quiet):
@@ -299,9 +347,10 @@ def demo_cmd(out, weights, weights_dir, device, overwrite, quiet):
     result = run_demo(out, weights=weights, weights_dir=str(weights_dir) if weights_dir else None, device=device,
                       quiet=quiet, overwrite=overwrite)
     md = result.sweep / "summary.md"
-    if md.exists():
-        click.echo(md.read_text())
-    click.echo(f"cache: {result.cache}; runs and reports: {result.sweep}/runs/*/report.md; summary: {md}")
+    if md.exists():  # the table, without the markdown image line (a terminal cannot show it: the path is below)
+        click.echo("\n".join(line for line in md.read_text().splitlines() if not line.startswith("![")))
+    click.echo(f"cache: {result.cache}; runs and reports: {result.sweep}/runs/*/report.md; summary: {md}; "
+               f"heatmap: {result.sweep / 'heatmap.png'}")
 
 
 def _register_sweep_commands() -> None:

@@ -8,11 +8,19 @@ import click
 
 class _RegistryChoice(click.Choice):
     """A ``click.Choice`` read from a registry when first needed: a registered fusion, normalisation or baseline is
-    a valid choice at once, and `sanf --help` imports no torch."""
+    a valid choice at once, and `sanf --help` imports no torch. A built-in name (``BUILTIN``, spelled out here;
+    tests/test_usability.py checks each is registered) is accepted without loading the registry, so parsing the
+    defaults imports no torch and a bad path fails before it (issue 14, item 6)."""
 
     def __init__(self, load):
         self._load = load
+        self.builtin = BUILTIN.get(load.__name__, ())
         super().__init__(())
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value in self.builtin:
+            return value
+        return super().convert(value, param, ctx)
 
     @property
     def choices(self):
@@ -21,6 +29,16 @@ class _RegistryChoice(click.Choice):
     @choices.setter
     def choices(self, value):  # click.Choice.__init__ assigns it; the registry is the source
         pass
+
+
+# the built-in registry names (what the registries hold without plug-ins), accepted without importing torch
+BUILTIN = {
+    "_fusions": ("none", "gap", "learnable", "semantic"),
+    "_spatial_channels": ("half", "full"),
+    "_main_inputs": ("semantic", "spatial"),
+    "_normalizations": ("none", "l2", "standardize", "l2+standardize", "l2+whiten"),
+    "_scores": ("nll", "z2"),
+}
 
 
 def _fusions():

@@ -41,6 +41,7 @@ from .runs import (
     check_cache_matches,
     check_finite,
     default_run_name,
+    diff_settings,
     finish_run,
     load_tensors,
     now,
@@ -49,6 +50,7 @@ from .runs import (
     read_json_file,
     read_jsonl,
     read_run_config,
+    run_state,
     start_run_config,
     write_json_atomic,
 )
@@ -148,6 +150,7 @@ class FitRun:
     result: FitResult
     resumed: bool = False
     extra: dict = field(default_factory=dict)
+    already_finished: bool = False  # the folder held this finished run already (``result`` is then None)
 
 
 @dataclass
@@ -174,6 +177,9 @@ def load_run(run_dir, device: str = "cpu") -> LoadedRun:
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     model_path = run_dir / MODEL_FILE
+    if not model_path.exists() and config.get("status") == "finished":
+        raise SanfError(f"run {run_dir} finished but its model was not kept (a sweep keeps models only with "
+                        f"--keep-models); its results are in the folder, to score again refit it with `sanf fit`")
     if not model_path.exists():
         raise SanfError(f"run {run_dir} is incomplete (no {MODEL_FILE}): its fit did not finish; rerun the same "
                         f"`sanf fit` command to resume it")
@@ -240,7 +246,7 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
     metrics.update({
         "normal_class_name": config.get("normal_class_name"), "score_description": SCORE_DESCRIPTIONS[score],
         "epoch_selection": config.get("epoch_selection"), "best_epoch": result.get("best_epoch"),
-        "epochs_run": result.get("epochs_run"), "n_train": config.get("n_train_total"),
+        "epochs_run": result.get("epochs_run"), "n_train": config.get("n_train_total"), "n_val": result.get("n_val"),
         "n_nonfinite_scores": int((~np.isfinite(scores)).sum()), "run": str(run_dir or out_dir),
         "cache": test.cache_path, "flow": config.get("flow"), "fit": config.get("fit", {}), "evaluated": now(),
         **(extra_metrics or {}),
@@ -304,14 +310,18 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
 
 
 def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plots: bool = True,
-                 extra: dict | None = None, extra_metrics: dict | None = None) -> EvalResult:
-    """Fit baseline ``method`` on the class tokens of ``train``, score ``test``, write config and result files."""
-    scorer = create_baseline(method)
+                 extra: dict | None = None, extra_metrics: dict | None = None, options: dict | None = None,
+                 device: str = "auto") -> EvalResult:
+    """Fit baseline ``method`` (with its ``options``) on the class tokens of ``train``, score ``test``, write config
+    and result files."""
+    scorer = create_baseline(method, **(options or {}))
+    if hasattr(scorer, "device"):
+        scorer.device = device
     scores = scorer.fit(train.cls).score(test.class_tokens())
     ci = train.class_index
     is_anomaly = test.labels != ci
     metrics = compute_metrics(is_anomaly, scores)
-    metrics.update(baseline_identity(method, ci, test.fingerprint))
+    metrics.update(baseline_identity(method, ci, test.fingerprint, options))
     metrics.update({"normal_class_name": train.class_name, "score_description": scorer.description,
                     "epoch_selection": BASELINE_EPOCH_SELECTION, "n_train": int(len(train.cls)),
                     "cache": test.cache_path, "evaluated": now(), "settings": {"method": method,
@@ -326,8 +336,11 @@ def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plot
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
 
 
-def baseline_identity(method: str, class_index: int, fingerprint: str) -> dict:
-    return {"method": method, "score": method, "normal_class": class_index, "cache_fingerprint": fingerprint}
+def baseline_identity(method: str, class_index: int, fingerprint: str, options: dict | None = None) -> dict:
+    ident = {"method": method, "score": method, "normal_class": class_index, "cache_fingerprint": fingerprint}
+    if options:  # only when given, so results written before options existed keep their identity
+        ident["options"] = dict(options)
+    return ident
 
 
 # ------------------------------------------------------------------------- single runs from a cache (the CLI)
@@ -349,11 +362,22 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
     cfg = (cfg or FitConfig()).validate()
     with open_cache(cache_path) as cache:
         ci = cache.class_index(normal_class)
-        train = TrainData.from_cache(cache, ci, cfg.needs_patch)
         fingerprint, info = cache.fingerprint, cache_identity(cache)
-    run_dir = Path(out_dir) if out_dir else default_run_name(cache_path, train.class_name)
-    mode = prepare_out_dir(run_dir, fit_settings(cfg, fingerprint, ci), overwrite=overwrite, what="run",
-                           finished_hint=f" (evaluate it with `sanf eval --run {run_dir}`)")
+        run_dir = Path(out_dir) if out_dir else default_run_name(cache_path, cache.class_names[ci])
+        settings = fit_settings(cfg, fingerprint, ci)
+        hint = f" (evaluate it with `sanf eval --run {run_dir}`)"
+        if not overwrite and run_state(run_dir) == "finished":  # the same fit again: nothing to do, as extract/sweep
+            try:
+                old = read_run_config(run_dir)
+            except SanfError:
+                old = {}
+            if old.get("settings") == settings and old.get("status") == "finished":
+                return FitRun(run_dir=run_dir, config=old, result=None, already_finished=True)
+            diff = diff_settings(old.get("settings") or {}, settings)
+            if diff:
+                hint = f" with other settings ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''})"
+        train = TrainData.from_cache(cache, ci, cfg.needs_patch)
+    mode = prepare_out_dir(run_dir, settings, overwrite=overwrite, what="run", finished_hint=hint)
     created = read_json_file(run_dir / CONFIG_FILE).get("created") if mode == "resume" else None
     config, result = fit_flow_job(run_dir, cfg, train, fingerprint=fingerprint, cache_info=info, created=created,
                                   resumed=mode == "resume", quiet=quiet, callback=callback)
@@ -384,13 +408,14 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
                              train_log=log)
 
 
-def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True) -> EvalResult:
+def baseline_run(cache, normal_class, method: str = "gaussian", out_dir=None, *, overwrite: bool = False,
+                 plots: bool = True, options: dict | None = None, device: str = "auto") -> EvalResult:
     """`sanf baseline`: fit a baseline on the normal class's training class tokens, score the test split, write
-    the results."""
+    the results. ``options``: the scorer's own settings (``{"k": 5}`` for the kNN baselines); ``device``: used by
+    scorers that run in torch (the registered ones run in numpy)."""
     from .cache import open_cache
 
-    create_baseline(method)  # an unknown name fails before any reading
+    create_baseline(method, **(options or {}))  # an unknown name or option fails before any reading
     with open_cache(cache) as c:
         ci = c.class_index(normal_class)
         train = TrainData.from_cache(c, ci, patch=False)
@@ -401,6 +426,6 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
     out_dir = Path(out_dir) if out_dir else default_run_name(cache, train.class_name, f"-{method}")
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
-    guard_results(out_dir, baseline_identity(method, ci, test.fingerprint), overwrite)
+    guard_results(out_dir, baseline_identity(method, ci, test.fingerprint, options), overwrite)
     _mkdir(out_dir)
-    return baseline_job(out_dir, method, train, test, plots=plots)
+    return baseline_job(out_dir, method, train, test, plots=plots, options=options, device=device)

@@ -9,6 +9,7 @@ completes, in the form ``extract vit_small: 3072/20000 (15%) 14.8 img/s, 207 s e
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 
@@ -83,7 +84,10 @@ class LogLines:
             parts.append(str(rate))
         parts.append(f"{elapsed:.0f} s elapsed")
         gained = done - t["start"]
-        if total and gained > 0 and done < total:
+        if "left" in t["fields"]:  # the caller's own estimate (a fit: from measured epochs)
+            if t["fields"]["left"] and done < (total or math.inf):
+                parts.append(str(t["fields"]["left"]))
+        elif total and gained > 0 and done < total:
             parts.append(f"~{elapsed * (total - done) / gained:.0f} s left")
         self._write(", ".join(parts))
 
@@ -96,8 +100,9 @@ def _interval() -> float:
 
 
 @contextlib.contextmanager
-def progress_bar(quiet: bool = False, unit: str = "img"):
-    """A progress display with count, rate (``{unit}/s``, from the task field ``rate``) and ETA."""
+def progress_bar(quiet: bool = False, unit: str = "img", measured_eta: bool = False):
+    """A progress display with count, rate (``{unit}/s``, from the task field ``rate``) and ETA (with
+    ``measured_eta``: the caller's text in the task field ``left`` instead of rich's extrapolation)."""
     if quiet:
         yield _Silent()
         return
@@ -111,7 +116,7 @@ def progress_bar(quiet: bool = False, unit: str = "img"):
         TaskProgressColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[left]}") if measured_eta else TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console, transient=False) as bar:
         yield bar

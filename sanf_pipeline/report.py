@@ -134,6 +134,9 @@ def run_report_markdown(metrics: dict, train_log: list[dict] | None = None, plot
     out += [f"- score: `{m.get('score')}`" + (f" ({m['score_description']})" if m.get("score_description") else ""),
             "- anomalies are the positive class; anomalous = test label differs from the normal class",
             f"- epoch selection: {m.get('epoch_selection')}"]
+    n_val = m.get("n_val")
+    if m.get("n_train") is not None and n_val:
+        m = {**m, "n_train": f"{m['n_train']} ({m['n_train'] - n_val} fitted, {n_val} held out for early stopping)"}
     for key, label in (("best_epoch", "reported epoch"), ("epochs_run", "epochs trained"),
                        ("n_train", "training samples"), ("cache", "cache"), ("cache_fingerprint", "cache fingerprint"),
                        ("run", "run folder")):
@@ -146,6 +149,8 @@ def run_report_markdown(metrics: dict, train_log: list[dict] | None = None, plot
         out += ["", "## Settings", "", "```", *(f"{k}: {v}" for k, v in sorted(settings.items())), "```"]
     if train_log:
         out += ["", "## Training log", "",
+                "train_loss and val_nll are the NLL per feature dimension (nats / d, so about 1); the `nll` score "
+                "is the whole -log p(x) in nats, summed over the d dimensions, so about d times larger.", "",
                 markdown_table(train_log, ["epoch", "train_loss", "val_nll", "samples_per_s", "seconds"])]
     if plots:
         out += ["", "## Plots", ""]
@@ -164,10 +169,18 @@ def write_run_report(out_dir, metrics: dict, *, train_log: list[dict] | None = N
 
 
 # ------------------------------------------------------------------------------------------ sweep reports
+CSV_DECIMALS = 6
+
+
 def _pm(mean, std) -> str:
     if mean is None:
         return "missing"
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def class_label(index: int, name: str) -> str:
+    """``3 cat``; just ``3`` where the name is the index (digits, MNIST)."""
+    return str(name) if str(name) == str(index) else f"{index} {name}"
 
 
 def summary_csv(summary: dict) -> str:
@@ -177,25 +190,26 @@ def summary_csv(summary: dict) -> str:
     w.writerow(["setting", "method", "class_index", "class_name", "n_runs", "n_planned", "auroc_mean", "auroc_std",
                 "aupr_mean", "tpr_at_5_fpr_mean", "aurocs_per_seed"])
 
-    def f(v):
-        return "" if v is None else repr(float(v))
+    def f(v):  # 6 decimals: far finer than any AUROC difference a test split resolves, and no float noise
+        return "" if v is None else repr(round(float(v), CSV_DECIMALS))
 
     for setting in summary["settings"]:
         for c in summary["classes"]:
             cell = summary["cells"][setting][c["name"]]
             w.writerow([setting, summary["m_auroc"][setting]["method"], c["index"], c["name"], cell["n_runs"],
                         cell["n_planned"], f(cell["auroc_mean"]), f(cell["auroc_std"]), f(cell["aupr_mean"]),
-                        f(cell["tpr_at_5_fpr_mean"]), ";".join(repr(float(a)) for a in cell["aurocs"])])
+                        f(cell["tpr_at_5_fpr_mean"]), ";".join(f(a) for a in cell["aurocs"])])
         m = summary["m_auroc"][setting]
         w.writerow([setting, m["method"], "", "M-AUROC", m["n_classes"], len(summary["classes"]), f(m["mean"]),
-                    f(m["std_over_seeds"]), "", "", ";".join(repr(v) for v in m["per_seed"].values())])
+                    f(m["std_over_seeds"]), "", "", ";".join(f(v) for v in m["per_seed"].values())])
     return buf.getvalue()
 
 
 def summary_markdown(summary: dict, heatmap: str = "heatmap.png") -> str:
     """``summary.md`` of a sweep summary (``sweep.summary.summarize``)."""
     settings = summary["settings"]
-    out = [f"# Sweep {summary['sweep']}", "",
+    name = str(summary["sweep"])
+    out = ["# Sweep summary" + ("" if name.lower() == "sweep" else f": {name}"), "",
            f"- cache: {summary['cache']} (fingerprint {summary['cache_fingerprint']})",
            f"- runs finished: {summary['n_finished']} of {summary['n_runs']}",
            f"- flow score: `{summary['score']}`; anomalies (test label != normal class) are the positive class",
@@ -206,7 +220,7 @@ def summary_markdown(summary: dict, heatmap: str = "heatmap.png") -> str:
            "## AUROC per class and setting", ""]
     rows = []
     for c in summary["classes"]:
-        row = {"class": f"{c['index']} {c['name']}"}
+        row = {"class": class_label(c["index"], c["name"])}
         for s in settings:
             cell = summary["cells"][s][c["name"]]
             row[s] = _pm(cell["auroc_mean"], cell["auroc_std"])
@@ -263,7 +277,8 @@ def plot_heatmap(path, summary: dict) -> Path:
             text = "—" if not np.isfinite(v) else f"{v:.3f}"
             dark = np.isfinite(v) and (v - lo) / (hi - lo) > 0.6
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if dark else "white")
-    ax.set_title(f"AUROC, sweep {summary['sweep']} (mean over seeds)", fontsize=9)
+    name = str(summary["sweep"])
+    ax.set_title("AUROC" + ("" if name.lower() == "sweep" else f", sweep {name}") + " (mean over seeds)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     return save_png(fig, path)
 

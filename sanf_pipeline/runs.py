@@ -291,6 +291,19 @@ def default_run_name(cache_path, class_name: str, suffix: str = "") -> Path:
 
 
 # ------------------------------------------------------------------------------------ writing a flow run
+def fit_as_run(cfg) -> dict:
+    """The fit settings as the run used them (``config.json: fit``, the report): only the training-length keys
+    that applied (``epochs`` or the early-stopping ones), and ``amp`` true only where mixed precision ran (GPU).
+    The run's identity is ``settings`` (``FitConfig.settings``), not this."""
+    from .device import amp_dtype, resolve_device
+
+    d = cfg.to_dict()
+    for k in (("val_fraction", "patience", "max_epochs", "min_delta") if not cfg.early_stopping else ("epochs",)):
+        d.pop(k, None)
+    d["amp"] = amp_dtype(resolve_device(cfg.device), cfg.amp) is not None
+    return d
+
+
 def start_run_config(run_dir, cfg, settings: dict, *, class_index: int, class_name: str, n_train: int,
                      cache_identity: dict, created: str, extra: dict | None = None) -> dict:
     """Write (atomically) and return the ``config.json`` of a flow run (``cfg``: a FitConfig) about to train."""
@@ -298,7 +311,7 @@ def start_run_config(run_dir, cfg, settings: dict, *, class_index: int, class_na
 
     config = {
         "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "kind": "flow", "method": "sanf-flow",
-        "run_id": settings_id(settings), "settings": settings, "fit": cfg.to_dict(),
+        "run_id": settings_id(settings), "settings": settings, "fit": fit_as_run(cfg),
         "normal_class": class_index, "normal_class_name": class_name, "n_train_total": int(n_train),
         "cache": cache_identity, "epoch_selection": cfg.epoch_selection, "device": str(resolve_device(cfg.device)),
         "created": created, "versions": package_versions(), "status": "running", **(extra or {}),

@@ -10,6 +10,12 @@ import click
 from .cli_types import _RegistryChoice, _scores
 from .errors import SanfError
 
+# FitConfig's fields minus seed and device, spelled out so that `sanf sweep --help` need not import torch;
+# tests/test_cli_fast_errors.py checks the list against FitConfig
+GRID_KEYS = ("amp", "attn_dim", "batch_size", "betas", "blocks", "clamp", "early_stopping", "epochs", "eps",
+             "eval_batch_size", "fusion", "grad_clip", "heads", "hidden", "lr", "main_input", "max_epochs",
+             "min_delta", "normalize", "patience", "spatial_channels", "token_pool", "val_fraction", "weight_decay")
+
 
 def _default_out(cache: Path) -> Path:
     stem = Path(str(cache).rstrip("/\\")).name
@@ -24,7 +30,8 @@ def _default_out(cache: Path) -> Path:
 @click.option("--classes", default="all", show_default=True, help="all, or normal classes by name/index: 0,3,cat.")
 @click.option("--out", type=click.Path(path_type=Path), help="Sweep folder [default: sweeps/<cache>].")
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2",
-              help="A fit setting and its values (repeatable; flow runs only), e.g. --grid fusion=none,semantic.")
+              help="A fit setting and its values (repeatable; flow runs only), e.g. --grid fusion=none,semantic. "
+                   f"Keys: {', '.join(GRID_KEYS)} (as `sanf fit`'s options, with _ for -).")
 @click.option("--set", "fixed", multiple=True, metavar="KEY=VALUE",
               help="A fixed fit setting for every flow run (repeatable), e.g. --set epochs=1 --set hidden=512.")
 @click.option("--methods", default="flow", show_default=True,
@@ -40,19 +47,28 @@ def _default_out(cache: Path) -> Path:
               help="Ray GPUs per run (fractions share a GPU, e.g. 0.25).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N (flow runs).")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Per-run PNG plots (they cost time).")
+@click.option("--keep-models", is_flag=True,
+              help="Keep each flow run's model.safetensors (tens to hundreds of MB a run; see the README's disk "
+                   "table). Without it a run keeps its scores, metrics, report and plots.")
 @click.option("--overwrite", is_flag=True,
               help="Replace a sweep folder's plan; finished runs that stay identical are kept, others removed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep(cache_path, classes, out, grid, fixed, methods, seeds, score, workers, executor, ray_address,
-          ray_cpus_per_task, ray_gpus_per_task, device, plots, overwrite, quiet):
+          ray_cpus_per_task, ray_gpus_per_task, device, plots, keep_models, overwrite, quiet):
     """Run classes x grid x methods x seeds from one cache (the test split is read once); resumable."""
-    from .sweep import run_sweep
-
     if executor != "ray" and (ray_address or ray_gpus_per_task):
         raise SanfError("--ray-address/--ray-gpus-per-task need --executor ray")
+    from .cache import open_cache
+    from .sweep.plan import parse_methods, resolve_classes
+
+    with open_cache(cache_path) as c:  # before torch is imported: a bad path or class fails at once
+        resolve_classes(c.class_names, classes)
+    parse_methods(methods)
+    from .sweep import run_sweep
+
     out = out or _default_out(cache_path)
     res = run_sweep(cache_path, out, classes, list(grid), methods, seeds, list(fixed), workers, executor,
-                    device=device, score=score, plots=plots, overwrite=overwrite, quiet=quiet,
+                    device=device, score=score, plots=plots, overwrite=overwrite, quiet=quiet, keep_models=keep_models,
                     ray_address=ray_address, ray_cpus_per_task=ray_cpus_per_task,
                     ray_gpus_per_task=ray_gpus_per_task)
     s = res.summary
@@ -70,10 +86,15 @@ def sweep(cache_path, classes, out, grid, fixed, methods, seeds, score, workers,
 
 @click.command("report")
 @click.argument("sweep_dir", type=click.Path(path_type=Path))
-def report(sweep_dir):
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for summary.{csv,json,md} and heatmap.png [default: SWEEP_DIR itself].")
+def report(sweep_dir, out):
     """Re-render a sweep's summary.{csv,json,md} and heatmap.png from its run folders (no rescoring)."""
+    from .sweep.plan import read_plan
+
+    read_plan(sweep_dir)  # before torch is imported: a wrong folder fails at once
     from .sweep import write_summary
 
-    s = write_summary(sweep_dir)
+    s = write_summary(sweep_dir, out)
     click.echo(f"{sweep_dir}: {s['n_finished']} of {s['n_runs']} run(s) finished; summary in "
-               f"{Path(sweep_dir) / 'summary.md'} (also summary.csv, summary.json, heatmap.png)")
+               f"{Path(out or sweep_dir) / 'summary.md'} (also summary.csv, summary.json, heatmap.png)")

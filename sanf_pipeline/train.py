@@ -320,6 +320,22 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
 
 
 # ------------------------------------------------------------------------------------------------ fitting
+def time_left(epoch_seconds: list[float], epoch: int, cfg: FitConfig, stopping: EarlyStopping) -> str:
+    """The time left after ``epoch``, from the mean of the epochs measured so far (no estimate before one
+    has finished). With early stopping the end is unknown: the range from stopping at the earliest (``patience``
+    epochs without improvement) to running to ``max_epochs``."""
+    if not epoch_seconds:
+        return ""
+    per = sum(epoch_seconds) / len(epoch_seconds)
+    most = max(0, cfg.total_epochs - epoch)
+    least = most if not cfg.early_stopping else min(most, max(0, cfg.patience - stopping.bad_epochs))
+    if stopping.stopped or most == 0:
+        return ""
+    if least == most:
+        return f"~{per * most:.0f} s left"
+    return f"~{per * least:.0f}-{per * most:.0f} s left (early stopping)"
+
+
 def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConfig | None = None, *,
              run_dir=None, quiet: bool = True, callback: Callable[[int, dict, torch.nn.Module], None] | None = None,
              description: str = "fit") -> FitResult:
@@ -345,11 +361,13 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
     steps = (data.n_train + cfg.batch_size - 1) // cfg.batch_size
     total_epochs = cfg.total_epochs
 
-    with progress_bar(quiet, unit="samples") as bar:
-        task = bar.add_task(description, total=steps * total_epochs, completed=steps * start_epoch, rate="")
+    epoch_seconds: list[float] = []  # measured in this process: the time left is estimated from these only
+    with progress_bar(quiet, unit="samples", measured_eta=True) as bar:
+        task = bar.add_task(description, total=steps * total_epochs, completed=steps * start_epoch, rate="", left="")
         for epoch in range(start_epoch + 1, total_epochs + 1):
             if stopping.stopped:
                 break
+            t_epoch = time.perf_counter()
 
             def diverged(what, step, epoch=epoch, last_good=last_good):
                 return _diverged(what, epoch, step, steps, cfg, last_good, run_dir)
@@ -372,6 +390,8 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
             log.append(row)
             if ckpt is not None:
                 ckpt.save(epoch, flow, opt, scaler, stopping, log)
+            epoch_seconds.append(time.perf_counter() - t_epoch)
+            bar.update(task, left=time_left(epoch_seconds, epoch, cfg, stopping))
             last_good = epoch
             if callback is not None:
                 callback(epoch, row, flow)

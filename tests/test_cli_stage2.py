@@ -35,9 +35,11 @@ def test_fit_eval_baseline_happy_path(pets_cache, tmp_path):
     r = run("baseline", "--cache", pets_cache, "--normal-class", "1", "--method", "knn-l2", "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output
     assert str(tmp_path / "b") in r.stdout and json.loads((tmp_path / "b" / "metrics.json").read_text())["auroc"] > 0.8
-    # a finished run is never silently replaced
+    # the same fit again is a no-op (exit 0, as extract and sweep); other settings never silently replace it
     r = run("fit", "--cache", pets_cache, "--normal-class", "dog", "--out", out, "--max-epochs", "2", *FAST_FIT)
-    assert_user_error(r, "already holds a finished run", "--overwrite")
+    assert r.exit_code == 0 and "already finished" in r.stdout, r.output
+    r = run("fit", "--cache", pets_cache, "--normal-class", "dog", "--out", out, "--max-epochs", "3", *FAST_FIT)
+    assert_user_error(r, "already holds a finished run with other settings", "max_epochs", "--overwrite")
     r = run("fit", "--cache", pets_cache, "--normal-class", "dog", "--out", out, "--epochs", "1", "--overwrite",
             *FAST_FIT)
     assert r.exit_code == 0, r.output

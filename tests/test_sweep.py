@@ -50,7 +50,8 @@ def swept(cache, tmp_path_factory):
     """One CLI sweep: 3 classes x (2 flow settings x 1 seed + knn), 2 workers (plots: see test_plots_option)."""
     out = tmp_path_factory.mktemp("s") / "sweep"
     r = invoke(sweep, "--cache", cache, "--out", out, "--grid", *GRID, "--methods", "flow,knn",
-               "--seeds", "0", *SET_ARGS, "--device", "cpu", "--workers", "2", "--no-plots", "--quiet")
+               "--seeds", "0", *SET_ARGS, "--device", "cpu", "--workers", "2", "--no-plots", "--keep-models",
+               "--quiet")
     assert r.exit_code == 0, (r.output, r.exception)
     return out, r.output
 
@@ -214,7 +215,8 @@ def test_ray_executor(swept, cache, tmp_path):
     assert len(res.computed) == 6 and not res.failed
     for run in ("dog-flow-fusion=none-s0", "frog-flow-fusion=semantic-s0", "dog-knn"):  # one thread per task
         same_results(out / "runs" / run, tmp_path / "ray" / "runs" / run)
-    assert (tmp_path / "ray" / "runs" / "dog-flow-fusion=semantic-s0" / "model.safetensors").is_file()
+    # without --keep-models a sweep keeps results, not models
+    assert not (tmp_path / "ray" / "runs" / "dog-flow-fusion=semantic-s0" / "model.safetensors").exists()
 
 
 def test_ray_missing_and_option_errors(cache, tmp_path, monkeypatch):

@@ -188,8 +188,10 @@ def test_fit_run_writes_run_folder_and_never_reads_test(cache, tmp_path, monkeyp
 def test_finished_run_refused_unless_overwrite(cache, tmp_path):
     cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 1})
     fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
-    with pytest.raises(SanfError, match="already holds a finished run.*--overwrite"):
-        fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
+    assert fit_run(cache, 0, cfg, tmp_path / "r", quiet=True).already_finished  # the same fit: nothing to do
+    with pytest.raises(SanfError, match="already holds a finished run with other settings.*seed.*--overwrite"):
+        fit_run(cache, 0, FitConfig(**{**TINY, "early_stopping": False, "epochs": 1, "seed": 5}), tmp_path / "r",
+                quiet=True)
     run = fit_run(cache, 0, cfg, tmp_path / "r", quiet=True, overwrite=True)
     assert run.result.epochs_run == 1
 

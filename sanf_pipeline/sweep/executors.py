@@ -70,6 +70,10 @@ def execute_run(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
             rec = flow_job(run_dir, cfg, train_data, test_data, cache_info=ctx["cache_identity"], score=ctx["score"],
                            plots=ctx["plots"], extra_config={"sweep": info},
                            extra_metrics={"sweep_run_id": spec.run_id, "sweep": {**info, "settings": cfg.settings()}})
+            if not ctx.get("keep_models", False):  # metrics.json (written last) marks the run finished
+                from ..runs import MODEL_FILE
+
+                (run_dir / MODEL_FILE).unlink(missing_ok=True)
         else:
             t = time.perf_counter()
             res = baseline_job(run_dir, spec.method, train_data, test_data, plots=ctx["plots"],

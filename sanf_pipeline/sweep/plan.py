@@ -341,7 +341,7 @@ def make_plan(specs: list[RunSpec], cache, *, classes: list[int], grid: dict, me
 
 
 def read_plan(sweep_dir) -> dict:
-    from ..runs import read_json_file
+    from ..cache.schema import read_json_file  # not runs': `sanf report` checks the folder before torch is imported
 
     path = Path(sweep_dir) / PLAN_FILE
     if not path.is_file():

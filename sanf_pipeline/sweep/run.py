@@ -190,8 +190,10 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
               executor: str = "local", *, device: str = "auto", score: str = "nll", plots: bool = True,
               overwrite: bool = False, quiet: bool = True, threads: int | None = None, start_method: str | None = None,
               ray_address: str | None = None, ray_cpus_per_task: float = 1.0, ray_gpus_per_task: float = 0.0,
-              ray_init_kwargs: dict | None = None) -> SweepResult:
-    """Plan, run (skipping finished runs) and summarise a sweep into ``out``; see the module docstring."""
+              ray_init_kwargs: dict | None = None, keep_models: bool = False) -> SweepResult:
+    """Plan, run (skipping finished runs) and summarise a sweep into ``out``; see the module docstring.
+    ``keep_models``: keep each flow run's ``model.safetensors`` once its results are written (by default it is
+    deleted: a sweep's product is its scores and metrics, and models cost tens to hundreds of MB a run)."""
     from ..cache import open_cache
     from ..progress import progress_bar
     from ..runs import cache_identity
@@ -232,7 +234,7 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
             threads = cores if workers == 1 else max(1, cores // workers)
         ctx = {"runs_dir": str(runs_dir.resolve()), "fingerprint": fp, "cache_identity": cache_identity(c),
                "cache_path": str(cache), "score": score, "plots": bool(plots), "device": device,
-               "num_tokens": c.num_tokens}
+               "num_tokens": c.num_tokens, "keep_models": bool(keep_models)}
         computed: list[dict] = []
         failed: list[dict] = []
         method_used = None

@@ -85,17 +85,24 @@ def summarize(sweep_dir) -> dict:
 
 
 
-def write_summary(sweep_dir) -> dict:
-    """(Re-)render summary.csv, summary.json, summary.md and heatmap.png from the run folders on disk."""
+def write_summary(sweep_dir, out=None) -> dict:
+    """(Re-)render summary.csv, summary.json, summary.md and heatmap.png from the run folders on disk, into
+    ``out`` (default: the sweep folder)."""
+    from ..errors import SanfError
     from ..runs import write_json_atomic, write_text_atomic
 
     sweep_dir = Path(sweep_dir)
     from ..report import plot_heatmap, summary_csv, summary_markdown
 
     summary = summarize(sweep_dir)
-    write_text_atomic(sweep_dir / SUMMARY_CSV, summary_csv(summary))
-    write_json_atomic(sweep_dir / SUMMARY_JSON, summary)
-    write_text_atomic(sweep_dir / SUMMARY_MD, summary_markdown(summary, HEATMAP_PNG))
-    plot_heatmap(sweep_dir / HEATMAP_PNG, summary)
+    out = Path(out) if out is not None else sweep_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SanfError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from None
+    write_text_atomic(out / SUMMARY_CSV, summary_csv(summary))
+    write_json_atomic(out / SUMMARY_JSON, summary)
+    write_text_atomic(out / SUMMARY_MD, summary_markdown(summary, HEATMAP_PNG))
+    plot_heatmap(out / HEATMAP_PNG, summary)
     return summary
 
