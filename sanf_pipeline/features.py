@@ -14,7 +14,7 @@ Methods (``NORMALIZATIONS``):
 - ``l2+whiten`` (the default): L2 first, then ZCA whitening of the class tokens with a Ledoit-Wolf shrinkage
   covariance (patch tokens: L2 + per-channel standardisation). Chosen over l2+standardize by measurement
   (benchmarks/normalization.md; CIFAR-10 in benchmarks/quality_cifar10.md).
-  The flow then starts (identity init) exactly at the shrinkage-Gaussian baseline's density and training
+  The flow then starts (identity init) exactly at the ``gaussian-whiten`` baseline's density and training
   can only move it by what held-out NLL rewards; ZCA keeps channels aligned with the original ones, so
   ``spatial_channels="half"`` pairing still holds.
 - ``l2+standardize``: L2 first, then standardise with the statistics of the

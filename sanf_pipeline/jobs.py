@@ -177,7 +177,7 @@ def load_run(run_dir, device: str = "cpu") -> LoadedRun:
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     model_path = run_dir / MODEL_FILE
-    if not model_path.exists() and config.get("status") == "finished":
+    if not model_path.exists() and config.get("model_kept") is False:
         raise SanfError(f"run {run_dir} finished but its model was not kept (a sweep keeps models only with "
                         f"--keep-models); its results are in the folder, to score again refit it with `sanf fit`")
     if not model_path.exists():

@@ -13,8 +13,9 @@ block is read once and used by every run of that class; no process starts per ru
 Files (``sweeps/<name>/``)::
 
     plan.json                  every planned run with its settings; a restart must plan the same runs
-    runs/<run-id>/             the files of `sanf fit` + `sanf eval` (config.json, model.safetensors,
-                               train_log.jsonl, metrics.json, scores.csv, report.md, PNGs) or of `sanf baseline`
+    runs/<run-id>/             the files of `sanf fit` + `sanf eval` (config.json, train_log.jsonl, metrics.json,
+                               scores.csv, report.md, PNGs; model.safetensors only with ``keep_models``) or of
+                               `sanf baseline`
     summary.csv|json|md        AUROC per class x setting (mean +- std over seeds), M-AUROC = mean over classes
     heatmap.png                class x setting AUROC
     sweep_log.jsonl            one line per computed run with its timings (not part of the summary)

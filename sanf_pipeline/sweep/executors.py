@@ -43,6 +43,16 @@ def _clean_tmp(run_dir: Path) -> None:
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
+def _drop_model(run_dir: Path) -> None:
+    """Without --keep-models: say so in config.json (so `load_run` explains), then delete the model."""
+    from ..runs import CONFIG_FILE, MODEL_FILE, read_json_file, write_json_atomic
+
+    config = read_json_file(run_dir / CONFIG_FILE)
+    config["model_kept"] = False
+    write_json_atomic(run_dir / CONFIG_FILE, config)
+    (run_dir / MODEL_FILE).unlink(missing_ok=True)
+
+
 def _sweep_extras(spec: RunSpec, ctx: dict) -> dict:
     """What a sweep adds to a run's ``metrics.json`` (and, under ``sweep``, to its ``config.json``)."""
     info = {"run_id": spec.run_id, "setting": spec.setting}
@@ -71,9 +81,7 @@ def execute_run(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
                            plots=ctx["plots"], extra_config={"sweep": info},
                            extra_metrics={"sweep_run_id": spec.run_id, "sweep": {**info, "settings": cfg.settings()}})
             if not ctx.get("keep_models", False):  # metrics.json (written last) marks the run finished
-                from ..runs import MODEL_FILE
-
-                (run_dir / MODEL_FILE).unlink(missing_ok=True)
+                _drop_model(run_dir)
         else:
             t = time.perf_counter()
             res = baseline_job(run_dir, spec.method, train_data, test_data, plots=ctx["plots"],
