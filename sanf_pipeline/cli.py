@@ -67,7 +67,7 @@ def _echo_json(obj) -> None:
 
 
 # Arguments are checked before torch/timm are imported (seconds), so a mistyped path or class fails at once;
-# tests/test_cli_fast_errors.py checks that these errors leave torch and timm unimported.
+# tests/test_usability.py checks that these errors leave torch and timm unimported.
 def _check_cache(cache_path, normal_class=None) -> None:
     """Open the cache's metadata (numpy only) and resolve the class: the errors the real run would give."""
     from .cache import open_cache

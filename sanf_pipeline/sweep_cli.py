@@ -11,7 +11,7 @@ from .cli_types import _RegistryChoice, _scores
 from .errors import SanfError
 
 # FitConfig's fields minus seed and device, spelled out so that `sanf sweep --help` need not import torch;
-# tests/test_cli_fast_errors.py checks the list against FitConfig
+# tests/test_usability.py checks the list against FitConfig
 GRID_KEYS = ("amp", "attn_dim", "batch_size", "betas", "blocks", "clamp", "early_stopping", "epochs", "eps",
              "eval_batch_size", "fusion", "grad_clip", "heads", "hidden", "lr", "main_input", "max_epochs",
              "min_delta", "normalize", "patience", "spatial_channels", "token_pool", "val_fraction", "weight_decay")
