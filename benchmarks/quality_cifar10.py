@@ -142,7 +142,7 @@ def _sweep(cache, out, *, report_only: bool, **kw):
         if summary is None:
             return None
         return SimpleNamespace(summary=summary, specs=summary["runs"], computed=[])
-    return run_sweep(cache, out, plots=False, overwrite=OVERWRITE, **kw)
+    return run_sweep(cache, out, plots=False, overwrite=OVERWRITE, keep_models=True, **kw)  # z2 rescores the models
 
 
 def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None,
