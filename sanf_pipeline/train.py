@@ -64,6 +64,8 @@ from .runs import (
     write_jsonl_atomic,
 )
 
+# devices where the step loop checks the loss on the host each step (free on CPU; on a GPU it would stall the queue)
+HOST_CHECK_DEVICES = ("cpu",)
 EPOCH_SELECTION_FIXED = "fixed final epoch (no epoch selection), never test AUROC"
 EPOCH_SELECTION_EARLY = "early stopping on held-out normal training NLL, never test AUROC"
 
@@ -444,7 +446,11 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
             flow.train()
             t0 = time.perf_counter()
             perm = torch.randperm(n_tr, generator=_epoch_generator(cfg.seed, epoch)).to(device)
-            loss_sum = 0.0
+            # on a GPU the step loop never waits for the device: the loss is summed there and the first non-finite
+            # step is kept there, both read once per epoch (on CPU a per-step check costs nothing)
+            host_checks = device.type in HOST_CHECK_DEVICES
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            first_bad = torch.full((), -1, dtype=torch.long, device=device)
             for step in range(steps):
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 xb = x_tr[idx]
@@ -452,7 +458,7 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                 with autocast(device, amp):
                     z, logdet = flow(xb, pb)
                 loss = (-log_likelihood(z, logdet)).mean() / z.shape[-1]
-                if not torch.isfinite(loss):
+                if host_checks and not torch.isfinite(loss):
                     raise _diverged(f"the loss became {loss.item()}", epoch, step + 1, steps, cfg, start_epoch,
                                     run_dir)
                 opt.zero_grad(set_to_none=True)
@@ -463,20 +469,28 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                     loss.backward()
                 if cfg.grad_clip is not None:
                     norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.grad_clip)
-                    if scaler is None and not torch.isfinite(norm):
+                    if host_checks and scaler is None and not torch.isfinite(norm):
                         raise _diverged("the gradient became non-finite", epoch, step + 1, steps, cfg,
                                         start_epoch, run_dir)
+                    if not host_checks and scaler is None:
+                        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(norm), step + 1, first_bad)
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
                 else:
                     opt.step()
-                loss_value = float(loss.detach())
-                loss_sum += loss_value * len(idx)
+                if not host_checks:
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
+                loss_sum += loss.detach().double() * len(idx)
                 seen = step * cfg.batch_size + len(idx)
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
+                shown = f" loss {float(loss.detach()):.4f}" if host_checks else ""
                 bar.update(task, advance=1, rate=f"{rate:.0f} samples/s",
-                           description=f"{description} epoch {epoch}/{total_epochs} loss {loss_value:.4f}")
+                           description=f"{description} epoch {epoch}/{total_epochs}{shown}")
+            if int(first_bad) > 0:
+                raise _diverged("the loss or its gradient became non-finite", epoch, int(first_bad), steps, cfg,
+                                start_epoch, run_dir)
+            loss_sum = float(loss_sum)
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": loss_sum / n_tr, "val_nll": None, "samples_per_s": n_tr / seconds,
                    "seconds": seconds, "lr": cfg.lr}

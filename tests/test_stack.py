@@ -111,3 +111,29 @@ def test_stack_planning():
     assert auto_stack_size(30, 10, 1000) == 30
     assert auto_stack_size(30, 100, 1000) == 8
     assert auto_stack_size(30, 10_000, 1000) == 1
+
+
+def test_a_diverging_flow_leaves_the_stack_and_the_others_finish(monkeypatch, one_torch_thread):
+    import sanf_pipeline.flow as flow_pkg
+
+    real, calls = flow_pkg.log_likelihood, {"n": 0}
+
+    def nan_in_flow_0(z, logdet):  # the stacked call sees (K, b): poison flow 0 from its 5th step on
+        out = real(z, logdet)
+        calls["n"] += 1
+        if out.dim() == 2 and calls["n"] >= 5 and out.shape[0] == 3:
+            out = torch.cat([out[:1] * float("nan"), out[1:]])
+        return out
+
+    blocks, *_ = _blocks(seed=2)
+    settings = {**TINY_FLOW, "early_stopping": False, "epochs": 3}  # 60 rows / 16 = 4 steps per epoch
+    members = [StackMember(FitConfig(**settings, seed=s), *blocks[0], data_key=0) for s in range(3)]
+    monkeypatch.setattr(flow_pkg, "log_likelihood", nan_in_flow_0)
+    stacked = fit_stack(members)
+    monkeypatch.setattr(flow_pkg, "log_likelihood", real)
+    assert isinstance(stacked[0], SanfError) and "epoch 2, step 1/4" in str(stacked[0])
+    for m, r in zip(members[1:], stacked[1:], strict=True):
+        ref = fit_flow(m.cls, m.patch, m.cfg)
+        assert r.epochs_run == 3
+        for k, v in r.model.state_dict().items():
+            assert (v.float() - ref.model.state_dict()[k].float()).abs().max().item() <= TOL, k
