@@ -93,7 +93,7 @@ class Peak:
 
 
 def _gib(p: Peak) -> str:
-    return "" if p.gib is None else f"{p.gib:.1f} GiB"
+    return "" if p.gib is None else f" ({p.gib:.1f} GiB peak GPU memory)"
 
 
 def main(argv=None) -> int:
@@ -190,13 +190,13 @@ def main(argv=None) -> int:
             ("backbone", f"{desc}, random weights, {precision}"),
             ("images", f"{n_images} CIFAR-10 JPEGs ({ext.images} extracted); unpacking {times['unpack']:.1f} s "
                        "(not counted)"),
-            ("bare forward", f"{bare:.1f} img/s ({_gib(peak_bare)})"),
+            ("bare forward", f"{bare:.1f} img/s{_gib(peak_bare)}"),
             ("sanf extract", f"{loop_rate:.1f} img/s in the loop, {times['extract']:.1f} s wall incl. model build; "
-                             f"writer waits {ext.writer_wait_s:.2f} s ({_gib(peak_extract)})"),
+                             f"writer waits {ext.writer_wait_s:.2f} s{_gib(peak_extract)}"),
             ("ratio extract / bare", f"{loop_rate / bare:.2f}"),
             ("sweep", f"{len(sw.specs)} runs ({flows} flows, seeds {seeds}, + knn, gaussian per class) in "
                       f"{times['sweep']:.1f} s; {flows / max(flow_s, 1e-9) * 60:.1f} flows/min; stack "
-                      f"{sw.timings.get('stack_size', 1)} ({_gib(peak_sweep)})"),
+                      f"{sw.timings.get('stack_size', 1)}{_gib(peak_sweep)}"),
             ("report", f"{times['report']:.2f} s; M-AUROC " + ", ".join(
                 f"{k} {v['mean']:.3f}" for k, v in m.items() if v.get("mean") is not None)),
             ("end to end (extract + sweep + report)", f"{times['extract'] + times['sweep'] + times['report']:.1f} s"),
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
                                                       "seeds": ",".join(map(str, range(args.grid_seeds)))})
                 times["grid"] = time.perf_counter() - t
             rows.append(("grid on one cache", f"{len(g.specs)} flow runs in {times['grid']:.1f} s; stack "
-                                              f"{g.timings.get('stack_size', 1)} ({_gib(peak_grid)})"))
+                                              f"{g.timings.get('stack_size', 1)}{_gib(peak_grid)}"))
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"{k:<{width}}  {v}")

@@ -484,9 +484,20 @@ class Preprocess:
                     y = y.round_().clamp_(0, 255)
             x = y.reshape(*lead, 3, *self.size)
         x = x.float().div(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        mean, std = self._stats(x.device)
         return x.sub_(mean).div_(std).contiguous()
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # made once per device: a fresh torch.tensor(..., device="cuda") per batch is a pageable copy that waits
+        # for the GPU's queue to drain, i.e. a host sync per batch
+        cache = self.__dict__.setdefault("_device_stats", {})
+        if device not in cache:
+            cache[device] = (torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1).to(device),
+                             torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1).to(device))
+        return cache[device]
+
+    def __getstate__(self):  # DataLoader workers get the settings, never device tensors
+        return {k: v for k, v in self.__dict__.items() if k != "_device_stats"}
 
     def __repr__(self) -> str:
         return (f"Preprocess(size={self.size}, mean={self.mean}, std={self.std}, "
