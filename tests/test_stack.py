@@ -42,6 +42,8 @@ CONFIGS = {
     "early-stop-semantic": dict(fusion="semantic", normalize="l2+whiten", max_epochs=6, patience=1),
     "fixed-gap": dict(fusion="gap", normalize="l2+standardize", early_stopping=False, epochs=2),
     "fixed-none": dict(fusion="none", normalize="standardize", early_stopping=False, epochs=2),
+    "spatial-learnable-pooled": dict(fusion="learnable", main_input="spatial", token_pool=2, normalize="l2",
+                                     early_stopping=False, epochs=2),
 }
 
 
