@@ -121,9 +121,9 @@ def main(argv=None) -> int:
     import torch
 
     from sanf_pipeline.backbones import create_backbone
-    from sanf_pipeline.extract import ExtractConfig, autocast_dtype, extract
+    from sanf_pipeline.device import precision_dtype, resolve_device
+    from sanf_pipeline.extract import ExtractConfig, extract
     from sanf_pipeline.sweep import run_sweep, write_summary
-    from sanf_pipeline.train import resolve_device
 
     base = TINY if args.tiny else FULL
     backbone = args.backbone or base["backbone"]
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     test_per_class = args.test_per_class if args.test_per_class is not None else base["test_per_class"]
     seeds = args.seeds or base["seeds"]
     device = resolve_device(args.device)
-    amp = autocast_dtype(args.precision, device)
+    amp = precision_dtype(args.precision, device)
     fixed = [f"{k}={v}" for k, v in base["flow"].items()] + args.fixed
     out = args.out
     marker = out / ".sanf-protocol"  # the script only ever removes a folder it created itself

@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path, help="append the result to this file")
     args = p.parse_args(argv)
 
+    from sanf_pipeline.device import resolve_device
+    from sanf_pipeline.fit_config import FitConfig
     from sanf_pipeline.stack import StackMember, fit_stack
-    from sanf_pipeline.train import FitConfig, fit_flow, resolve_device
+    from sanf_pipeline.train import fit_flow
 
     device = resolve_device(args.device)
     rng = np.random.default_rng(0)

@@ -38,17 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .device import amp_dtype, autocast, resolve_device
 from .errors import SanfError
 from .features import Normalizer
-from .train import (
-    FitConfig,
-    FitResult,
-    _diverged,
-    _epoch_generator,
-    amp_dtype,
-    autocast,
-    resolve_device,
-)
+from .fit_config import FitConfig
+from .train import FitResult, _diverged, _epoch_generator
 
 # Settings that may differ inside one stack; everything else in FitConfig.settings() must be equal.
 PER_FLOW_SETTINGS = ("seed",)

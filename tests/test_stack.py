@@ -10,6 +10,8 @@ from conftest import TINY_FLOW
 
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.evaluate import compute_metrics
+from sanf_pipeline.fit_config import FitConfig
+from sanf_pipeline.scoring import score_flow
 from sanf_pipeline.stack import (
     StackMember,
     auto_stack_size,
@@ -19,7 +21,7 @@ from sanf_pipeline.stack import (
     score_stack,
     stack_key,
 )
-from sanf_pipeline.train import FitConfig, fit_flow, score_flow
+from sanf_pipeline.train import fit_flow
 
 TOL = 1e-5
 
