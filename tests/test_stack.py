@@ -141,3 +141,37 @@ def test_a_diverging_flow_leaves_the_stack_and_the_others_finish(monkeypatch, on
         assert r.epochs_run == 3
         for k, v in r.model.state_dict().items():
             assert (v.float() - ref.model.state_dict()[k].float()).abs().max().item() <= TOL, k
+
+
+@pytest.mark.slow
+def test_stacked_sweep_equals_the_serial_sweep(tmp_path_factory, one_torch_thread):
+    """`sanf sweep --stack 4`: the same run folders, AUROCs and scores (to 1e-5) as one run after the other, early
+    stopping included; baselines and the summary unchanged."""
+    import csv
+    import json
+
+    from conftest import three_class_synthetic_cache
+
+    from sanf_pipeline.sweep import run_sweep
+
+    cache = three_class_synthetic_cache(tmp_path_factory)
+    out = tmp_path_factory.mktemp("sw")
+    fixed = ["hidden=16", "blocks=2", "batch_size=16", "lr=2e-3", "max_epochs=4", "patience=1"]
+    kw = dict(classes="all", grid=["fusion=none,semantic"], methods="flow,gaussian", seeds="0,1", fixed=fixed,
+              device="cpu", plots=False)
+    serial = run_sweep(cache, out / "serial", workers=1, stack=1, **kw)
+    stacked = run_sweep(cache, out / "stacked", stack=4, **kw)
+    assert serial.timings["stack_size"] == 1 and stacked.timings["stack_size"] == 4
+    assert len(stacked.computed) == len(serial.computed) == 3 * (2 * 2 + 1) and not stacked.failed
+    log = [json.loads(line) for line in (out / "stacked" / "sweep_log.jsonl").read_text().splitlines()]
+    assert {r.get("stack") for r in log if "-flow-" in r["run_id"]} == {4, 2}  # 6 flows per setting: 4 + 2
+    for spec in serial.specs:
+        a, b = (out / d / "runs" / spec.run_id for d in ("serial", "stacked"))
+        ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+        assert abs(ma["auroc"] - mb["auroc"]) <= TOL and ma.get("best_epoch") == mb.get("best_epoch")
+        sa, sb = ([float(r["score"]) for r in csv.DictReader(open(d / "scores.csv"))] for d in (a, b))
+        assert np.abs(np.subtract(sa, sb)).max() <= TOL
+        assert {p.name for p in a.iterdir()} == {p.name for p in b.iterdir()}
+    assert serial.m_auroc.keys() == stacked.m_auroc.keys()
+    for k, v in serial.m_auroc.items():
+        assert abs(v - stacked.m_auroc[k]) <= TOL
