@@ -122,9 +122,9 @@ def test_every_command_default_equals_the_api_default():
                 continue
             assert _same(param.default, defaults[name]), (command, name, param.default, defaults[name])
             checked.setdefault(command, []).append(name)
-        # flags that invert an API setting
-    assert not cli.commands["fit"].params[[p.name for p in cli.commands["fit"].params].index("no_amp")].default
-    assert FitConfig().amp is True
+    # a flag that inverts an API setting: off by default, as the API's amp=True
+    no_amp = next(p for p in cli.commands["fit"].params if p.name == "no_amp")
+    assert no_amp.is_flag and no_amp.default in (False, None, click_unset()) and FitConfig().amp is True
     assert {"pool", "dtype", "precision", "device", "batch_size", "on_error"} <= set(checked["extract"])
     assert {"score", "device"} <= set(checked["eval"])
     assert {"classes", "methods", "seeds", "score", "executor", "device", "plots"} <= set(checked["sweep"])
