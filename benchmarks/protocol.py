@@ -17,7 +17,6 @@ Unattended: no prompts, no downloads (``--weights random``, ``HF_HUB_OFFLINE=1``
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shutil
@@ -169,9 +168,7 @@ def main(argv=None) -> int:
         loop_rate = ext.images / ext.seconds
 
         sweep_kw = dict(classes="all", methods="flow,knn,gaussian", seeds=seeds, fixed=fixed, device=str(device),
-                        plots=False, quiet=True)
-        if "stack" in inspect.signature(run_sweep).parameters:  # a sweep without the stacked executor runs serially
-            sweep_kw["stack"] = args.stack
+                        plots=False, quiet=True, stack=args.stack)
         with Peak(device) as peak_sweep:
             t = time.perf_counter()
             sw = run_sweep(cache, out / "sweep", **sweep_kw)
