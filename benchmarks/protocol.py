@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         with Peak(device) as peak_bare:
             bb = create_backbone(backbone, weights="random", image_size=image_size, device=str(device),
                                  model_kwargs=base["model_kwargs"])
-            bare = bare_forward(bb, batch, device, amp, iters=3 if args.tiny else 20)
+            bare = bare_forward(bb, batch, device, amp, iters=10 if args.tiny else 20)
             desc = f"{backbone} @ {image_size} px, d={bb.dim}, {bb.num_tokens} patch tokens, batch {batch}"
             del bb
         cache = out / "cache"
