@@ -12,15 +12,8 @@ from sanf_pipeline.errors import SanfError
 from sanf_pipeline.evaluate import compute_metrics
 from sanf_pipeline.fit_config import FitConfig
 from sanf_pipeline.scoring import score_flow
-from sanf_pipeline.stack import (
-    StackMember,
-    auto_stack_size,
-    fit_stack,
-    parse_stack,
-    plan_stacks,
-    score_stack,
-    stack_key,
-)
+from sanf_pipeline.stack import StackMember, fit_stack, score_stack, stack_key
+from sanf_pipeline.sweep.stacked import auto_stack_size, parse_stack, plan_stacks
 from sanf_pipeline.train import fit_flow
 
 TOL = 1e-5

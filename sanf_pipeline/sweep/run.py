@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SanfError
-from ..stack import parse_stack
 from .executors import _Data, _run_pool, _run_ray, _run_serial, _start_method, cpu_count
 from .plan import (
     EXECUTORS,
@@ -36,7 +35,7 @@ from .plan import (
     plan_sweep,
     read_plan,
 )
-from .stacked import run_stacked, stack_size_for
+from .stacked import parse_stack, run_stacked, stack_size_for
 from .summary import write_summary
 
 LOCK_WAIT_S = 5.0

@@ -6,16 +6,90 @@ every run folder gets the files ``jobs.flow_job`` writes (``config.json``, ``mod
 What does not stack goes through the serial executor, one run after the other: baselines, and flow runs with
 something to resume in their folder (an epoch checkpoint or a fitted model), so a sweep killed under the
 ordinary executor continues exactly. A stack writes no epoch checkpoints: a killed stack is retrained.
-Stack size: ``stack.resolve_stack_size`` (``auto``: from the free GPU memory after the data; 1 on CPU).
+Stack size: ``resolve_stack_size`` (``auto``: from the free GPU memory after the data; 1 on CPU).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from ..errors import SanfError
+from ..fit_config import FitConfig
 from .plan import RunSpec
+
+# Fraction of the free GPU memory a stack may plan to use (the rest: allocator slack, other tensors).
+MEMORY_FRACTION = 0.8
+
+
+def parse_stack(value) -> int | str:
+    """``--stack``: ``auto`` or a positive integer."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SanfError(f"--stack must be auto or a positive integer, not {value!r}")
+    return n
+
+
+def flow_param_count(cfg: FitConfig, dim: int, patch_dim: int, num_tokens: int) -> int:
+    from ..flow import SANFlow
+
+    with torch.device("meta"):
+        flow = SANFlow(**cfg.flow_kwargs(dim, patch_dim, num_tokens))
+    return sum(p.numel() for p in flow.parameters())
+
+
+def flow_memory_bytes(cfg: FitConfig, dim: int, patch_dim: int, num_tokens: int) -> int:
+    """Device bytes one more flow in a stack needs: weights, gradient, two Adam moments and the best-epoch copy
+    (5 float32 copies), plus activations of one batch kept for the backward pass (estimated generously)."""
+    params = flow_param_count(cfg, dim, patch_dim, num_tokens)
+    a = cfg.attn_dim or max(1, patch_dim // 2)
+    per_sample = cfg.blocks * 2 * (6 * cfg.hidden + 4 * num_tokens * max(a, patch_dim // 2) + 8 * dim)
+    batch = max(cfg.batch_size, cfg.eval_batch_size)
+    return 5 * 4 * params + 4 * batch * per_sample * 2
+
+
+def auto_stack_size(n_flows: int, per_flow_bytes: int, free_bytes: int) -> int:
+    """How many flows fit in ``free_bytes`` (at least 1, at most ``n_flows``)."""
+    if n_flows < 1:
+        return 1
+    fit = int(free_bytes * MEMORY_FRACTION // max(1, per_flow_bytes))
+    return max(1, min(n_flows, fit))
+
+
+def resolve_stack_size(stack, n_flows: int, device: torch.device, per_flow_bytes: int,
+                       data_bytes: int = 0) -> int:
+    """``--stack auto|N`` -> a stack size. ``auto``: on a GPU from its free memory (after the data); on CPU 1
+    (a stacked CPU sweep measured slower than the process pool, ``benchmarks/protocol.md``)."""
+    stack = parse_stack(stack)
+    if stack != "auto":
+        return max(1, min(int(stack), max(1, n_flows)))
+    if device.type != "cuda":
+        return 1
+    free, _total = torch.cuda.mem_get_info(device)
+    return auto_stack_size(n_flows, per_flow_bytes, max(0, free - data_bytes))
+
+
+def plan_stacks(keys: Sequence[str], sizes: Sequence[int], stack_size: int) -> list[list[int]]:
+    """Group item indices into stacks: same key and same training-set size, at most ``stack_size`` each, in the
+    order given (so flows of one class stay together and each class's block is needed by few stacks)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (k, n) in enumerate(zip(keys, sizes, strict=True)):
+        groups.setdefault((k, int(n)), []).append(i)
+    out = []
+    for members in groups.values():
+        for s in range(0, len(members), max(1, stack_size)):
+            out.append(members[s:s + stack_size])
+    return out
 
 
 def stackable(spec: RunSpec, runs_dir: Path) -> bool:
@@ -28,7 +102,6 @@ def stackable(spec: RunSpec, runs_dir: Path) -> bool:
 def stack_size_for(todo: list[RunSpec], ctx: dict, cache, stack) -> int:
     """The stack size ``--stack`` gives for the stackable runs of ``todo`` (1: no stacking)."""
     from ..device import resolve_device
-    from ..stack import flow_memory_bytes, resolve_stack_size
 
     flows = [s for s in todo if stackable(s, Path(ctx["runs_dir"]))]
     if len(flows) < 2:
@@ -48,7 +121,7 @@ def stack_size_for(todo: list[RunSpec], ctx: dict, cache, stack) -> int:
 def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: int, on_done) -> None:
     from ..jobs import TestData, eval_flow_job, fit_settings
     from ..runs import finish_run, now, start_run_config
-    from ..stack import StackMember, fit_stack, plan_stacks, score_stack, stack_key
+    from ..stack import StackMember, fit_stack, score_stack, stack_key
     from .executors import _clean_tmp, _run_serial, _sweep_extras, _torch_threads
 
     runs_dir = Path(ctx["runs_dir"])
