@@ -35,11 +35,11 @@ FULL = dict(backbone="vit_large_patch16_224", image_size=224, batch_size=256, pe
             model_kwargs=None, seeds="0,1,2", flow={})
 
 
-def unpack(dest: Path, per_class: int | None, test_per_class: int | None) -> Path:
+def unpack(dest: Path, per_class: int | None, test_per_class: int | None, archive: Path = ARCHIVE) -> Path:
     """The JPEGs (the first ``per_class`` training / ``test_per_class`` test images of each class, or all)."""
-    if not ARCHIVE.is_file():
-        sys.exit(f"{ARCHIVE} is missing: the protocol reads the CIFAR-10 JPEGs from it")
-    with zipfile.ZipFile(ARCHIVE) as zf:
+    if not archive.is_file():
+        sys.exit(f"{archive} is missing: the protocol reads the CIFAR-10 JPEGs from it (--archive)")
+    with zipfile.ZipFile(archive) as zf:
         for name in zf.namelist():
             parts = name.split("/")
             if len(parts) != 4 or not parts[3].endswith(".jpg"):
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid-seeds", type=int, default=0, help="also run a grid of N seeds x 10 classes (N=10: 100 runs)")
     p.add_argument("--set", dest="fixed", action="append", default=[], help="flow setting key=value (repeatable)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--archive", type=Path, default=ARCHIVE, help="the CIFAR-10 JPEG zip [../shared/data/...]")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "protocol")
     p.add_argument("--keep", action="store_true", help="keep the data, cache and sweeps under --out")
     p.add_argument("--markdown", type=Path, help="write the result table (with the command) to this file")
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     times: dict[str, float] = {}
     try:
         t = time.perf_counter()
-        data = unpack(out / "data", per_class, test_per_class)
+        data = unpack(out / "data", per_class, test_per_class, args.archive)
         times["unpack"] = time.perf_counter() - t
         n_images = sum(1 for _ in data.rglob("*.jpg"))
 
