@@ -140,6 +140,9 @@ def test_sweep_keeps_models_only_when_asked(pets_cache, tmp_path):
     kept = run_sweep(pets_cache, tmp_path / "k", "dog", None, "flow", "0", fixed, device="cpu", plots=False,
                      keep_models=True)
     assert kept.computed and (tmp_path / "k" / "runs" / "dog-flow-s0" / "model.safetensors").is_file()
+    stacked = run_sweep(pets_cache, tmp_path / "st", "cat,dog", None, "flow", "0", fixed, device="cpu", plots=False,
+                        stack=2)  # the stacked executor (sweep/stacked.py) drops them too
+    assert len(stacked.computed) == 2 and not list((tmp_path / "st").rglob("model.safetensors"))
 
 
 # ------------------------------------------------------------------------- item 11: consistent run metadata
