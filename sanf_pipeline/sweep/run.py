@@ -35,7 +35,6 @@ from .plan import (
     plan_sweep,
     read_plan,
 )
-from .stacked import parse_stack, run_stacked, stack_size_for
 from .summary import write_summary
 
 LOCK_WAIT_S = 5.0
@@ -212,6 +211,8 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
             raise SanfError(RAY_MISSING)
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise SanfError(f"--workers must be a positive integer, got {workers}")
+    from .stacked import parse_stack, run_stacked, stack_size_for  # torch: not at import (CLI checks come first)
+
     stack_arg = parse_stack(stack)
     out = Path(out)
     with contextlib.ExitStack() as stack:
