@@ -43,14 +43,19 @@ def _clean_tmp(run_dir: Path) -> None:
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
-def _drop_model(run_dir: Path) -> None:
-    """Without --keep-models: say so in config.json (so `load_run` explains), then delete the model."""
-    from ..runs import CONFIG_FILE, MODEL_FILE, read_json_file, write_json_atomic
+def _model_extras(ctx: dict) -> dict:
+    """What a flow run's config.json says about its model: without --keep-models ``model_kept: false`` (written
+    with the config at fit time, so dropping the model after metrics.json is a bare unlink, and `load_run`
+    explains the missing file)."""
+    return {} if ctx.get("keep_models", False) else {"model_kept": False}
 
-    config = read_json_file(run_dir / CONFIG_FILE)
-    config["model_kept"] = False
-    write_json_atomic(run_dir / CONFIG_FILE, config)
-    (run_dir / MODEL_FILE).unlink(missing_ok=True)
+
+def _drop_model(run_dir: Path, ctx: dict) -> None:
+    """Without --keep-models: delete the model once the results are written (a kill before leaves it, harmless)."""
+    from ..runs import MODEL_FILE
+
+    if not ctx.get("keep_models", False):
+        (run_dir / MODEL_FILE).unlink(missing_ok=True)
 
 
 def _sweep_extras(spec: RunSpec, ctx: dict) -> dict:
@@ -78,10 +83,9 @@ def execute_run(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
         if spec.is_flow:
             cfg = spec.fit_config(ctx["device"])
             rec = flow_job(run_dir, cfg, train_data, test_data, cache_info=ctx["cache_identity"], score=ctx["score"],
-                           plots=ctx["plots"], extra_config={"sweep": info},
+                           plots=ctx["plots"], extra_config={"sweep": info, **_model_extras(ctx)},
                            extra_metrics={"sweep_run_id": spec.run_id, "sweep": {**info, "settings": cfg.settings()}})
-            if not ctx.get("keep_models", False):  # metrics.json (written last) marks the run finished
-                _drop_model(run_dir)
+            _drop_model(run_dir, ctx)
         else:
             t = time.perf_counter()
             res = baseline_job(run_dir, spec.method, train_data, test_data, plots=ctx["plots"],

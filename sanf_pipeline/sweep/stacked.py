@@ -122,7 +122,7 @@ def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: 
     from ..jobs import TestData, eval_flow_job, fit_settings
     from ..runs import finish_run, now, start_run_config
     from ..stack import StackMember, fit_stack, score_stack, stack_key
-    from .executors import _clean_tmp, _drop_model, _run_serial, _sweep_extras, _torch_threads
+    from .executors import _clean_tmp, _drop_model, _model_extras, _run_serial, _sweep_extras, _torch_threads
 
     runs_dir = Path(ctx["runs_dir"])
     flows = [s for s in todo if stackable(s, runs_dir)]
@@ -160,7 +160,7 @@ def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: 
                 configs.append(start_run_config(
                     rd, cfgs[i], fit_settings(cfgs[i], ctx["fingerprint"], s.class_index), class_index=s.class_index,
                     class_name=s.class_name, n_train=len(b["cls"]), cache_identity=ctx["cache_identity"],
-                    created=now(), extra={"sweep": _sweep_extras(s, ctx)}))
+                    created=now(), extra={"sweep": _sweep_extras(s, ctx), **_model_extras(ctx)}))
                 members.append(StackMember(cfgs[i], b["cls"], b.get("patch") if cfgs[i].needs_patch else None,
                                            data_key=s.class_index))
             results = fit_stack(members, description=f"stack of {len(members)}")
@@ -187,8 +187,7 @@ def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: 
                                     score=ctx["score"], plots=ctx["plots"], train_log=r.log, scores=scores[k],
                                     extra_metrics={"sweep_run_id": s.run_id,
                                                    "sweep": {**info, "settings": cfg.settings()}})
-                if not ctx.get("keep_models", False):
-                    _drop_model(runs_dir / s.run_id)
+                _drop_model(runs_dir / s.run_id, ctx)
                 write = time.perf_counter() - t2
                 on_done(s, {"run_id": s.run_id, "auroc": res.metrics["auroc"], "fit_s": t_fit / len(specs),
                             "score_write_s": t_score + write, "reused_model": False,
