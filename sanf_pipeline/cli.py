@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .errors import SanfError
+from .errors import Interrupted, SanfError
 
 
 class _Group(click.Group):
@@ -22,8 +22,10 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; finished work is kept, rerun the same command to resume", err=True)
+        except KeyboardInterrupt as exc:
+            kept = str(exc) if isinstance(exc, Interrupted) and str(exc) else \
+                "finished work is kept, rerun the same command to resume"
+            click.echo(f"interrupted; {kept}", err=True)
             ctx.exit(130)
 
 
