@@ -8,7 +8,7 @@ the converted tensors (:func:`state_dict_digest`); a package whose file differs 
 loaded silently. ``../shared/weights/tf_efficientnet_lite0.in1k.safetensors`` was converted from the same
 package, and ``tests/test_packaged_weights.py`` compares the two tensor by tensor.
 
-:func:`find_packaged` is the third place :func:`sanf_pipeline.backbones.resolve_weights` looks, after
+:func:`find_packaged` is the third place :func:`sanf_pipeline.weights.resolve_weights` looks, after
 ``--weights`` and ``$SANF_WEIGHTS_DIR`` and before timm's download. Nothing here writes files.
 """
 
@@ -122,7 +122,7 @@ def find_packaged(arch: str, tag: str | None = None) -> tuple[PackagedWeights | 
 
 def load_packaged(entry: PackagedWeights, path: str) -> dict[str, torch.Tensor]:
     """Read, convert and check the package's weights; a digest mismatch is a :class:`SanfError`."""
-    from .backbones import load_state_dict_file
+    from .weights import load_state_dict_file
 
     sd = entry.convert(load_state_dict_file(path))
     got = state_dict_digest(sd)
