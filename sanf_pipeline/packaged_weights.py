@@ -121,10 +121,15 @@ def find_packaged(arch: str, tag: str | None = None) -> tuple[PackagedWeights | 
 
 
 def load_packaged(entry: PackagedWeights, path: str) -> dict[str, torch.Tensor]:
-    """Read, convert and check the package's weights; a digest mismatch is a :class:`SanfError`."""
-    from .weights import load_state_dict_file
-
-    sd = entry.convert(load_state_dict_file(path))
+    """Read (``weights_only``), convert and check the package's weights; a digest mismatch is a :class:`SanfError`."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a damaged package for the user
+        raise SanfError(f"cannot read {path} of the package {entry.package} ({type(e).__name__}); reinstall it "
+                        "or pass --weights FILE") from e
+    if not isinstance(raw, Mapping):
+        raise SanfError(f"{path} of the package {entry.package} is not a state dict; reinstall it")
+    sd = entry.convert(raw)
     got = state_dict_digest(sd)
     if got != entry.digest:
         raise SanfError(f"the weights in {path} (package {entry.package}) are not the ones sanf was checked "
