@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (name, d, patch tokens T): the demo (DINOv2 ViT-S/14, 56 px), DINOv2 ViT-S/14 224 px pooled 2x2, EfficientNet-Lite0
-SHAPES = (("DINOv2 ViT-S/14, 56 px (the demo)", 384, 16), ("DINOv2 ViT-S/14, 224 px", 384, 256),
+# (name, d, patch tokens T): the former demo (DINOv2 ViT-S/14, 56 px), DINOv2 ViT-S/14 224 px, EfficientNet-Lite0
+SHAPES = (("DINOv2 ViT-S/14, 56 px (the former demo)", 384, 16), ("DINOv2 ViT-S/14, 224 px", 384, 256),
           ("EfficientNet-Lite0, 224 px", 1280, 49))
 
 
