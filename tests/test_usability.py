@@ -272,6 +272,13 @@ def test_report_out(pets_cache, tmp_path):
     r = run("report", tmp_path / "s", "--out", tmp_path / "elsewhere")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "elsewhere" / "summary.md").is_file() and (tmp_path / "elsewhere" / "heatmap.png").is_file()
+    r = run("report", tmp_path / "s", "--out", tmp_path / "elsewhere")  # its own earlier report: replaced
+    assert r.exit_code == 0, r.output
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.md").write_text("my notes")
+    assert_user_error(run("report", tmp_path / "s", "--out", mine), "summary.md", "another --out")
+    assert (mine / "summary.md").read_text() == "my notes"
 
 
 # ------------------------------------------------------------------------------------------ item 16: README

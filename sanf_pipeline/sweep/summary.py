@@ -85,6 +85,24 @@ def summarize(sweep_dir) -> dict:
 
 
 
+def _refuse_foreign_summary(out: Path) -> None:
+    """`sanf report --out`: replace summary files only where a summary.json of sanf's says they are sanf's."""
+    from ..errors import SanfError
+    from ..runs import read_json_file
+
+    names = (SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, HEATMAP_PNG)
+    taken = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
+    if not taken:
+        return
+    try:
+        ours = read_json_file(out / SUMMARY_JSON).get("format") == "sanf-sweep-summary"
+    except (SanfError, AttributeError):
+        ours = False
+    if not ours:
+        raise SanfError(f"{out} holds {', '.join(taken[:3])}, which sanf did not write and would replace; sanf never "
+                        f"overwrites files it did not make: choose another --out")
+
+
 def write_summary(sweep_dir, out=None) -> dict:
     """(Re-)render summary.csv, summary.json, summary.md and heatmap.png from the run folders on disk, into
     ``out`` (default: the sweep folder)."""
@@ -96,6 +114,8 @@ def write_summary(sweep_dir, out=None) -> dict:
 
     summary = summarize(sweep_dir)
     out = Path(out) if out is not None else sweep_dir
+    if out != sweep_dir:
+        _refuse_foreign_summary(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
