@@ -6,8 +6,10 @@ Registry (``BASELINES``, extend with ``register_baseline``):
 - ``knn-l2``: the same on L2-normalised class tokens.
 - ``gaussian``: squared Mahalanobis distance to a Gaussian fitted on the normal class tokens with the
   Ledoit-Wolf shrinkage covariance (``sklearn.covariance.LedoitWolf``).
+- ``patch-knn``: PatchCore-style kNN on the *patch* tokens (``patchknn.PatchKNNScorer``).
 
-Each scorer has ``fit(train_cls)`` and ``score(test_cls) -> (n,)`` (higher = more anomalous). The kNN distances
+Each scorer has ``fit(train_cls)`` and ``score(test_cls) -> (n,)`` (higher = more anomalous); a scorer with
+``needs_patch = True`` takes the patch tokens as second argument (``fit_score`` passes what each needs). The kNN distances
 are computed in float64 blocks of test rows with a matrix product, so memory stays bounded for large splits.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SanfError
+from .patchknn import PatchKNNScorer
 
 _BLOCK = 1024
 
@@ -75,6 +78,7 @@ BASELINES: dict[str, Callable[[], object]] = {
     "knn": lambda: KNNScorer(k=2, l2=False),
     "knn-l2": lambda: KNNScorer(k=2, l2=True),
     "gaussian": GaussianScorer,
+    "patch-knn": PatchKNNScorer,
 }
 
 
@@ -88,9 +92,33 @@ def create_baseline(name: str):
     return BASELINES[name]()
 
 
-def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray) -> np.ndarray:
-    """Fit baseline ``method`` on the normal training class tokens and score the test class tokens (pure)."""
-    return create_baseline(method).fit(train_cls).score(test_cls)
+def needs_patch(method: str) -> bool:
+    """Whether baseline ``method`` scores patch tokens (so its caller must read them from the cache)."""
+    return bool(getattr(create_baseline(method), "needs_patch", False))
+
+
+def fit_score(scorer, train_cls: np.ndarray, test_cls: np.ndarray, train_patch=None, test_patch=None) -> np.ndarray:
+    """Fit ``scorer`` on the normal training features and score the test features (patch tokens if it needs them)."""
+    if getattr(scorer, "needs_patch", False):
+        return scorer.fit(train_cls, train_patch).score(test_cls, test_patch)
+    return scorer.fit(train_cls).score(test_cls)
+
+
+def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray, train_patch=None,
+                   test_patch=None) -> np.ndarray:
+    """Fit baseline ``method`` on the normal training features and score the test features (pure)."""
+    return fit_score(create_baseline(method), train_cls, test_cls, train_patch, test_patch)
+
+
+def baseline_settings(scorer, method: str) -> dict:
+    out = {"method": method}
+    if isinstance(scorer, KNNScorer):
+        out.update(k=scorer.k, l2=scorer.l2)
+    if isinstance(scorer, GaussianScorer):
+        out["shrinkage"] = scorer.shrinkage
+    if hasattr(scorer, "settings"):
+        out.update(scorer.settings())
+    return out
 
 
 @dataclass
@@ -114,12 +142,13 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
         ci = c.class_index(normal_class)
         name = c.class_names[ci]
         out_dir = Path(out_dir) if out_dir else default_run_name(cache, name, f"-{method}")
-        train, _ = c.split("train").read_class(ci, patch=False)
+        patch = bool(getattr(scorer, "needs_patch", False))
+        train, train_patch = c.split("train").read_class(ci, patch=patch)
         if len(train) == 0:
             raise SanfError(f"class {name!r} has no valid training samples in {c.path}")
-        check_finite(f"the training features of class {name!r} in {c.path}", train)
-        test, _, labels, sample_ids = c.split("test").read_all(patch=False)
-        check_finite(f"the test features in {c.path}", test)
+        check_finite(f"the training features of class {name!r} in {c.path}", train, train_patch)
+        test, test_patch, labels, sample_ids = c.split("test").read_all(patch=patch)
+        check_finite(f"the test features in {c.path}", test, test_patch)
         identity = cache_identity(c)
     finally:
         c.close()
@@ -131,17 +160,14 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SanfError(f"cannot create {out_dir}: {exc.strerror or exc}; choose another --out") from None
-    scores = scorer.fit(train).score(test)
+    scores = fit_score(scorer, train, test, train_patch, test_patch)
     is_anomaly = labels != ci
     metrics = compute_metrics(is_anomaly, scores)
     metrics.update(guard)
     metrics.update({"normal_class_name": name, "score_description": scorer.description,
                     "epoch_selection": "not applicable (no training epochs; fitted on normal training data only)",
                     "n_train": int(len(train)), "cache": str(cache), "evaluated": now(),
-                    "settings": {"method": method, **({"k": scorer.k, "l2": scorer.l2}
-                                                       if isinstance(scorer, KNNScorer) else {})}})
-    if isinstance(scorer, GaussianScorer):
-        metrics["settings"]["shrinkage"] = scorer.shrinkage
+                    "settings": baseline_settings(scorer, method)})
     write_json_atomic(out_dir / "config.json", {"format": "sanf-baseline", "format_version": 1, "method": method,
                                                 "normal_class": ci, "normal_class_name": name, "cache": identity,
                                                 "created": now(), "versions": package_versions()})

@@ -67,7 +67,8 @@ def _echo_json(obj) -> None:
 @click.option("--weights", help="Weights file (safetensors or state dict), or 'random' for random init.")
 @click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
 @click.option("--image-size", type=int, help="Input size in pixels (ViT position embeddings are resampled).")
-@click.option("--layer", type=int, help="Take the tokens of this block (0-based, negative from the end).")
+@click.option("--layer", help="Take the tokens of this block (0-based, negative from the end; CNNs: feature stage); "
+              "several, e.g. 8,11 or 2,3: concatenated on one grid in one pass (README).")
 @click.option("--pool", type=int, default=1, show_default=True, help="Average-pool the patch grid KxK.")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), help="Store format [default: zarr].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
@@ -91,13 +92,14 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
             dtype, precision, device, batch_size, num_workers, limit_per_class, splits, on_error, num_shards,
             shard_index, shard_size, overwrite, quiet, model_kwargs):
     """Run a frozen backbone over a dataset once and cache class and patch tokens."""
+    from .backbones import parse_layers
     from .extract import ExtractConfig, default_cache_path
     from .extract import extract as run_extract
 
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, data_root=str(data_root) if data_root else None, category=category,
         cache=str(cache or default_cache_path(dataset, category)), weights=weights,
-        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size, layer=layer, pool=pool,
+        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size, layer=parse_layers(layer), pool=pool,
         format=fmt, dtype=dtype, precision=precision, device=device, batch_size=batch_size,
         num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
         on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,

@@ -277,7 +277,11 @@ class RunSpec:
 
     @property
     def needs_patch(self) -> bool:
-        return self.is_flow and self.fit_config().needs_patch
+        if not self.is_flow:
+            from .baselines import needs_patch
+
+            return needs_patch(self.method)
+        return self.fit_config().needs_patch
 
     def fit_config(self, device: str | None = None):
         from .train import FitConfig
@@ -330,6 +334,8 @@ def plan_sweep(cache, classes="all", grid=None, methods=(FLOW,), seeds=(0,), fix
     """The runs of a sweep, in execution order (class-major). ``cache``: a path, an open cache or class names."""
     names = _class_names(cache)
     class_idx = resolve_classes(names, classes)
+    if classes is None or (isinstance(classes, str) and classes.strip().lower() == "all"):
+        class_idx = _with_training_data(cache, names, class_idx)
     if not class_idx:
         raise SanfError("no classes selected")
     grid = parse_grid(grid)
@@ -372,6 +378,24 @@ def plan_sweep(cache, classes="all", grid=None, methods=(FLOW,), seeds=(0,), fix
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise SanfError(f"two planned runs share the id {dup[0]!r}; class names or grid values collide")
     return specs
+
+
+def _with_training_data(cache, names: list[str], class_idx: list[int]) -> list[int]:
+    """Drop the classes without training samples (an MVTec cache's defect classes) from ``--classes all``."""
+    if isinstance(cache, (list, tuple)):
+        return class_idx
+    from .cache import open_cache
+
+    if hasattr(cache, "split"):
+        counts = cache.split("train").class_counts()
+    else:
+        with open_cache(cache) as c:
+            counts = c.split("train").class_counts()
+    empty = [i for i in class_idx if counts[i] == 0]
+    if empty:
+        print(f"note: skipping {len(empty)} class(es) without training images: "
+              f"{', '.join(names[i] for i in empty)}", file=sys.stderr)
+    return [i for i in class_idx if counts[i] > 0]
 
 
 def _class_names(cache) -> list[str]:
@@ -547,7 +571,7 @@ def _run_flow(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
 
 
 def _run_baseline(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
-    from .baselines import GaussianScorer, KNNScorer, create_baseline
+    from .baselines import baseline_settings, create_baseline, fit_score
     from .evaluate import compute_metrics, write_results
     from .runs import now, package_versions, write_json_atomic
 
@@ -556,7 +580,7 @@ def _run_baseline(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
     _clean_tmp(run_dir)
     t0 = time.perf_counter()
     scorer = create_baseline(spec.method)
-    scores = scorer.fit(train["cls"]).score(test["cls"])
+    scores = fit_score(scorer, train["cls"], test["cls"], train.get("patch"), test.get("patch"))
     t_fit = time.perf_counter() - t0
     ci = spec.class_index
     is_anomaly = test["labels"] != ci
@@ -565,11 +589,8 @@ def _run_baseline(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
     metrics.update({"normal_class_name": spec.class_name, "score_description": scorer.description,
                     "epoch_selection": "not applicable (no training epochs; fitted on normal training data only)",
                     "n_train": int(len(train["cls"])), "cache": ctx["cache_path"], "evaluated": now(),
-                    "settings": {"method": spec.method, **({"k": scorer.k, "l2": scorer.l2}
-                                                            if isinstance(scorer, KNNScorer) else {})},
+                    "settings": baseline_settings(scorer, spec.method),
                     "sweep": {"run_id": spec.run_id, "setting": spec.setting}})
-    if isinstance(scorer, GaussianScorer):
-        metrics["settings"]["shrinkage"] = scorer.shrinkage
     write_json_atomic(run_dir / "config.json", {
         "format": "sanf-baseline", "format_version": 1, "method": spec.method, "normal_class": ci,
         "normal_class_name": spec.class_name, "cache": ctx["cache_identity"], "created": now(),
