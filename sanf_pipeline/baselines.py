@@ -9,8 +9,9 @@ Registry (``BASELINES``, extend with ``register_baseline``):
 - ``patch-knn``: PatchCore-style kNN on the *patch* tokens (``patchknn.PatchKNNScorer``).
 
 Each scorer has ``fit(train_cls)`` and ``score(test_cls) -> (n,)`` (higher = more anomalous); a scorer with
-``needs_patch = True`` takes the patch tokens as second argument (``fit_score`` passes what each needs). The kNN distances
-are computed in float64 blocks of test rows with a matrix product, so memory stays bounded for large splits.
+``needs_patch = True`` takes the patch tokens as second argument (``fit_score`` passes what each needs).
+The kNN distances are computed in float64 blocks of test rows with a matrix product, so memory stays
+bounded for large splits.
 """
 
 from __future__ import annotations

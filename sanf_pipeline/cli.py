@@ -99,8 +99,9 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, data_root=str(data_root) if data_root else None, category=category,
         cache=str(cache or default_cache_path(dataset, category)), weights=weights,
-        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size, layer=parse_layers(layer), pool=pool,
-        format=fmt, dtype=dtype, precision=precision, device=device, batch_size=batch_size,
+        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size,
+        layer=parse_layers(layer), pool=pool, format=fmt, dtype=dtype, precision=precision, device=device,
+        batch_size=batch_size,
         num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
         on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,
         overwrite=overwrite, quiet=quiet, model_kwargs=_json_option(model_kwargs, "--model-kwargs"))
