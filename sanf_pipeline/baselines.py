@@ -87,10 +87,14 @@ def register_baseline(name: str, factory: Callable[[], object]) -> None:
     BASELINES[name] = factory
 
 
-def create_baseline(name: str):
+def create_baseline(name: str, **options):
+    """A fresh scorer; ``options`` go to its factory (e.g. ``coreset``/``neighbourhood`` for patch-knn)."""
     if name not in BASELINES:
         raise SanfError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
-    return BASELINES[name]()
+    try:
+        return BASELINES[name](**options)
+    except TypeError:
+        raise SanfError(f"baseline {name!r} takes no options {', '.join(options)}") from None
 
 
 def needs_patch(method: str) -> bool:
@@ -131,13 +135,14 @@ class BaselineRun:
 
 
 def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True) -> BaselineRun:
-    """Fit a baseline on the normal class's training class tokens, score the test split, write the results."""
+                 plots: bool = True, options: dict | None = None) -> BaselineRun:
+    """Fit a baseline on the normal class's training features, score the test split, write the results."""
     from .cache import open_cache
     from .evaluate import compute_metrics, guard_results, write_results
     from .runs import cache_identity, check_finite, default_run_name, now, package_versions, write_json_atomic
 
-    scorer = create_baseline(method)
+    options = dict(options or {})
+    scorer = create_baseline(method, **options)
     c = open_cache(cache)
     try:
         ci = c.class_index(normal_class)
@@ -156,6 +161,8 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
     guard = {"method": method, "score": method, "normal_class": ci, "cache_fingerprint": identity["fingerprint"]}
+    if options:
+        guard["options"] = options
     guard_results(out_dir, guard, overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -265,15 +265,23 @@ def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
 @cli.command()
 @click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
 @click.option("--normal-class", required=True, help="The normal class, by name or index.")
-@click.option("--method", type=click.Choice(["knn", "knn-l2", "gaussian"]), default="knn", show_default=True,
-              help="kNN (k=2) on class tokens, on L2-normalised ones, or Gaussian with Ledoit-Wolf covariance.")
+@click.option("--method", type=click.Choice(["knn", "knn-l2", "gaussian", "patch-knn"]), default="knn",
+              show_default=True, help="kNN (k=2) on class tokens, on L2-normalised ones, Gaussian with Ledoit-Wolf "
+              "covariance, or PatchCore-style nearest patch token (largest patch distance per image).")
+@click.option("--coreset", type=float, help="patch-knn: fraction of the training patch tokens kept by the greedy "
+              "coreset [default: patchknn.DEFAULT_CORESET, see README].")
+@click.option("--neighbourhood", type=int, help="patch-knn: average each patch token with its KxK grid "
+              "neighbourhood first (odd; 1 = off) [default: patchknn.DEFAULT_NEIGHBOURHOOD].")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-def baseline(cache_path, normal_class, method, out, overwrite):
+def baseline(cache_path, normal_class, method, coreset, neighbourhood, out, overwrite):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
     from .baselines import baseline_run
 
-    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite)
+    options = {k: v for k, v in (("coreset", coreset), ("neighbourhood", neighbourhood)) if v is not None}
+    if options and method != "patch-knn":
+        raise SanfError(f"--{'/--'.join(options)} apply to --method patch-knn only")
+    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, options=options)
     m = res.metrics
     click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
                f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "
