@@ -190,3 +190,28 @@ def test_sweep_all_skips_classes_without_training_images(cache, tmp_path, capsys
     m = json.loads((res.out_dir / "runs" / "good-patch-knn" / "metrics.json").read_text())
     ref = baseline_run(cache, "good", "patch-knn", tmp_path / "b", plots=False)
     assert m["auroc"] == ref.metrics["auroc"]
+
+
+def test_multi_layer_cache_feeds_fit_and_baselines(folder_dataset, tmp_path):
+    """`--layer 0,1` on a tiny ViT: one cache with both blocks concatenated; fit and every baseline read it."""
+    from conftest import TINY_FLOW, TINY_VIT, TINY_VIT_KWARGS, extract_args
+
+    from sanf_pipeline.backbones import create_backbone
+    from sanf_pipeline.cache import open_cache
+    from sanf_pipeline.train import FitConfig, fit_run
+
+    cache = tmp_path / "multi"
+    out = CliRunner().invoke(cli, extract_args(folder_dataset, cache, "--layer", "0,1"))
+    assert out.exit_code == 0, out.output
+    with open_cache(cache) as c:
+        assert c.dim == 2 * TINY_VIT_KWARGS["embed_dim"] and c.backbone["layer"] == [0, 1]
+        assert c.backbone["layer_dims"] == [32, 32]
+        cls, patch = c.split("train").read_class(0)
+    bb = create_backbone(TINY_VIT, weights="random", image_size=56, layer=1, model_kwargs=TINY_VIT_KWARGS)
+    assert patch.shape[1:] == (bb.num_tokens, 64)
+    run = fit_run(cache, 0, FitConfig(epochs=1, early_stopping=False, seed=0, **TINY_FLOW), tmp_path / "run",
+                  quiet=True)
+    assert (run.run_dir / "model.safetensors").exists()
+    for method in ("gaussian", "patch-knn"):
+        res = baseline_run(cache, 0, method, tmp_path / method, plots=False)
+        assert np.isfinite(res.scores).all() and len(res.scores) == 15

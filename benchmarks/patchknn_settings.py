@@ -1,0 +1,102 @@
+"""patch-knn settings (issue 12): layer (one cache per layer choice), coreset fraction and neighbourhood, measured
+on several caches together, so the defaults are chosen across data sets and backbones, never on one set.
+
+    python benchmarks/patchknn_settings.py --fractions 0.01,0.1 --neighbourhoods 1,3 \\
+        --cache "juice_bottle / DINOv2 block 8=cache/juice-dinov2s-224-L8" \\
+        --cache "juice_bottle / EfficientNet stage 3=cache/juice-effl0-224-L3" ... \\
+        --markdown benchmarks/patchknn_settings.md
+
+Each cache's normal class is ``good`` (MVTec layout). The greedy coreset is built once per cache and
+neighbourhood at the largest fraction: greedy selection is incremental, so the coreset of a smaller fraction is
+a prefix of it (the same first centre and projection), exactly what ``PatchKNNScorer`` would select.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def measure(cache: Path, fractions: list[float], neighbourhoods: list[int], normal: str = "good") -> dict:
+    from sanf_pipeline.cache import open_cache
+    from sanf_pipeline.evaluate import compute_metrics
+    from sanf_pipeline.patchknn import (
+        coreset_size,
+        greedy_coreset,
+        nearest_distances,
+        neighbourhood_average,
+    )
+
+    with open_cache(cache) as c:
+        ci = c.class_index(normal)
+        _, train = c.split("train").read_class(ci)
+        _, test, labels, _ = c.split("test").read_all()
+        info = {"grid": c.backbone.get("grid"), "layer": c.backbone.get("layer"), "dim": c.dim}
+    is_anomaly = labels != ci
+    out = {"info": info, "cells": {}}
+    for k in neighbourhoods:
+        t = time.perf_counter()
+        tr = neighbourhood_average(torch.from_numpy(train), k).reshape(-1, train.shape[2]).contiguous()
+        te = neighbourhood_average(torch.from_numpy(test), k)
+        order = greedy_coreset(tr, max(fractions))
+        t_core = time.perf_counter() - t
+        for f in fractions:
+            t = time.perf_counter()
+            bank = tr[order[:coreset_size(len(tr), f)]].contiguous()
+            dist = nearest_distances(te.reshape(-1, te.shape[2]), bank).reshape(len(te), -1)
+            scores = dist.amax(1).double().numpy()
+            out["cells"][f"{f:g}/{k}"] = {"auroc": compute_metrics(is_anomaly, scores)["auroc"],
+                                          "score_s": time.perf_counter() - t, "coreset_s": t_core,
+                                          "bank": len(bank), "n_train_tokens": len(tr)}
+            print(f"{cache.name} fraction {f:g} neighbourhood {k}: {out['cells'][f'{f:g}/{k}']}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", action="append", required=True, metavar="LABEL=PATH")
+    p.add_argument("--fractions", default="0.01,0.1")
+    p.add_argument("--neighbourhoods", default="1,3")
+    p.add_argument("--json", type=Path, help="write the raw results here too")
+    p.add_argument("--markdown", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    fractions = [float(x) for x in args.fractions.split(",")]
+    hoods = [int(x) for x in args.neighbourhoods.split(",")]
+    results = {}
+    for item in args.cache:
+        label, _, path = item.rpartition("=")
+        results[label] = measure(Path(path), fractions, hoods)
+    keys = [f"{f:g}/{k}" for k in hoods for f in fractions]
+    lines = ["# patch-knn settings across data sets and backbones", "",
+             "Command: `python benchmarks/patchknn_settings.py "
+             + " ".join(f'"{a}"' if " " in a else a for a in (argv if argv is not None else sys.argv[1:])) + "`", "",
+             "AUROC of patch-knn (normal class `good`, anomalies positive) per cache (rows) and coreset fraction / "
+             "neighbourhood (columns); last row: the mean over the caches. Times: one thread of a shared 2-core "
+             "CPU (coreset selection at the largest fraction, per neighbourhood).", "",
+             "| cache | layer | grid | " + " | ".join(keys) + " | coreset s (per neighbourhood) |",
+             "|---|---|---|" + "---|" * len(keys) + "---|"]
+    for label, r in results.items():
+        cells = r["cells"]
+        core = ", ".join(f"{cells[f'{max(fractions):g}/{k}']['coreset_s']:.0f}" for k in hoods)
+        lines.append(f"| {label} | {r['info']['layer']} | {'x'.join(map(str, r['info']['grid']))} | "
+                     + " | ".join(f"{cells[k]['auroc']:.4f}" for k in keys) + f" | {core} |")
+    means = [np.mean([r["cells"][k]["auroc"] for r in results.values()]) for k in keys]
+    lines.append("| **mean** | | | " + " | ".join(f"**{m:.4f}**" for m in means) + " | |")
+    text = "\n".join(lines) + "\n"
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.markdown:
+        args.markdown.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
