@@ -58,11 +58,25 @@ def measure(cache: Path, fractions: list[float], neighbourhoods: list[int], norm
     return out
 
 
+def _sealed(path: Path, wait: bool) -> bool:
+    from sanf_pipeline.cache import open_cache
+    from sanf_pipeline.errors import SanfError
+
+    if not wait:
+        return True
+    try:
+        open_cache(path).close()
+        return True
+    except SanfError:
+        return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", action="append", required=True, metavar="LABEL=PATH")
     p.add_argument("--fractions", default="0.01,0.1")
     p.add_argument("--neighbourhoods", default="1,3")
+    p.add_argument("--wait", action="store_true", help="wait for caches that are still being extracted")
     p.add_argument("--json", type=Path, help="write the raw results here too")
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
@@ -72,6 +86,8 @@ def main(argv=None) -> int:
     results = {}
     for item in args.cache:
         label, _, path = item.rpartition("=")
+        while args.wait and not (Path(path) / "sanf.json").exists() or not _sealed(Path(path), args.wait):
+            time.sleep(30)  # another process is still extracting it
         results[label] = measure(Path(path), fractions, hoods)
     keys = [f"{f:g}/{k}" for k in hoods for f in fractions]
     lines = ["# patch-knn settings across data sets and backbones", "",

@@ -9,8 +9,8 @@ Pieces (pure functions, each tested against a brute-force reference in tests/tes
   applied identically to training and test tokens.
 - :func:`greedy_coreset`: greedy k-centre selection (each new bank token is the one farthest from those
   chosen so far), on a fixed Gaussian random projection to ``proj_dim`` dimensions when the tokens are wider
-  (PatchCore's sparse projection plays the same role: it only makes the selection cheaper). The first centre
-  is drawn with the seed, so the bank is reproducible.
+  (PatchCore's sparse projection plays the same role: it only makes the selection cheaper; ``PROJ_DIM``).
+  The first centre is drawn with the seed, so the bank is reproducible.
 - :func:`nearest_distances`: the Euclidean distance of every query token to its nearest bank token, in blocks
   of queries x blocks of bank tokens with a running minimum, so memory stays bounded by
   ``block_elems`` (never all test tokens x the whole bank at once). Float32 on the chosen device (the GPU
@@ -33,6 +33,9 @@ from .errors import SanfError
 
 DEFAULT_CORESET = 0.1
 DEFAULT_NEIGHBOURHOOD = 3
+# the greedy selection streams all n projected tokens once per chosen token: 64 dims keep a few hundred thousand
+# tokens within a CPU's last-level cache (benchmarks/patchknn_settings.md); PatchCore projects to 128
+PROJ_DIM = 64
 _BLOCK_ELEMS = 1 << 24  # query x bank distances held at once (64 MiB of float32)
 
 
@@ -75,7 +78,7 @@ def coreset_size(n: int, fraction: float) -> int:
     return max(1, min(n, math.ceil(fraction * n)))
 
 
-def greedy_coreset(x: torch.Tensor, fraction: float, *, proj_dim: int | None = 128, seed: int = 0,
+def greedy_coreset(x: torch.Tensor, fraction: float, *, proj_dim: int | None = PROJ_DIM, seed: int = 0,
                    progress=None) -> torch.Tensor:
     """Indices (int64, in selection order) of a greedy k-centre coreset of the rows of ``x`` (m = ceil(f n))."""
     n = len(x)
@@ -129,7 +132,7 @@ class PatchKNNScorer:
     needs_patch = True
 
     def __init__(self, coreset: float = DEFAULT_CORESET, neighbourhood: int = DEFAULT_NEIGHBOURHOOD, *,
-                 proj_dim: int = 128, seed: int = 0, device: str | None = None, block_elems: int = _BLOCK_ELEMS,
+                 proj_dim: int = PROJ_DIM, seed: int = 0, device: str | None = None, block_elems: int = _BLOCK_ELEMS,
                  image_block: int = 64):
         self.coreset, self.neighbourhood = float(coreset), int(neighbourhood)
         coreset_size(1, self.coreset)
