@@ -135,7 +135,7 @@ class BaselineRun:
 
 
 def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True, options: dict | None = None) -> BaselineRun:
+                 plots: bool = True, options: dict | None = None, quiet: bool = False) -> BaselineRun:
     """Fit a baseline on the normal class's training features, score the test split, write the results."""
     from .cache import open_cache
     from .evaluate import compute_metrics, guard_results, write_results
@@ -143,6 +143,8 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
 
     options = dict(options or {})
     scorer = create_baseline(method, **options)
+    if hasattr(scorer, "quiet"):
+        scorer.quiet = quiet
     c = open_cache(cache)
     try:
         ci = c.class_index(normal_class)

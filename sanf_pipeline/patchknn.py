@@ -133,7 +133,7 @@ class PatchKNNScorer:
 
     def __init__(self, coreset: float = DEFAULT_CORESET, neighbourhood: int = DEFAULT_NEIGHBOURHOOD, *,
                  proj_dim: int = PROJ_DIM, seed: int = 0, device: str | None = None, block_elems: int = _BLOCK_ELEMS,
-                 image_block: int = 64):
+                 image_block: int = 64, quiet: bool = True):
         self.coreset, self.neighbourhood = float(coreset), int(neighbourhood)
         coreset_size(1, self.coreset)
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
@@ -141,6 +141,7 @@ class PatchKNNScorer:
         self.proj_dim, self.seed = int(proj_dim), int(seed)
         self.device = device or default_device()
         self.block_elems, self.image_block = int(block_elems), int(image_block)
+        self.quiet = bool(quiet)
         self.description = (f"largest distance of any patch token to its nearest normal training patch token "
                             f"(greedy coreset {self.coreset:g}, {self.neighbourhood}x{self.neighbourhood} "
                             f"neighbourhood average)")
@@ -163,7 +164,12 @@ class PatchKNNScorer:
         tokens = torch.cat([self._tokens(train_patch, s, s + self.image_block).reshape(-1, d)
                             for s in range(0, n, self.image_block)])
         self.n_train_patches = int(len(tokens))
-        idx = greedy_coreset(tokens, self.coreset, proj_dim=self.proj_dim, seed=self.seed)
+        from .progress import progress_bar
+
+        with progress_bar(self.quiet, unit="tokens") as bar:
+            task = bar.add_task("patch-knn coreset", total=coreset_size(len(tokens), self.coreset) - 1, rate="")
+            idx = greedy_coreset(tokens, self.coreset, proj_dim=self.proj_dim, seed=self.seed,
+                                 progress=lambda k: bar.advance(task, k))
         self.bank = tokens[idx].contiguous()
         self.tokens_per_image = t
         return self
@@ -175,8 +181,13 @@ class PatchKNNScorer:
         if d != self.bank.shape[1]:
             raise SanfError(f"the test patch tokens have {d} channels, the memory bank {self.bank.shape[1]}")
         out = np.empty(n, dtype=np.float64)
-        for s in range(0, n, self.image_block):
-            q = self._tokens(test_patch, s, s + self.image_block)
-            dist = nearest_distances(q.reshape(-1, d), self.bank, block_elems=self.block_elems)
-            out[s:s + len(q)] = dist.reshape(len(q), t).amax(1).double().cpu().numpy()
+        from .progress import progress_bar
+
+        with progress_bar(self.quiet) as bar:
+            task = bar.add_task("patch-knn scoring", total=n, rate="")
+            for s in range(0, n, self.image_block):
+                q = self._tokens(test_patch, s, s + self.image_block)
+                dist = nearest_distances(q.reshape(-1, d), self.bank, block_elems=self.block_elems)
+                out[s:s + len(q)] = dist.reshape(len(q), t).amax(1).double().cpu().numpy()
+                bar.advance(task, len(q))
         return out
