@@ -77,18 +77,25 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", default="0.01,0.1")
     p.add_argument("--neighbourhoods", default="1,3")
     p.add_argument("--wait", action="store_true", help="wait for caches that are still being extracted")
-    p.add_argument("--json", type=Path, help="write the raw results here too")
+    p.add_argument("--json", type=Path, help="raw results; caches already measured there are re-used")
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     fractions = [float(x) for x in args.fractions.split(",")]
     hoods = [int(x) for x in args.neighbourhoods.split(",")]
+    done = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     results = {}
     for item in args.cache:
         label, _, path = item.rpartition("=")
+        old = done.get(label)
+        if old and old.get("path") == path and all(f"{f:g}/{k}" in old["cells"] for f in fractions for k in hoods):
+            results[label] = old  # measured by an earlier invocation (--json): re-used
+            continue
         while args.wait and not (Path(path) / "sanf.json").exists() or not _sealed(Path(path), args.wait):
             time.sleep(30)  # another process is still extracting it
-        results[label] = measure(Path(path), fractions, hoods)
+        results[label] = {**measure(Path(path), fractions, hoods), "path": path}
+        if args.json:
+            args.json.write_text(json.dumps({**done, **results}, indent=1))
     keys = [f"{f:g}/{k}" for k in hoods for f in fractions]
     lines = ["# patch-knn settings across data sets and backbones", "",
              "Command: `python benchmarks/patchknn_settings.py "
@@ -106,8 +113,6 @@ def main(argv=None) -> int:
     means = [np.mean([r["cells"][k]["auroc"] for r in results.values()]) for k in keys]
     lines.append("| **mean** | | | " + " | ".join(f"**{m:.4f}**" for m in means) + " | |")
     text = "\n".join(lines) + "\n"
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
     if args.markdown:
         args.markdown.write_text(text)
     print(text)
