@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     for item in args.cache:
         label, _, path = item.rpartition("=")
         old = done.get(label)
-        if old and old.get("path") == path and all(f"{f:g}/{k}" in old["cells"] for f in fractions for k in hoods):
+        if old and old.get("path", path) == path and all(f"{f:g}/{k}" in old["cells"] for f in fractions for k in hoods):
             results[label] = old  # measured by an earlier invocation (--json): re-used
             continue
         while args.wait and not (Path(path) / "sanf.json").exists() or not _sealed(Path(path), args.wait):
