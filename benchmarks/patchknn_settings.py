@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--wait", action="store_true", help="wait for caches that are still being extracted")
     p.add_argument("--json", type=Path, help="raw results; caches already measured there are re-used")
     p.add_argument("--markdown", type=Path)
+    p.add_argument("--all-json", action="store_true", help="tabulate every cache in --json, not only --cache ones")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     fractions = [float(x) for x in args.fractions.split(",")]
@@ -88,15 +89,21 @@ def main(argv=None) -> int:
     for item in args.cache:
         label, _, path = item.rpartition("=")
         old = done.get(label)
-        if old and old.get("path", path) == path and all(f"{f:g}/{k}" in old["cells"] for f in fractions for k in hoods):
+        if old and old.get("path", path) == path and all(f"{f:g}/{k}" in old["cells"] for f in fractions
+                                                          for k in hoods):
             results[label] = old  # measured by an earlier invocation (--json): re-used
             continue
         while args.wait and not (Path(path) / "sanf.json").exists() or not _sealed(Path(path), args.wait):
             time.sleep(30)  # another process is still extracting it
-        results[label] = {**measure(Path(path), fractions, hoods), "path": path}
+        new = measure(Path(path), fractions, hoods)
+        results[label] = {**new, "path": path, "cells": {**((old or {}).get("cells") or {}), **new["cells"]}}
         if args.json:
             args.json.write_text(json.dumps({**done, **results}, indent=1))
-    keys = [f"{f:g}/{k}" for k in hoods for f in fractions]
+    results = {label: (results.get(label) or done.get(label)) for label in
+               [item.rpartition("=")[0] for item in args.cache] + [k for k in done if k not in results]
+               if args.all_json or label in results}
+    cells_seen = {k for r in results.values() for k in r["cells"]}
+    keys = sorted(cells_seen, key=lambda c: (int(c.split("/")[1]), float(c.split("/")[0])))
     lines = ["# patch-knn settings across data sets and backbones", "",
              "Command: `python benchmarks/patchknn_settings.py "
              + " ".join(f'"{a}"' if " " in a else a for a in (argv if argv is not None else sys.argv[1:])) + "`", "",
@@ -107,11 +114,12 @@ def main(argv=None) -> int:
              "|---|---|---|" + "---|" * len(keys) + "---|"]
     for label, r in results.items():
         cells = r["cells"]
-        core = ", ".join(f"{cells[f'{max(fractions):g}/{k}']['coreset_s']:.0f}" for k in hoods)
+        core = ", ".join(sorted({f"{c['coreset_s']:.0f}" for c in cells.values()}))
         lines.append(f"| {label} | {r['info']['layer']} | {'x'.join(map(str, r['info']['grid']))} | "
-                     + " | ".join(f"{cells[k]['auroc']:.4f}" for k in keys) + f" | {core} |")
-    means = [np.mean([r["cells"][k]["auroc"] for r in results.values()]) for k in keys]
-    lines.append("| **mean** | | | " + " | ".join(f"**{m:.4f}**" for m in means) + " | |")
+                     + " | ".join(f"{cells[k]['auroc']:.4f}" if k in cells else "—" for k in keys) + f" | {core} |")
+    means = [[r["cells"][k]["auroc"] for r in results.values() if k in r["cells"]] for k in keys]
+    lines.append("| **mean over the caches measured** | | | "
+                 + " | ".join(f"**{np.mean(m):.4f}** ({len(m)})" for m in means) + " | |")
     text = "\n".join(lines) + "\n"
     if args.markdown:
         args.markdown.write_text(text)
