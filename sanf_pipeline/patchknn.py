@@ -79,8 +79,16 @@ def coreset_size(n: int, fraction: float) -> int:
 
 
 def greedy_coreset(x: torch.Tensor, fraction: float, *, proj_dim: int | None = PROJ_DIM, seed: int = 0,
-                   progress=None) -> torch.Tensor:
-    """Indices (int64, in selection order) of a greedy k-centre coreset of the rows of ``x`` (m = ceil(f n))."""
+                   progress=None, pool: int = 2048) -> torch.Tensor:
+    """Indices (int64, in selection order) of a greedy k-centre coreset of the rows of ``x`` (m = ceil(f n)).
+
+    Exactly the plain greedy selection (each pick is the row farthest from those chosen so far), computed lazily:
+    the ``pool`` rows farthest from the chosen set are kept as candidates and updated after every pick, which is
+    cheap; a candidate is picked only while its distance is at least the largest distance of any non-candidate
+    (distances only shrink, so that bound stays valid), otherwise every row is updated at once with one matrix
+    product against the centres picked since the last full update. The plain loop streams all n rows once per
+    pick; this streams them once per batch of picks.
+    """
     n = len(x)
     m = coreset_size(n, fraction)
     if m == n:
@@ -88,20 +96,39 @@ def greedy_coreset(x: torch.Tensor, fraction: float, *, proj_dim: int | None = P
     z = _project(x.float(), proj_dim, seed)
     sq = (z * z).sum(1)
     first = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
-    chosen = torch.empty(m, dtype=torch.long, device=x.device)
-    chosen[0] = first
+    chosen = [first]
     # squared distance of every row to its nearest chosen centre, via |a|^2 + |c|^2 - 2 a.c (no n x d temporary)
     mind = (sq + sq[first] - 2.0 * (z @ z[first])).clamp_min_(0.0)
-    mind[first] = -1.0
-    for i in range(1, m):
-        j = int(torch.argmax(mind))
-        chosen[i] = j
-        d = (sq + sq[j] - 2.0 * (z @ z[j])).clamp_min_(0.0)
-        torch.minimum(mind, d, out=mind)
-        mind[j] = -1.0  # stays below every distance, so a chosen row is never picked twice
+    mind[first] = -1.0  # stays below every distance, so a chosen row is never picked twice
+    while len(chosen) < m:
+        k = min(pool, n)
+        top = torch.topk(mind, min(k + 1, n), sorted=True)
+        cand = top.indices[:k]
+        bound = float(top.values[k]) if k < n else -math.inf  # no non-candidate is farther than this
+        cm = mind[cand].clone()
+        zc, sqc = z[cand], sq[cand]
+        new = []
+        while len(chosen) < m:
+            j = int(torch.argmax(cm))
+            if float(cm[j]) < bound or float(cm[j]) < 0.0:
+                break
+            i = int(cand[j])
+            chosen.append(i)
+            new.append(i)
+            torch.minimum(cm, (sqc + sq[i] - 2.0 * (zc @ z[i])).clamp_min_(0.0), out=cm)
+            cm[j] = -1.0
+        if not new:  # the bound is tight (ties): take the overall argmax as the plain loop does
+            i = int(torch.argmax(mind))
+            chosen.append(i)
+            new.append(i)
+        for start in range(0, len(new), 256):  # every row against the new centres, in blocks of centres
+            c = z[new[start:start + 256]]
+            d = torch.addmm(sq[:, None] + (c * c).sum(1)[None, :], z, c.T, alpha=-2.0).amin(1).clamp_min_(0.0)
+            torch.minimum(mind, d, out=mind)
+        mind[new] = -1.0
         if progress is not None:
-            progress(1)
-    return chosen
+            progress(len(new))
+    return torch.tensor(chosen, dtype=torch.long, device=x.device)
 
 
 def nearest_distances(query: torch.Tensor, bank: torch.Tensor, *, block_elems: int = _BLOCK_ELEMS) -> torch.Tensor:

@@ -83,11 +83,12 @@ def test_nearest_distances_exact_and_chunking_invariant(block_elems):
     np.testing.assert_allclose(got, _np_nearest(q, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool", [3, 16, 2048])  # lazy candidate pools smaller than n, and all rows
 @pytest.mark.parametrize("fraction", [0.05, 0.3, 0.77])
-def test_greedy_coreset_is_k_center_greedy(fraction):
+def test_greedy_coreset_is_k_center_greedy(fraction, pool):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(200, 4)).astype(np.float32)
-    idx = greedy_coreset(torch.from_numpy(x), fraction, proj_dim=128, seed=5).numpy()
+    idx = greedy_coreset(torch.from_numpy(x), fraction, proj_dim=128, seed=5, pool=pool).numpy()
     m = math.ceil(fraction * 200)
     assert len(idx) == m and len(set(idx.tolist())) == m
     assert idx.tolist() == _np_kcenter(x, m, int(idx[0]))
