@@ -8,17 +8,16 @@ Registry (``BASELINES``, extend with ``register_baseline``):
   Ledoit-Wolf shrinkage covariance (``sklearn.covariance.LedoitWolf``).
 - ``patch-knn``: PatchCore-style kNN on the *patch* tokens (``patchknn.PatchKNNScorer``).
 
-Each scorer has ``fit(train_cls)`` and ``score(test_cls) -> (n,)`` (higher = more anomalous); a scorer with
-``needs_patch = True`` takes the patch tokens as second argument (``fit_score`` passes what each needs).
-The kNN distances are computed in float64 blocks of test rows with a matrix product, so memory stays
-bounded for large splits.
+Each scorer has ``fit(train_cls)``, ``score(test_cls) -> (n,)`` (higher = more anomalous), ``description`` and
+optionally ``settings() -> dict`` (reported in ``metrics.json``); a scorer with ``needs_patch = True`` takes the
+patch tokens as second argument of ``fit``/``score`` (``fit_score`` passes what each needs). A registered name is
+usable from `sanf baseline` and `sanf sweep --methods`; ``jobs.baseline_job`` runs it. The kNN distances are
+computed in float64 blocks of test rows with a matrix product, so memory stays bounded for large splits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +45,9 @@ class KNNScorer:
         self.train_sq = (self.train ** 2).sum(axis=1)
         return self
 
+    def settings(self) -> dict:
+        return {"k": self.k, "l2": self.l2}
+
     def score(self, test: np.ndarray) -> np.ndarray:
         test = np.asarray(test, np.float64)
         test = _l2(test) if self.l2 else test
@@ -71,6 +73,9 @@ class GaussianScorer:
         self.shrinkage = float(self.model.shrinkage_)
         return self
 
+    def settings(self) -> dict:
+        return {"shrinkage": self.shrinkage}
+
     def score(self, test: np.ndarray) -> np.ndarray:
         return self.model.mahalanobis(np.asarray(test, np.float64))
 
@@ -81,6 +86,12 @@ BASELINES: dict[str, Callable[[], object]] = {
     "gaussian": GaussianScorer,
     "patch-knn": PatchKNNScorer,
 }
+
+
+def scorer_settings(scorer) -> dict:
+    """The settings a scorer reports in ``metrics.json`` (``settings()`` when it has one)."""
+    settings = getattr(scorer, "settings", None)
+    return dict(settings()) if callable(settings) else {}
 
 
 def register_baseline(name: str, factory: Callable[[], object]) -> None:
@@ -113,73 +124,3 @@ def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray, tra
                    test_patch=None) -> np.ndarray:
     """Fit baseline ``method`` on the normal training features and score the test features (pure)."""
     return fit_score(create_baseline(method), train_cls, test_cls, train_patch, test_patch)
-
-
-def baseline_settings(scorer, method: str) -> dict:
-    out = {"method": method}
-    if isinstance(scorer, KNNScorer):
-        out.update(k=scorer.k, l2=scorer.l2)
-    if isinstance(scorer, GaussianScorer):
-        out["shrinkage"] = scorer.shrinkage
-    if hasattr(scorer, "settings"):
-        out.update(scorer.settings())
-    return out
-
-
-@dataclass
-class BaselineRun:
-    out_dir: Path
-    metrics: dict
-    paths: dict
-    scores: np.ndarray
-
-
-def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True, options: dict | None = None, quiet: bool = False) -> BaselineRun:
-    """Fit a baseline on the normal class's training features, score the test split, write the results."""
-    from .cache import open_cache
-    from .evaluate import compute_metrics, guard_results, write_results
-    from .runs import cache_identity, check_finite, default_run_name, now, package_versions, write_json_atomic
-
-    options = dict(options or {})
-    scorer = create_baseline(method, **options)
-    if hasattr(scorer, "quiet"):
-        scorer.quiet = quiet
-    c = open_cache(cache)
-    try:
-        ci = c.class_index(normal_class)
-        name = c.class_names[ci]
-        out_dir = Path(out_dir) if out_dir else default_run_name(cache, name, f"-{method}")
-        patch = bool(getattr(scorer, "needs_patch", False))
-        train, train_patch = c.split("train").read_class(ci, patch=patch)
-        if len(train) == 0:
-            raise SanfError(f"class {name!r} has no valid training samples in {c.path}")
-        check_finite(f"the training features of class {name!r} in {c.path}", train, train_patch)
-        test, test_patch, labels, sample_ids = c.split("test").read_all(patch=patch)
-        check_finite(f"the test features in {c.path}", test, test_patch)
-        identity = cache_identity(c)
-    finally:
-        c.close()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
-    guard = {"method": method, "score": method, "normal_class": ci, "cache_fingerprint": identity["fingerprint"]}
-    if options:
-        guard["options"] = options
-    guard_results(out_dir, guard, overwrite)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SanfError(f"cannot create {out_dir}: {exc.strerror or exc}; choose another --out") from None
-    scores = fit_score(scorer, train, test, train_patch, test_patch)
-    is_anomaly = labels != ci
-    metrics = compute_metrics(is_anomaly, scores)
-    metrics.update(guard)
-    metrics.update({"normal_class_name": name, "score_description": scorer.description,
-                    "epoch_selection": "not applicable (no training epochs; fitted on normal training data only)",
-                    "n_train": int(len(train)), "cache": str(cache), "evaluated": now(),
-                    "settings": baseline_settings(scorer, method)})
-    write_json_atomic(out_dir / "config.json", {"format": "sanf-baseline", "format_version": 1, "method": method,
-                                                "normal_class": ci, "normal_class_name": name, "cache": identity,
-                                                "created": now(), "versions": package_versions()})
-    paths = write_results(out_dir, metrics, sample_ids, labels, is_anomaly, scores, plots=plots)
-    return BaselineRun(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores)

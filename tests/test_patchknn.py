@@ -11,10 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sanf_pipeline.baselines import BASELINES, baseline_run, needs_patch, score_baseline
+from sanf_pipeline.baselines import BASELINES, needs_patch, score_baseline
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.cli import cli
 from sanf_pipeline.errors import SanfError
+from sanf_pipeline.jobs import baseline_run
 from sanf_pipeline.patchknn import (
     PatchKNNScorer,
     greedy_coreset,
@@ -199,7 +200,8 @@ def test_multi_layer_cache_feeds_fit_and_baselines(folder_dataset, tmp_path):
 
     from sanf_pipeline.backbones import create_backbone
     from sanf_pipeline.cache import open_cache
-    from sanf_pipeline.train import FitConfig, fit_run
+    from sanf_pipeline.fit_config import FitConfig
+    from sanf_pipeline.jobs import fit_run
 
     cache = tmp_path / "multi"
     out = CliRunner().invoke(cli, extract_args(folder_dataset, cache, "--layer", "0,1"))
