@@ -94,8 +94,12 @@ def parse_variants(items) -> list[tuple[str, dict]]:
 
 
 def _sweep(cache: Path, out: Path, args, **kw):
-    from sanf_pipeline.sweep import run_sweep
+    from types import SimpleNamespace
 
+    from sanf_pipeline.sweep import run_sweep, summarize
+
+    if args.report_only:  # what is finished; unfinished runs show as missing
+        return SimpleNamespace(summary=summarize(out)) if (out / "plan.json").exists() else None
     return run_sweep(cache, out, classes=NORMAL, plots=False, workers=args.workers, device=args.device,
                      quiet=args.quiet, overwrite=args.overwrite, **kw)
 
@@ -131,6 +135,8 @@ def run_patch_knn(cache: Path, out: Path, args) -> dict:
         m = json.loads(mfile.read_text())
         if m.get("options") == options and m.get("cache_fingerprint") and not args.overwrite:
             return m
+    if args.report_only:
+        return {"options": options, "auroc": None}
     t = time.perf_counter()
     m = baseline_run(cache, NORMAL, "patch-knn", out, overwrite=True, plots=False, options=options).metrics
     m["seconds"] = time.perf_counter() - t
@@ -180,6 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path, help="replace (or add) this run's section in this file")
     p.add_argument("--overwrite", action="store_true", help="let a changed plan replace a sweep's plan")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="tabulate what is finished; run nothing")
     args = p.parse_args(argv)
     if not (args.data_root / args.category / "train").is_dir():
         raise SystemExit(f"{args.data_root / args.category}/train is not a folder: expected MVTec layout")
@@ -194,8 +201,8 @@ def main(argv=None) -> int:
         + (f"-pool{args.patch_pool}" if args.patch_pool > 1 else "")))
     out = args.out or Path("sweeps/industrial") / name
     t0 = time.perf_counter()
-    ext_s = ensure_cache(cache, args, args.layer)
-    if patch_cache != cache:
+    ext_s = 0.0 if args.report_only else ensure_cache(cache, args, args.layer)
+    if patch_cache != cache and not args.report_only:
         ext_s += ensure_cache(patch_cache, args, patch_layer, args.patch_pool)
 
     rows: list[tuple[str, str, str, str]] = []  # setting, AUROC, best epochs, compute
@@ -208,18 +215,21 @@ def main(argv=None) -> int:
                 seeds = args.seeds if i == 0 else (args.other_seeds or args.seeds)
                 sdir = out / f"flow-{vname}-{fusion}"
                 res = _sweep(cache, sdir, args, methods="flow", seeds=seeds, fixed={**fixed, "fusion": fusion})
+                label = f"flow {vname} fusion={fusion}" + (f" ({';'.join(f'{k}={v}' for k, v in fixed.items())})"
+                                                           if fixed else "")
+                if res is None:
+                    rows.append((label, "not run", "-", "-"))
+                    continue
                 setting = res.summary["settings"][0]
                 st = _row_stats(res.summary, setting)
                 secs = sum(_seconds(sdir).values())
-                label = f"flow {vname} fusion={fusion}" + (f" ({';'.join(f'{k}={v}' for k, v in fixed.items())})"
-                                                           if fixed else "")
                 rows.append((label, _pm(st["aurocs"]), ",".join(map(str, st["best_epochs"])) or "-",
                              f"{secs / max(len(st['aurocs']), 1):.0f} s/run, seeds {seeds}"))
                 results["flows"][label] = st
     bdir = out / "baselines"
     res = _sweep(cache, bdir, args, methods=CLASS_BASELINES, seeds="0")
     secs = _seconds(bdir)
-    for method in CLASS_BASELINES.split(","):
+    for method in CLASS_BASELINES.split(",") if res is not None else []:
         st = _row_stats(res.summary, method)
         rows.append((method, _pm(st["aurocs"]), "-", f"{sum(v for k, v in secs.items() if k.endswith(method)):.1f} s"))
         results["baselines"][method] = st["aurocs"][0] if st["aurocs"] else None
@@ -227,7 +237,8 @@ def main(argv=None) -> int:
                        args)
     pk_label = f"patch-knn (coreset {pm['options']['coreset']:g}, {pm['options']['neighbourhood']}x" \
                f"{pm['options']['neighbourhood']} neighbourhood)"
-    rows.append((pk_label, f"{pm['auroc']:.4f}", "-", f"{pm.get('seconds', float('nan')):.0f} s"))
+    rows.append((pk_label, "not run" if pm["auroc"] is None else f"{pm['auroc']:.4f}", "-",
+                 f"{pm.get('seconds', float('nan')):.0f} s"))
     results["baselines"]["patch-knn"] = pm["auroc"]
     results["patch_knn_settings"] = pm.get("settings")
 
@@ -235,13 +246,16 @@ def main(argv=None) -> int:
     n_train = meta["dataset"]["splits"]["train"]["n"]
     n_test = meta["dataset"]["splits"]["test"]["n"]
     title = args.title or f"{args.category}, {args.backbone} {_layer_tag(args.layer)}, {args.image_size} px"
-    cmd = "python benchmarks/quality_industrial.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/quality_industrial.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                               if a != "--report-only")
     best_base = max((v for v in results["baselines"].values() if v is not None), default=None)
     lines = [f"## {title}", "", f"Command: `{cmd}`", "",
              f"Data: `{args.data_root}/{args.category}`, {n_train} normal training images, {n_test} test images "
              f"(classes {', '.join(meta['class_names'])}; normal = `{NORMAL}`). Main cache {_grid_desc(cache)}; "
-             f"patch-knn cache {_grid_desc(patch_cache)}. Extraction in this invocation {ext_s:.0f} s; total "
-             f"{time.perf_counter() - t0:.0f} s (finished runs re-used).", "",
+             f"patch-knn cache {_grid_desc(patch_cache)}. "
+             + ("Table rendered with --report-only from the finished runs (rows 'not run' were not computed)."
+                if args.report_only else f"Extraction in this invocation {ext_s:.0f} s; total "
+                f"{time.perf_counter() - t0:.0f} s (finished runs re-used)."), "",
              "| method | AUROC (mean ± std over seeds) | best epoch per seed | compute |", "|---|---|---|---|",
              *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "",
              f"Best baseline: {best_base:.4f}." if best_base is not None else "", ""]
