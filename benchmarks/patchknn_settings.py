@@ -108,13 +108,15 @@ def main(argv=None) -> int:
              "Command: `python benchmarks/patchknn_settings.py "
              + " ".join(f'"{a}"' if " " in a else a for a in (argv if argv is not None else sys.argv[1:])) + "`", "",
              "AUROC of patch-knn (normal class `good`, anomalies positive) per cache (rows) and coreset fraction / "
-             "neighbourhood (columns); last row: the mean over the caches. Times: one thread of a shared 2-core "
-             "CPU (coreset selection at the largest fraction, per neighbourhood).", "",
+             "neighbourhood (columns; — = not measured); last row: the mean over the caches measured (their number "
+             "in brackets). Times: seconds of coreset selection at the largest fraction (per neighbourhood), one "
+             "thread of a shared 2-core CPU. The raw results (with scoring times) accumulate in the `--json` file "
+             "over invocations; caches already there are re-used.", "",
              "| cache | layer | grid | " + " | ".join(keys) + " | coreset s (per neighbourhood) |",
              "|---|---|---|" + "---|" * len(keys) + "---|"]
     for label, r in results.items():
         cells = r["cells"]
-        core = ", ".join(sorted({f"{c['coreset_s']:.0f}" for c in cells.values()}))
+        core = ", ".join(sorted({f"{c['coreset_s']:.0f}" for c in cells.values() if c.get("coreset_s") is not None}))
         lines.append(f"| {label} | {r['info']['layer']} | {'x'.join(map(str, r['info']['grid']))} | "
                      + " | ".join(f"{cells[k]['auroc']:.4f}" if k in cells else "—" for k in keys) + f" | {core} |")
     means = [[r["cells"][k]["auroc"] for r in results.values() if k in r["cells"]] for k in keys]
