@@ -6,11 +6,13 @@ Registry (``BASELINES``, extend with ``register_baseline``):
 - ``knn-l2``: the same on L2-normalised class tokens.
 - ``gaussian``: squared Mahalanobis distance to a Gaussian fitted on the normal class tokens with the
   Ledoit-Wolf shrinkage covariance (``sklearn.covariance.LedoitWolf``).
+- ``patch-knn``: PatchCore-style kNN on the *patch* tokens (``patchknn.PatchKNNScorer``).
 
 Each scorer has ``fit(train_cls)``, ``score(test_cls) -> (n,)`` (higher = more anomalous), ``description`` and
-optionally ``settings() -> dict`` (reported in ``metrics.json``). A registered name is usable from `sanf baseline`
-and `sanf sweep --methods`; ``jobs.baseline_job`` runs it. The kNN distances
-are computed in float64 blocks of test rows with a matrix product, so memory stays bounded for large splits.
+optionally ``settings() -> dict`` (reported in ``metrics.json``); a scorer with ``needs_patch = True`` takes the
+patch tokens as second argument of ``fit``/``score`` (``fit_score`` passes what each needs). A registered name is
+usable from `sanf baseline` and `sanf sweep --methods`; ``jobs.baseline_job`` runs it. The kNN distances are
+computed in float64 blocks of test rows with a matrix product, so memory stays bounded for large splits.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import SanfError
+from .patchknn import PatchKNNScorer
 
 _BLOCK = 1024
 
@@ -81,6 +84,7 @@ BASELINES: dict[str, Callable[[], object]] = {
     "knn": lambda: KNNScorer(k=2, l2=False),
     "knn-l2": lambda: KNNScorer(k=2, l2=True),
     "gaussian": GaussianScorer,
+    "patch-knn": PatchKNNScorer,
 }
 
 
@@ -94,12 +98,29 @@ def register_baseline(name: str, factory: Callable[[], object]) -> None:
     BASELINES[name] = factory
 
 
-def create_baseline(name: str):
+def create_baseline(name: str, **options):
+    """A fresh scorer; ``options`` go to its factory (e.g. ``coreset``/``neighbourhood`` for patch-knn)."""
     if name not in BASELINES:
         raise SanfError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
-    return BASELINES[name]()
+    try:
+        return BASELINES[name](**options)
+    except TypeError:
+        raise SanfError(f"baseline {name!r} takes no options {', '.join(options)}") from None
 
 
-def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray) -> np.ndarray:
-    """Fit baseline ``method`` on the normal training class tokens and score the test class tokens (pure)."""
-    return create_baseline(method).fit(train_cls).score(test_cls)
+def needs_patch(method: str) -> bool:
+    """Whether baseline ``method`` scores patch tokens (so its caller must read them from the cache)."""
+    return bool(getattr(create_baseline(method), "needs_patch", False))
+
+
+def fit_score(scorer, train_cls: np.ndarray, test_cls: np.ndarray, train_patch=None, test_patch=None) -> np.ndarray:
+    """Fit ``scorer`` on the normal training features and score the test features (patch tokens if it needs them)."""
+    if getattr(scorer, "needs_patch", False):
+        return scorer.fit(train_cls, train_patch).score(test_cls, test_patch)
+    return scorer.fit(train_cls).score(test_cls)
+
+
+def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray, train_patch=None,
+                   test_patch=None) -> np.ndarray:
+    """Fit baseline ``method`` on the normal training features and score the test features (pure)."""
+    return fit_score(create_baseline(method), train_cls, test_cls, train_patch, test_patch)

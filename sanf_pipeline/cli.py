@@ -78,7 +78,8 @@ def _echo_json(obj) -> None:
 @click.option("--weights", help="Weights file (safetensors or state dict), or 'random' for random init.")
 @click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
 @click.option("--image-size", type=int, help="Input size in pixels (ViT position embeddings are resampled).")
-@click.option("--layer", type=int, help="Take the tokens of this block (0-based, negative from the end).")
+@click.option("--layer", help="Take the tokens of this block (0-based, negative from the end; CNNs: feature stage); "
+              "several, e.g. 8,11 or 2,3: concatenated on one grid in one pass (README).")
 @click.option("--pool", type=int, default=1, show_default=True, help="Average-pool the patch grid KxK.")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), help="Store format [default: zarr].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
@@ -106,14 +107,16 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
             dtype, precision, device, batch_size, num_workers, limit_per_class, splits, on_error, num_shards,
             shard_index, shard_size, overwrite, quiet, model_kwargs, resize_on, compile_):
     """Run a frozen backbone over a dataset once and cache class and patch tokens."""
+    from .backbones import parse_layers
     from .extract import ExtractConfig, default_cache_path
     from .extract import extract as run_extract
 
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, data_root=str(data_root) if data_root else None, category=category,
         cache=str(cache or default_cache_path(dataset, category)), weights=weights,
-        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size, layer=layer, pool=pool,
-        format=fmt, dtype=dtype, precision=precision, device=device, batch_size=batch_size,
+        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size,
+        layer=parse_layers(layer), pool=pool, format=fmt, dtype=dtype, precision=precision, device=device,
+        batch_size=batch_size,
         num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
         on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,
         overwrite=overwrite, quiet=quiet, model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
@@ -277,14 +280,22 @@ def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
 @click.option("--normal-class", required=True, help="The normal class, by name or index.")
 @click.option("--method", type=_RegistryChoice(_baselines), default="knn", show_default=True,
               help="A registered baseline: knn (k=2) on class tokens, knn-l2 on L2-normalised ones, gaussian with "
-                   "Ledoit-Wolf covariance.")
+                   "Ledoit-Wolf covariance, patch-knn (PatchCore-style: largest distance of a patch token to the "
+                   "nearest normal one).")
+@click.option("--coreset", type=float, help="patch-knn: fraction of the training patch tokens kept by the greedy "
+              "coreset [default: patchknn.DEFAULT_CORESET, see README].")
+@click.option("--neighbourhood", type=int, help="patch-knn: average each patch token with its KxK grid "
+              "neighbourhood first (odd; 1 = off) [default: patchknn.DEFAULT_NEIGHBOURHOOD].")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-def baseline(cache_path, normal_class, method, out, overwrite):
+def baseline(cache_path, normal_class, method, coreset, neighbourhood, out, overwrite):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
     from .jobs import baseline_run
 
-    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite)
+    options = {k: v for k, v in (("coreset", coreset), ("neighbourhood", neighbourhood)) if v is not None}
+    if options and method != "patch-knn":
+        raise SanfError(f"--{'/--'.join(options)} apply to --method patch-knn only")
+    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, options=options)
     m = res.metrics
     click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
                f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import create_baseline, scorer_settings
+from .baselines import create_baseline, fit_score, scorer_settings
 from .device import resolve_device
 from .errors import SanfError
 from .evaluate import compute_metrics, guard_results, write_results
@@ -309,14 +309,22 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
 
 
 def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plots: bool = True,
-                 extra: dict | None = None, extra_metrics: dict | None = None) -> EvalResult:
-    """Fit baseline ``method`` on the class tokens of ``train``, score ``test``, write config and result files."""
-    scorer = create_baseline(method)
-    scores = scorer.fit(train.cls).score(test.class_tokens())
+                 extra: dict | None = None, extra_metrics: dict | None = None, options: dict | None = None,
+                 quiet: bool = True) -> EvalResult:
+    """Fit baseline ``method`` on the class tokens of ``train`` (patch tokens for patch-knn), score ``test``, write
+    config and result files. ``options`` go to the scorer's factory."""
+    scorer = create_baseline(method, **(options or {}))
+    if hasattr(scorer, "quiet"):
+        scorer.quiet = quiet
+    if getattr(scorer, "needs_patch", False):
+        test_cls, test_patch = test.read(0, test.n, True)
+        scores = fit_score(scorer, train.cls, test_cls, train.patch, test_patch)
+    else:
+        scores = scorer.fit(train.cls).score(test.class_tokens())
     ci = train.class_index
     is_anomaly = test.labels != ci
     metrics = compute_metrics(is_anomaly, scores)
-    metrics.update(baseline_identity(method, ci, test.fingerprint))
+    metrics.update(baseline_identity(method, ci, test.fingerprint, options))
     metrics.update({"normal_class_name": train.class_name, "score_description": scorer.description,
                     "epoch_selection": BASELINE_EPOCH_SELECTION, "n_train": int(len(train.cls)),
                     "cache": test.cache_path, "evaluated": now(), "settings": {"method": method,
@@ -331,8 +339,11 @@ def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plot
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
 
 
-def baseline_identity(method: str, class_index: int, fingerprint: str) -> dict:
-    return {"method": method, "score": method, "normal_class": class_index, "cache_fingerprint": fingerprint}
+def baseline_identity(method: str, class_index: int, fingerprint: str, options: dict | None = None) -> dict:
+    out = {"method": method, "score": method, "normal_class": class_index, "cache_fingerprint": fingerprint}
+    if options:
+        out["options"] = dict(options)
+    return out
 
 
 # ------------------------------------------------------------------------- single runs from a cache (the CLI)
@@ -391,23 +402,24 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
 
 
 def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True) -> EvalResult:
+                 plots: bool = True, options: dict | None = None, quiet: bool = False) -> EvalResult:
     """`sanf baseline`: fit a baseline on the normal class's training class tokens, score the test split, write
     the results."""
     from .cache import open_cache
 
-    create_baseline(method)  # an unknown name fails before any reading
+    options = dict(options or {})
+    patch = bool(getattr(create_baseline(method, **options), "needs_patch", False))  # unknown names fail here
     with open_cache(cache) as c:
         ci = c.class_index(normal_class)
-        train = TrainData.from_cache(c, ci, patch=False)
-        cls, _, labels, sample_ids = c.split("test").read_all(patch=False)
-        check_finite(f"the test features in {c.path}", cls)
-        test = TestData.from_arrays(cls, None, labels, sample_ids, num_tokens=c.num_tokens, fingerprint=c.fingerprint,
-                                    cache_path=str(cache), identity=cache_identity(c))
+        train = TrainData.from_cache(c, ci, patch=patch)
+        cls, tokens, labels, sample_ids = c.split("test").read_all(patch=patch)
+        check_finite(f"the test features in {c.path}", cls, tokens)
+        test = TestData.from_arrays(cls, tokens, labels, sample_ids, num_tokens=c.num_tokens,
+                                    fingerprint=c.fingerprint, cache_path=str(cache), identity=cache_identity(c))
     out_dir = Path(out_dir) if out_dir else default_run_name(cache, train.class_name, f"-{method}")
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
     refuse_foreign_files(out_dir, (CONFIG_FILE, *RESULT_FILES))  # never replace a user's file (docs/file-safety.md)
-    guard_results(out_dir, baseline_identity(method, ci, test.fingerprint), overwrite)
+    guard_results(out_dir, baseline_identity(method, ci, test.fingerprint, options), overwrite)
     _mkdir(out_dir)
-    return baseline_job(out_dir, method, train, test, plots=plots)
+    return baseline_job(out_dir, method, train, test, plots=plots, options=options, quiet=quiet)
