@@ -26,7 +26,6 @@ from .runs import (
     METRICS_FILE,
     RESULT_FILES,
     SCORES_FILE,
-    check_cache_matches,
     check_finite,
     load_run,
     now,
@@ -150,8 +149,11 @@ class EvalResult:
 
 
 def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite: bool = False,
-             device: str = "auto", batch_size: int = 256, plots: bool = True) -> EvalResult:
-    """Score the whole test split with a finished run; write the result files (default: into the run folder)."""
+             device: str = "auto", batch_size: int = 256, plots: bool = True, fpr: float | None = None) -> EvalResult:
+    """Score the whole test split with a finished run; write the result files (default: into the run folder).
+
+    ``cache`` may be any cache in the run's feature space (``compat.py``); the normal class is found by name.
+    ``fpr``: target false-positive rate of the calibrated threshold (default: the run's)."""
     import torch
 
     from .cache import open_cache
@@ -168,10 +170,12 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
     if cache is None and not cache_path.exists():
         raise SanfError(f"the cache this run was trained on ({cache_path}) is not there; pass --cache PATH")
     out_dir = Path(out_dir) if out_dir else run_dir
-    normal = int(cfg["normal_class"])
+    from .compat import check_cache_compatible, normal_class_in
+
     c = open_cache(cache_path)
     try:
-        check_cache_matches(cfg["cache"], c, run_dir)
+        check_cache_compatible(cfg["cache"], c, run_dir)
+        normal = normal_class_in(c, cfg, run_dir)
         identity = {"method": cfg.get("method", "sanf-flow"), "score": score, "normal_class": normal,
                     "cache_fingerprint": c.fingerprint, "run_id": cfg.get("run_id")}
         guard_results(out_dir, identity, overwrite)
@@ -206,6 +210,9 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
         "run": str(run_dir), "cache": str(cache_path), "flow": cfg.get("flow"), "fit": fit,
         "evaluated": now(),
     })
+    from .calibration import eval_threshold_metrics
+
+    metrics.update(eval_threshold_metrics(cfg.get("calibration"), score, is_anomaly, scores, fpr))
     log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -123,8 +123,10 @@ class FitConfig:
     device: str = "auto"
     amp: bool = True
     eval_batch_size: int = 256
+    # the detector's default threshold: target false-positive rate on held-out normal images (calibration.py)
+    fpr: float = 0.01
 
-    NOT_SETTINGS = ("device", "eval_batch_size")  # do not change the result; not compared on resume
+    NOT_SETTINGS = ("device", "eval_batch_size", "fpr")  # do not change the model; not compared on resume
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -168,8 +170,10 @@ class FitConfig:
             bad("betas", self.betas, "two numbers in [0, 1)")
         if self.grad_clip is not None and not (0 < self.grad_clip < math.inf):
             bad("grad_clip", self.grad_clip, "must be > 0 (or None for no clipping)")
-        if self.early_stopping and not (0 < self.val_fraction < 1):
-            bad("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive) with early stopping")
+        if not (0 < self.val_fraction < 1):
+            bad("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive)")
+        if not (0 < self.fpr < 1):
+            bad("fpr", self.fpr, "must be between 0 and 1 (exclusive)")
         return self
 
     @property
@@ -196,8 +200,8 @@ class FitConfig:
             d.pop(k, None)
         if self.token_pool == 1:  # added later: runs fitted before token_pool existed keep their identity
             d.pop("token_pool")
-        if not self.early_stopping:
-            for k in ("val_fraction", "patience", "max_epochs", "min_delta"):
+        if not self.early_stopping:  # val_fraction stays: the same share is held out for calibration
+            for k in ("patience", "max_epochs", "min_delta"):
                 d.pop(k)
         else:
             d.pop("epochs")
@@ -223,6 +227,7 @@ class FitResult:
     device: str
     resumed_from: int = 0
     epoch_selection: str = ""
+    calibration: dict | None = None  # held-out normal scores + default threshold (calibration.py)
 
     def summary(self) -> dict:
         last = self.log[-1] if self.log else {}
@@ -359,9 +364,10 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
         train_patch = None
     check_finite("the training features", train_cls, train_patch)
     n = len(train_cls)
-    n_val = int(round(cfg.val_fraction * n)) if cfg.early_stopping else 0
-    if cfg.early_stopping:
-        n_val = max(1, n_val)
+    # the held-out slice: early stopping's, or with a fixed length the same share kept for calibration only
+    n_val = max(1, int(round(cfg.val_fraction * n)))
+    if not cfg.early_stopping and n - n_val < 2:
+        n_val = 0  # too few rows to hold any out: no calibrated threshold
     if n - n_val < 2:
         raise SanfError(f"only {n} training sample(s) of the normal class ({n_val} held out); need at least "
                         f"{n_val + 2}: use --epochs N without early stopping or a class with more samples")
@@ -480,7 +486,7 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": loss_sum / n_tr, "val_nll": None, "samples_per_s": n_tr / seconds,
                    "seconds": seconds, "lr": cfg.lr}
-            if n_val:
+            if n_val and cfg.early_stopping:
                 # held-out NLL in full precision (also under AMP): it decides the epoch
                 val = float(score_flow(flow, x_va, p_va, "nll", batch_size=cfg.eval_batch_size).mean() / flow.z_dim)
                 if not math.isfinite(val):
@@ -507,11 +513,18 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
 
     if cfg.early_stopping and best_state is not None:
         flow.load_state_dict(best_state)
+    calibration = None
+    if n_val:
+        from .calibration import SLICE_EARLY, SLICE_FIXED, calibration_record
+
+        held_out = {s: score_flow(flow, x_va, p_va, s, batch_size=cfg.eval_batch_size) for s in ("nll", "z2")}
+        calibration = calibration_record(held_out, fpr=cfg.fpr, slice_desc=SLICE_EARLY if cfg.early_stopping
+                                         else SLICE_FIXED, seed=cfg.seed, fraction=cfg.val_fraction)
     flow.eval().to("cpu")
     return FitResult(model=flow, normalizer=normalizer, log=log, best_epoch=best_epoch, epochs_run=len(log),
                      stopped_early=bool(stopped_early), n_train=n_tr, n_val=n_val, device=str(device),
                      resumed_from=resumed_from,
-                     epoch_selection=cfg.epoch_selection)
+                     epoch_selection=cfg.epoch_selection, calibration=calibration)
 
 
 @dataclass
@@ -576,7 +589,8 @@ def finish_run(run_dir, config: dict, result: FitResult) -> None:
     """Mark ``config`` finished, then write config, training log and model; drop the epoch checkpoint last."""
     run_dir = Path(run_dir)
     config.update({"flow": result.model.config(), "normalizer": result.normalizer.config(),
-                   "result": result.summary(), "status": "finished", "finished": now()})
+                   "result": result.summary(), "status": "finished", "finished": now(),
+                   "calibration": result.calibration})
     write_json_atomic(run_dir / CONFIG_FILE, config)
     write_jsonl_atomic(run_dir / LOG_FILE, result.log)
     save_model(run_dir, result.model, result.normalizer, config)
