@@ -319,6 +319,16 @@ def _register_sweep_commands() -> None:
 _register_sweep_commands()
 
 
+def _register_detector_commands() -> None:
+    from .detector_cli import export, score
+
+    cli.add_command(score)
+    cli.add_command(export)
+
+
+_register_detector_commands()
+
+
 def main(argv=None) -> None:
     cli.main(args=argv, prog_name="sanf")
 
