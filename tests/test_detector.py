@@ -171,14 +171,20 @@ def real(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_score_equals_eval_on_real_weights(real, tmp_path):
+def test_score_equals_eval_on_real_weights(real, tmp_path, monkeypatch):
     run = _fit_eval(real["cache"], tmp_path / "run", "airplane", max_epochs=3)
     moved = tmp_path / "elsewhere" / "run"  # the run folder copied to another machine
     shutil.copytree(run, moved)
     out = tmp_path / "s.csv"
     test = real["data"] / "test"
     args = ["score", "--run", moved, test, "--out", out, "--device", "cpu", "--num-workers", "0", "--quiet"]
-    assert_user_error(sanf(*args, env={"SANF_WEIGHTS_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}), "no weights")
+    from sanf_pipeline import backbones
+
+    def offline(model_name, kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(backbones, "_create_from_hub", offline)
+    assert_user_error(sanf(*args, env={"SANF_WEIGHTS_DIR": str(tmp_path)}), "no weights", "offline")
     r = sanf(*args, env={"SANF_WEIGHTS_DIR": str(DINOV2_WEIGHTS.parent)})
     assert r.exit_code == 0, r.output
     rows = read_csv(out)
@@ -191,7 +197,7 @@ def test_score_equals_eval_on_real_weights(real, tmp_path):
 
     other = save_weights(tiny_timm(), tmp_path / "vit_small_patch14_dinov2.other.safetensors")
     out.write_text("path,score,anomalous,percentile\n")
-    r = sanf(*args[:-2], "--weights", other, "--quiet")
+    r = sanf(*args, "--weights", other)
     line = assert_user_error(r, "sha256", json.loads((run / "config.json").read_text())["cache"]["backbone"]
                              ["weights"]["sha256"])
     from sanf_pipeline.backbones import file_sha256
