@@ -102,7 +102,7 @@ class BaselineRun:
 
 
 def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True) -> BaselineRun:
+                 plots: bool = True, fpr: float = 0.01) -> BaselineRun:
     """Fit a baseline on the normal class's training class tokens, score the test split, write the results."""
     from .cache import open_cache
     from .evaluate import compute_metrics, guard_results, write_results
@@ -142,8 +142,15 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
                                                        if isinstance(scorer, KNNScorer) else {})}})
     if isinstance(scorer, GaussianScorer):
         metrics["settings"]["shrinkage"] = scorer.shrinkage
-    write_json_atomic(out_dir / "config.json", {"format": "sanf-baseline", "format_version": 1, "method": method,
-                                                "normal_class": ci, "normal_class_name": name, "cache": identity,
-                                                "created": now(), "versions": package_versions()})
+    from .calibration import calibrate_baseline, eval_threshold_metrics
+    from .detector import save_baseline_model
+
+    calibration = calibrate_baseline(method, train, fpr=fpr)
+    metrics.update(eval_threshold_metrics(calibration, method, is_anomaly, scores))
+    config = {"format": "sanf-baseline", "format_version": 1, "method": method, "normal_class": ci,
+              "normal_class_name": name, "cache": identity, "created": now(), "versions": package_versions(),
+              "calibration": calibration}
+    write_json_atomic(out_dir / "config.json", config)
+    save_baseline_model(out_dir, scorer, config)  # so that `sanf score` / `sanf export` can use it
     paths = write_results(out_dir, metrics, sample_ids, labels, is_anomaly, scores, plots=plots)
     return BaselineRun(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores)

@@ -277,12 +277,14 @@ def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
 @click.option("--method", type=click.Choice(["knn", "knn-l2", "gaussian"]), default="knn", show_default=True,
               help="kNN (k=2) on class tokens, on L2-normalised ones, or Gaussian with Ledoit-Wolf covariance.")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
+@click.option("--fpr", type=float, default=0.01, show_default=True,
+              help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-def baseline(cache_path, normal_class, method, out, overwrite):
+def baseline(cache_path, normal_class, method, out, fpr, overwrite):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
     from .baselines import baseline_run
 
-    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite)
+    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, fpr=fpr)
     m = res.metrics
     click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
                f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "

@@ -94,6 +94,83 @@ class FlowHead(nn.Module):
         return z.float().pow(2).mean(dim=-1)
 
 
+class KNNHead(nn.Module):
+    """``baselines.KNNScorer`` as a module: mean distance to the k nearest normal training class tokens (float64)."""
+
+    def __init__(self, train: torch.Tensor, k: int, l2: bool):
+        super().__init__()
+        self.k, self.l2 = int(k), bool(l2)
+        self.register_buffer("train_tokens", train.to(torch.float64))
+
+    def forward(self, cls: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
+        x = cls.to(torch.float64)
+        if self.l2:
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        t = self.train_tokens
+        d2 = (x * x).sum(-1, keepdim=True) + (t * t).sum(-1)[None, :] - 2.0 * x @ t.T
+        near = torch.topk(d2.clamp_min(0.0), self.k, dim=1, largest=False).values
+        return near.sqrt().mean(dim=1).to(torch.float32)
+
+
+class GaussianHead(nn.Module):
+    """``baselines.GaussianScorer`` as a module: squared Mahalanobis distance (float64)."""
+
+    def __init__(self, location: torch.Tensor, precision: torch.Tensor):
+        super().__init__()
+        self.register_buffer("location", location.to(torch.float64))
+        self.register_buffer("precision", precision.to(torch.float64))
+
+    def forward(self, cls: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
+        d = cls.to(torch.float64) - self.location
+        return ((d @ self.precision) * d).sum(-1).to(torch.float32)
+
+
+def baseline_tensors(scorer) -> dict[str, torch.Tensor]:
+    """What a baseline run saves in ``model.safetensors`` so that ``Detector.load`` can rebuild it."""
+    from .baselines import GaussianScorer, KNNScorer
+
+    if isinstance(scorer, KNNScorer):
+        return {"baseline.train": torch.from_numpy(np.ascontiguousarray(scorer.train)),
+                "baseline.k": torch.tensor(scorer.k), "baseline.l2": torch.tensor(int(scorer.l2))}
+    if isinstance(scorer, GaussianScorer):
+        return {"baseline.location": torch.from_numpy(np.ascontiguousarray(scorer.model.location_)),
+                "baseline.precision": torch.from_numpy(np.ascontiguousarray(scorer.model.precision_))}
+    raise SanfError(f"baseline {type(scorer).__name__} cannot be saved as a detector")
+
+
+def save_baseline_model(run_dir, scorer, config: dict) -> Path:
+    from .runs import MODEL_FILE, save_tensors_atomic
+
+    path = Path(run_dir) / MODEL_FILE
+    save_tensors_atomic(path, baseline_tensors(scorer), config)
+    return path
+
+
+def baseline_head(tensors: dict[str, torch.Tensor]) -> nn.Module:
+    if "baseline.train" in tensors:
+        return KNNHead(tensors["baseline.train"], int(tensors["baseline.k"]), bool(int(tensors["baseline.l2"])))
+    if "baseline.location" in tensors:
+        return GaussianHead(tensors["baseline.location"], tensors["baseline.precision"])
+    raise SanfError("the baseline run's model file holds no known baseline; rerun `sanf baseline`")
+
+
+def _load_head(run_dir, score: str) -> tuple[nn.Module, dict]:
+    """The scoring head of a finished flow or baseline run, and the run's config."""
+    from .runs import CONFIG_FILE, MODEL_FILE, load_run, load_tensors, read_json_file
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG_FILE
+    cfg = read_json_file(cfg_path) if cfg_path.is_file() else None
+    if isinstance(cfg, dict) and cfg.get("format") == "sanf-baseline":
+        if not (run_dir / MODEL_FILE).is_file():
+            raise SanfError(f"baseline run {run_dir} has no {MODEL_FILE} (written by sanf versions with detectors); "
+                            f"rerun `sanf baseline` with --overwrite")
+        tensors, _ = load_tensors(run_dir / MODEL_FILE)
+        return baseline_head(tensors), cfg
+    run = load_run(run_dir, device="cpu")
+    return FlowHead(run.flow, run.normalizer, score=score, needs_patch=run.needs_patch), run.config
+
+
 class DetectorModel(nn.Module):
     """``images (B, 3, S, S)`` normalised as ``preprocessing`` says -> anomaly scores ``(B,)`` float32."""
 
@@ -253,16 +330,15 @@ class Detector:
     def load(cls, run_dir, *, weights=None, weights_dir=None, device: str = "auto", score: str = "nll",
              fpr: float | None = None, amp: bool = True) -> Detector:
         from .calibration import run_threshold
-        from .runs import load_run
         from .train import amp_dtype, resolve_device
 
         dev = resolve_device(device)
-        run = load_run(run_dir, device="cpu")
-        cfg = run.config
+        head, cfg = _load_head(run_dir, score)
+        if cfg.get("format") == "sanf-baseline":
+            score = cfg.get("method")  # a baseline has one score, stored under its method's name
         ident = cfg.get("cache") or {}
         bb = build_backbone(ident.get("backbone") or {}, weights=weights, weights_dir=weights_dir, device=str(dev))
         dtype = {"float16": torch.float16, "float32": torch.float32}.get(str(ident.get("dtype")), torch.float32)
-        head = FlowHead(run.flow, run.normalizer, score=score, needs_patch=run.needs_patch)
         model = DetectorModel(bb, head, dtype).to(dev).eval()
         calibration = cfg.get("calibration")
         threshold = run_threshold(calibration, score, fpr)
@@ -332,5 +408,5 @@ class Detector:
                            skipped=skipped, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["Detector", "DetectorModel", "FlowHead", "ScoreResult", "TorchNormalizer", "build_backbone",
-           "expand_inputs"]
+__all__ = ["Detector", "DetectorModel", "FlowHead", "GaussianHead", "KNNHead", "ScoreResult", "TorchNormalizer",
+           "build_backbone", "expand_inputs"]

@@ -71,6 +71,22 @@ def test_detector_api_equals_eval(tiny):
     assert res.percentiles.tolist() == [100.0 * (cal <= s).mean() for s in res.scores]
 
 
+@pytest.mark.parametrize("method", ["knn-l2", "gaussian"])
+def test_baseline_runs_are_detectors(tiny, tmp_path, method):
+    from sanf_pipeline import Detector
+    from sanf_pipeline.baselines import baseline_run
+
+    res = baseline_run(tiny["cache"], "a", method, tmp_path / method, plots=False, fpr=0.5)
+    cal = json.loads((tmp_path / method / "config.json").read_text())["calibration"]
+    assert cal["n"] == 1 and res.metrics["threshold"]["n_calibration"] == 1 and "f1_optimal_threshold" in res.metrics
+    det = Detector.load(tmp_path / method, device="cpu")
+    out = det.score([tiny["data"] / "test"], num_workers=0)
+    want = _eval_scores(tmp_path / method, tiny["data"])
+    # atol: the tiny random ViT's L2-normalised class tokens are ~1e-6 apart, where float64 cancellation shows
+    np.testing.assert_allclose(out.scores, [want[p] for p in out.paths], rtol=1e-5, atol=1e-9)
+    assert det.threshold["value"] == pytest.approx(cal["scores"][method][0])
+
+
 def test_score_cli_files_folders_globs(tiny, tmp_path):
     data = tiny["data"]
     out, js = tmp_path / "s.csv", tmp_path / "s.json"
