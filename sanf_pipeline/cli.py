@@ -238,7 +238,8 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
     resumed = f", resumed after epoch {res.resumed_from}" if res.resumed_from else ""
     thr = (res.calibration or {}).get("threshold")
     calib = (f"; threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
-             f"normal images)" if thr else "; no threshold (too few images to hold any out)")
+             f"normal images{'' if thr['guaranteed'] else ', too few to guarantee it'})" if thr
+             else "; no threshold (too few images to hold any out)")
     click.echo(f"run {run.run_dir}: trained on {res.n_train} samples of {run.config['normal_class_name']!r} "
                f"({how}{resumed}){calib}; model in {run.run_dir / 'model.safetensors'}; "
                f"next: sanf eval --run {run.run_dir}")
