@@ -71,7 +71,9 @@ def main(argv=None) -> int:
     from sanf_pipeline.backbones import create_backbone
     from sanf_pipeline.cache import open_cache
     from sanf_pipeline.cache.inspect import disk_size
-    from sanf_pipeline.extract import ExtractConfig, autocast_dtype, extract, resolve_device
+    from sanf_pipeline.device import precision_dtype as autocast_dtype
+    from sanf_pipeline.device import resolve_device
+    from sanf_pipeline.extract import ExtractConfig, extract
 
     device = resolve_device(args.device)
     amp = autocast_dtype(args.precision, device)

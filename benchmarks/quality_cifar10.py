@@ -89,8 +89,9 @@ def score_z2(sweep_dir: Path, cache: Path, setting: str, summary: dict) -> dict[
     from sklearn.metrics import roc_auc_score
 
     from sanf_pipeline.cache import open_cache
-    from sanf_pipeline.runs import MODEL_FILE, load_run, write_json_atomic
-    from sanf_pipeline.train import score_flow
+    from sanf_pipeline.jobs import load_run
+    from sanf_pipeline.runs import MODEL_FILE, write_json_atomic
+    from sanf_pipeline.scoring import score_flow
 
     store = sweep_dir / "z2_auroc.json"
     known = json.loads(store.read_text()) if store.exists() else {}

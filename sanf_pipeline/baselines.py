@@ -7,15 +7,15 @@ Registry (``BASELINES``, extend with ``register_baseline``):
 - ``gaussian``: squared Mahalanobis distance to a Gaussian fitted on the normal class tokens with the
   Ledoit-Wolf shrinkage covariance (``sklearn.covariance.LedoitWolf``).
 
-Each scorer has ``fit(train_cls)`` and ``score(test_cls) -> (n,)`` (higher = more anomalous). The kNN distances
+Each scorer has ``fit(train_cls)``, ``score(test_cls) -> (n,)`` (higher = more anomalous), ``description`` and
+optionally ``settings() -> dict`` (reported in ``metrics.json``). A registered name is usable from `sanf baseline`
+and `sanf sweep --methods`; ``jobs.baseline_job`` runs it. The kNN distances
 are computed in float64 blocks of test rows with a matrix product, so memory stays bounded for large splits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +42,13 @@ class KNNScorer:
         self.train_sq = (self.train ** 2).sum(axis=1)
         return self
 
+    def settings(self) -> dict:
+        return {"k": self.k, "l2": self.l2}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fitted state a detector needs (saved as ``baseline.*`` tensors by the run job)."""
+        return {"train": self.train, "k": np.asarray(self.k), "l2": np.asarray(int(self.l2))}
+
     def score(self, test: np.ndarray) -> np.ndarray:
         test = np.asarray(test, np.float64)
         test = _l2(test) if self.l2 else test
@@ -67,6 +74,12 @@ class GaussianScorer:
         self.shrinkage = float(self.model.shrinkage_)
         return self
 
+    def settings(self) -> dict:
+        return {"shrinkage": self.shrinkage}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"location": self.model.location_, "precision": self.model.precision_}
+
     def score(self, test: np.ndarray) -> np.ndarray:
         return self.model.mahalanobis(np.asarray(test, np.float64))
 
@@ -76,6 +89,18 @@ BASELINES: dict[str, Callable[[], object]] = {
     "knn-l2": lambda: KNNScorer(k=2, l2=True),
     "gaussian": GaussianScorer,
 }
+
+
+def scorer_settings(scorer) -> dict:
+    """The settings a scorer reports in ``metrics.json`` (``settings()`` when it has one)."""
+    settings = getattr(scorer, "settings", None)
+    return dict(settings()) if callable(settings) else {}
+
+
+def scorer_arrays(scorer) -> dict[str, np.ndarray]:
+    """The fitted state of a scorer (``arrays()`` when it has one; empty: the run cannot be used as a detector)."""
+    arrays = getattr(scorer, "arrays", None)
+    return dict(arrays()) if callable(arrays) else {}
 
 
 def register_baseline(name: str, factory: Callable[[], object]) -> None:
@@ -91,66 +116,3 @@ def create_baseline(name: str):
 def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray) -> np.ndarray:
     """Fit baseline ``method`` on the normal training class tokens and score the test class tokens (pure)."""
     return create_baseline(method).fit(train_cls).score(test_cls)
-
-
-@dataclass
-class BaselineRun:
-    out_dir: Path
-    metrics: dict
-    paths: dict
-    scores: np.ndarray
-
-
-def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True, fpr: float = 0.01) -> BaselineRun:
-    """Fit a baseline on the normal class's training class tokens, score the test split, write the results."""
-    from .cache import open_cache
-    from .evaluate import compute_metrics, guard_results, write_results
-    from .runs import cache_identity, check_finite, default_run_name, now, package_versions, write_json_atomic
-
-    scorer = create_baseline(method)
-    c = open_cache(cache)
-    try:
-        ci = c.class_index(normal_class)
-        name = c.class_names[ci]
-        out_dir = Path(out_dir) if out_dir else default_run_name(cache, name, f"-{method}")
-        train, _ = c.split("train").read_class(ci, patch=False)
-        if len(train) == 0:
-            raise SanfError(f"class {name!r} has no valid training samples in {c.path}")
-        check_finite(f"the training features of class {name!r} in {c.path}", train)
-        test, _, labels, sample_ids = c.split("test").read_all(patch=False)
-        check_finite(f"the test features in {c.path}", test)
-        identity = cache_identity(c)
-    finally:
-        c.close()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
-    guard = {"method": method, "score": method, "normal_class": ci, "cache_fingerprint": identity["fingerprint"]}
-    guard_results(out_dir, guard, overwrite)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SanfError(f"cannot create {out_dir}: {exc.strerror or exc}; choose another --out") from None
-    scores = scorer.fit(train).score(test)
-    is_anomaly = labels != ci
-    metrics = compute_metrics(is_anomaly, scores)
-    metrics.update(guard)
-    metrics.update({"normal_class_name": name, "score_description": scorer.description,
-                    "epoch_selection": "not applicable (no training epochs; fitted on normal training data only)",
-                    "n_train": int(len(train)), "cache": str(cache), "evaluated": now(),
-                    "settings": {"method": method, **({"k": scorer.k, "l2": scorer.l2}
-                                                       if isinstance(scorer, KNNScorer) else {})}})
-    if isinstance(scorer, GaussianScorer):
-        metrics["settings"]["shrinkage"] = scorer.shrinkage
-    from .calibration import calibrate_baseline, eval_threshold_metrics
-    from .detector import save_baseline_model
-
-    calibration = calibrate_baseline(method, train, fpr=fpr)
-    metrics.update(eval_threshold_metrics(calibration, method, is_anomaly, scores))
-    config = {"format": "sanf-baseline", "format_version": 1, "method": method, "normal_class": ci,
-              "normal_class_name": name, "cache": identity, "created": now(), "versions": package_versions(),
-              "calibration": calibration}
-    write_json_atomic(out_dir / "config.json", config)
-    save_baseline_model(out_dir, scorer, config)  # so that `sanf score` / `sanf export` can use it
-    paths = write_results(out_dir, metrics, sample_ids, labels, is_anomaly, scores, plots=plots)
-    return BaselineRun(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores)

@@ -8,6 +8,15 @@ from pathlib import Path
 
 import click
 
+from .cli_types import (
+    _baselines,
+    _fusions,
+    _main_inputs,
+    _normalizations,
+    _RegistryChoice,
+    _scores,
+    _spatial_channels,
+)
 from .errors import SanfError
 
 
@@ -181,19 +190,19 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
 @click.option("--normal-class", required=True, help="The normal class, by name or index.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/<cache>-<class>].")
-@click.option("--fusion", type=click.Choice(["none", "gap", "learnable", "semantic"]), default=_FIT_DEFAULTS["fusion"],
+@click.option("--fusion", type=_RegistryChoice(_fusions), default=_FIT_DEFAULTS["fusion"],
               show_default=True, help="Feature fusion module.")
 @click.option("--blocks", type=int, default=4, show_default=True, help="Coupling layers (FLLs).")
 @click.option("--clamp", type=float, default=_FIT_DEFAULTS["clamp"], show_default=True, help="Soft clamp alpha.")
 @click.option("--hidden", type=int, default=1024, show_default=True, help="FFM MLP width.")
 @click.option("--heads", type=int, default=1, show_default=True, help="Attention heads of the fusion.")
-@click.option("--spatial-channels", type=click.Choice(["half", "full"]), default=_FIT_DEFAULTS["spatial_channels"],
+@click.option("--spatial-channels", type=_RegistryChoice(_spatial_channels), default=_FIT_DEFAULTS["spatial_channels"],
               show_default=True, help="Patch-token channels each FFM sees.")
 @click.option("--token-pool", type=click.IntRange(min=1), default=_FIT_DEFAULTS["token_pool"], show_default=True,
               help="Average-pool the cached patch grid KxK before the fusion (K divides the grid side).")
-@click.option("--main-input", type=click.Choice(["semantic", "spatial"]), default="semantic", show_default=True,
+@click.option("--main-input", type=_RegistryChoice(_main_inputs), default="semantic", show_default=True,
               help="What the flow transforms (spatial: paper Table 4 ablation).")
-@click.option("--normalize", type=click.Choice(["none", "l2", "standardize", "l2+standardize", "l2+whiten"]),
+@click.option("--normalize", type=_RegistryChoice(_normalizations),
               default=_FIT_DEFAULTS["normalize"], show_default=True,
               help="Input normalisation (fit on normal train data).")
 @click.option("--lr", type=float, default=5e-5, show_default=True)
@@ -217,15 +226,12 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
         normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
         seed, fpr, device, no_amp, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
-    from .train import FitConfig, fit_run
+    from .fit_config import FitConfig, training_length
+    from .jobs import fit_run
 
-    if epochs is not None and (early_stopping or max_epochs is not None):
-        raise SanfError("--epochs (a fixed length) and --early-stopping/--max-epochs exclude each other; choose one")
-    if epochs is not None and (val_fraction is not None or patience is not None):
-        raise SanfError("--val-fraction and --patience belong to early stopping; drop them with --epochs")
-    es = {k: v for k, v in (("max_epochs", max_epochs), ("val_fraction", val_fraction), ("patience", patience))
-          if v is not None}
-    length = {"early_stopping": False, "epochs": epochs} if epochs is not None else {"early_stopping": True, **es}
+    given = {k: v for k, v in (("epochs", epochs), ("max_epochs", max_epochs), ("val_fraction", val_fraction),
+                               ("patience", patience)) if v is not None}
+    length = training_length({**given, **({"early_stopping": True} if early_stopping else {})})
     cfg = FitConfig(fusion=fusion, blocks=blocks, clamp=clamp, hidden=hidden, heads=heads,
                     spatial_channels=spatial_channels, token_pool=token_pool, main_input=main_input,
                     normalize=normalize, lr=lr,
@@ -251,14 +257,14 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
               help="Cache to score [default: the one the run was trained on]; any cache extracted with the run's "
                    "backbone settings (architecture, weights, image size, layer, pooling, grid; dtype may differ).")
 @click.option("--fpr", type=float, help="Target false-positive rate of the calibrated threshold [default: the run's].")
-@click.option("--score", type=click.Choice(["nll", "z2"]), default="nll", show_default=True,
+@click.option("--score", type=_RegistryChoice(_scores), default="nll", show_default=True,
               help="nll: -log p(x); z2: mean z^2 (the official code).")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: the run folder].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
 def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
     """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, threshold rates, scores, report, plots."""
-    from .evaluate import eval_run
+    from .jobs import eval_run
 
     res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device, fpr=fpr)
     m = res.metrics
@@ -275,15 +281,16 @@ def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
 @cli.command()
 @click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
 @click.option("--normal-class", required=True, help="The normal class, by name or index.")
-@click.option("--method", type=click.Choice(["knn", "knn-l2", "gaussian"]), default="knn", show_default=True,
-              help="kNN (k=2) on class tokens, on L2-normalised ones, or Gaussian with Ledoit-Wolf covariance.")
+@click.option("--method", type=_RegistryChoice(_baselines), default="knn", show_default=True,
+              help="A registered baseline: knn (k=2) on class tokens, knn-l2 on L2-normalised ones, gaussian with "
+                   "Ledoit-Wolf covariance.")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
 @click.option("--fpr", type=float, default=0.01, show_default=True,
               help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
 def baseline(cache_path, normal_class, method, out, fpr, overwrite):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
-    from .baselines import baseline_run
+    from .jobs import baseline_run
 
     res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, fpr=fpr)
     m = res.metrics

@@ -125,27 +125,6 @@ class GaussianHead(nn.Module):
         return ((d @ self.precision) * d).sum(-1).to(torch.float32)
 
 
-def baseline_tensors(scorer) -> dict[str, torch.Tensor]:
-    """What a baseline run saves in ``model.safetensors`` so that ``Detector.load`` can rebuild it."""
-    from .baselines import GaussianScorer, KNNScorer
-
-    if isinstance(scorer, KNNScorer):
-        return {"baseline.train": torch.from_numpy(np.ascontiguousarray(scorer.train)),
-                "baseline.k": torch.tensor(scorer.k), "baseline.l2": torch.tensor(int(scorer.l2))}
-    if isinstance(scorer, GaussianScorer):
-        return {"baseline.location": torch.from_numpy(np.ascontiguousarray(scorer.model.location_)),
-                "baseline.precision": torch.from_numpy(np.ascontiguousarray(scorer.model.precision_))}
-    raise SanfError(f"baseline {type(scorer).__name__} cannot be saved as a detector")
-
-
-def save_baseline_model(run_dir, scorer, config: dict) -> Path:
-    from .runs import MODEL_FILE, save_tensors_atomic
-
-    path = Path(run_dir) / MODEL_FILE
-    save_tensors_atomic(path, baseline_tensors(scorer), config)
-    return path
-
-
 def baseline_head(tensors: dict[str, torch.Tensor]) -> nn.Module:
     if "baseline.train" in tensors:
         return KNNHead(tensors["baseline.train"], int(tensors["baseline.k"]), bool(int(tensors["baseline.l2"])))
@@ -156,7 +135,8 @@ def baseline_head(tensors: dict[str, torch.Tensor]) -> nn.Module:
 
 def _load_head(run_dir, score: str) -> tuple[nn.Module, dict]:
     """The scoring head of a finished flow or baseline run, and the run's config."""
-    from .runs import CONFIG_FILE, MODEL_FILE, load_run, load_tensors, read_json_file
+    from .jobs import load_run
+    from .runs import CONFIG_FILE, MODEL_FILE, load_tensors, read_json_file
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
@@ -330,7 +310,7 @@ class Detector:
     def load(cls, run_dir, *, weights=None, weights_dir=None, device: str = "auto", score: str = "nll",
              fpr: float | None = None, amp: bool = True) -> Detector:
         from .calibration import run_threshold
-        from .train import amp_dtype, resolve_device
+        from .device import amp_dtype, resolve_device
 
         dev = resolve_device(device)
         head, cfg = _load_head(run_dir, score)

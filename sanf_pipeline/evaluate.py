@@ -1,13 +1,14 @@
-"""Scoring the test split and the metrics every method reports (flow runs and baselines alike).
+"""The metrics every method reports and the result files every run writes (flow runs and baselines alike).
 
 - ``compute_metrics(is_anomaly, scores)``: AUROC with anomalies as the positive class
   (``sklearn.metrics.roc_auc_score``), AUPR (``average_precision_score``, anomalies positive) and the TPR at
   5% FPR (the highest TPR of any threshold whose FPR is at most 5%, so a threshold that can be set).
 - ``write_results(out_dir, ...)``: ``metrics.json``, ``scores.csv``, ``report.md`` and the PNG plots (the
   plotting and markdown live in ``report.py``).
-- ``eval_run(run_dir, cache=None, score="nll")``: score a finished flow run on the whole test split of its
-  cache (or of ``cache``, which must match it). Higher score = more anomalous: ``nll`` is -log p(x) of the
-  flow (the default), ``z2`` the mean of z^2 (the official code's score, no log-determinant).
+- ``guard_results(out_dir, identity, overwrite)``: refuse to replace earlier results of other settings.
+
+Scoring lives in ``scoring.py``; the jobs that score and call these (`sanf eval`, `sanf baseline`, the sweep) in
+``jobs.py``.
 
 One-vs-rest protocol: the anomalies are every test sample whose label is not the normal class.
 """
@@ -16,31 +17,15 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import SanfError
-from .runs import (
-    METRICS_FILE,
-    RESULT_FILES,
-    SCORES_FILE,
-    check_finite,
-    load_run,
-    now,
-    read_json_file,
-    write_json_atomic,
-    write_text_atomic,
-)
+from .runs import METRICS_FILE, RESULT_FILES, SCORES_FILE, read_json_file, write_json_atomic, write_text_atomic
+from .scoring import SCORE_DESCRIPTIONS, SCORES  # noqa: F401 (re-exported: the result files describe the score)
 
-SCORES = ("nll", "z2")
-SCORE_DESCRIPTIONS = {
-    "nll": "negative log-likelihood of the flow (nats), higher = more anomalous",
-    "z2": "mean of z^2 over the latent dimensions (official code), higher = more anomalous",
-}
 MAX_FPR = 0.05
-EVAL_BLOCK_BYTES = 256 * 2**20
 
 
 def compute_metrics(labels_is_anomaly, scores) -> dict:
@@ -139,88 +124,5 @@ def guard_results(out_dir, identity: dict, overwrite: bool) -> None:
                         f"them or write to another --out")
 
 
-@dataclass
-class EvalResult:
-    out_dir: Path
-    metrics: dict
-    paths: dict
-    scores: np.ndarray
-    is_anomaly: np.ndarray
-
-
-def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite: bool = False,
-             device: str = "auto", batch_size: int = 256, plots: bool = True, fpr: float | None = None) -> EvalResult:
-    """Score the whole test split with a finished run; write the result files (default: into the run folder).
-
-    ``cache`` may be any cache in the run's feature space (``compat.py``); the normal class is found by name.
-    ``fpr``: target false-positive rate of the calibrated threshold (default: the run's)."""
-    import torch
-
-    from .cache import open_cache
-    from .runs import LOG_FILE, read_jsonl
-    from .train import resolve_device, score_flow
-
-    if score not in SCORES:
-        raise SanfError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    run_dir = Path(run_dir)
-    dev = resolve_device(device)
-    run = load_run(run_dir, device=str(dev))
-    cfg = run.config
-    cache_path = Path(cache) if cache is not None else Path(cfg["cache"]["path"])
-    if cache is None and not cache_path.exists():
-        raise SanfError(f"the cache this run was trained on ({cache_path}) is not there; pass --cache PATH")
-    out_dir = Path(out_dir) if out_dir else run_dir
-    from .compat import check_cache_compatible, normal_class_in
-
-    c = open_cache(cache_path)
-    try:
-        check_cache_compatible(cfg["cache"], c, run_dir)
-        normal = normal_class_in(c, cfg, run_dir)
-        identity = {"method": cfg.get("method", "sanf-flow"), "score": score, "normal_class": normal,
-                    "cache_fingerprint": c.fingerprint, "run_id": cfg.get("run_id")}
-        guard_results(out_dir, identity, overwrite)
-        split = c.split("test")
-        labels, sample_ids = split.labels, split.sample_ids
-        # stream the split in blocks of rows so memory stays bounded for large token caches
-        row_bytes = (c.num_tokens + 1 if run.needs_patch else 1) * c.dim * 4
-        rows = max(256, EVAL_BLOCK_BYTES // max(row_bytes, 1))
-        parts = []
-        for start in range(0, split.n, rows):
-            cls, patch = split.read(start, min(start + rows, split.n), patch=run.needs_patch)
-            if not len(cls):
-                continue
-            check_finite(f"the test features in {c.path}", cls, patch)
-            x, p = run.normalizer.transform(cls, patch)
-            parts.append(score_flow(run.flow, torch.from_numpy(x), None if p is None else torch.from_numpy(p),
-                                    score, batch_size=batch_size))
-    finally:
-        c.close()
-    scores = np.concatenate(parts) if parts else np.zeros(0)
-    fit = cfg.get("fit", {})
-    is_anomaly = labels != normal
-    metrics = compute_metrics(is_anomaly, scores)
-    result = cfg.get("result") or {}
-    metrics.update(identity)
-    metrics.update({
-        "normal_class_name": cfg.get("normal_class_name"),
-        "score_description": SCORE_DESCRIPTIONS[score],
-        "epoch_selection": cfg.get("epoch_selection"),
-        "best_epoch": result.get("best_epoch"), "epochs_run": result.get("epochs_run"),
-        "n_train": cfg.get("n_train_total"), "n_nonfinite_scores": int((~np.isfinite(scores)).sum()),
-        "run": str(run_dir), "cache": str(cache_path), "flow": cfg.get("flow"), "fit": fit,
-        "evaluated": now(),
-    })
-    from .calibration import eval_threshold_metrics
-
-    metrics.update(eval_threshold_metrics(cfg.get("calibration"), score, is_anomaly, scores, fpr))
-    log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else None
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SanfError(f"cannot create {out_dir}: {exc.strerror or exc}; choose another --out") from None
-    paths = write_results(out_dir, metrics, sample_ids, labels, is_anomaly, scores, train_log=log, plots=plots)
-    return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
-
-
-__all__ = ["RESULT_FILES", "SCORES", "EvalResult", "compute_metrics", "eval_run", "read_scores_csv",
+__all__ = ["RESULT_FILES", "SCORES", "compute_metrics", "guard_results", "read_scores_csv", "scores_csv",
            "write_results"]

@@ -29,7 +29,7 @@ SIDECAR_FORMAT = "sanf-detector"
 
 
 def sidecar(detector, fmt: str, out: Path) -> dict:
-    from .evaluate import SCORE_DESCRIPTIONS
+    from .scoring import SCORE_DESCRIPTIONS
 
     cfg = detector.config
     ident = cfg.get("cache") or {}

@@ -20,12 +20,11 @@ import torch
 
 from .cache import BackgroundShardWriter, CacheSpec, CacheWriter, SplitListing
 from .cache.schema import DTYPES, FORMATS, shard_geometry
+from .device import PRECISIONS, autocast, precision_dtype, resolve_device
 from .errors import BadImageError, SanfError
 from .progress import progress_bar
 from .runs import package_versions
-from .train import resolve_device
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ON_ERROR = ("skip", "fail")
 
 
@@ -88,14 +87,6 @@ class ExtractResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def distributed_context() -> tuple[int, int] | None:
     """(rank, world) under torchrun, else None."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -151,7 +142,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if dist is not None:
         cfg.shard_index, cfg.num_shards = dist
     device = resolve_device(cfg.device)
-    amp = autocast_dtype(cfg.precision, device)
+    amp = precision_dtype(cfg.precision, device)
 
     datasets = {s: create_dataset(cfg.dataset, cfg.data_root, s, category=cfg.category,
                                   limit_per_class=cfg.limit_per_class) for s in cfg.splits}
@@ -294,7 +285,7 @@ def _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result
 
 def _forward(backbone, x: torch.Tensor, device: torch.device, amp: torch.dtype | None):
     x = x.to(device, non_blocking=True)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+    with torch.inference_mode(), autocast(device, amp):
         cls, patch = backbone(x)
     return cls.float().cpu().numpy(), patch.float().cpu().numpy()
 

@@ -12,18 +12,14 @@ Methods (``NORMALIZATIONS``):
 - ``l2``: every vector divided by its L2 norm (as kNN baselines do).
 - ``standardize``: every channel centred and divided by its standard deviation.
 - ``l2+whiten`` (the default): L2 first, then ZCA whitening of the class tokens with a Ledoit-Wolf shrinkage
-  covariance (patch tokens: L2 + per-channel standardisation). Measured against l2+standardize with the
-  default flow and early stopping: scikit-learn digits, all 10 classes, M-AUROC 0.949 vs 0.913 (Gaussian
-  baseline 0.946; benchmarks/normalization.md); CIFAR-10 mean AUROC with it in benchmarks/quality_cifar10.md.
+  covariance (patch tokens: L2 + per-channel standardisation). Chosen over l2+standardize by measurement
+  (benchmarks/normalization.md; CIFAR-10 in benchmarks/quality_cifar10.md).
   The flow then starts (identity init) exactly at the shrinkage-Gaussian baseline's density and training
   can only move it by what held-out NLL rewards; ZCA keeps channels aligned with the original ones, so
   ``spatial_channels="half"`` pairing still holds.
 - ``l2+standardize``: L2 first, then standardise with the statistics of the
-  L2-normalised training features. METHOD.md section 6 measured this as the best input for the flow on class
-  features (0.82 -> 0.85 mean AUROC on two CIFAR-10 classes against raw features). Re-measured (default flow,
-  CIFAR-10 one-vs-rest on 4 classes, DINOv2 ViT-S/14 tokens, 1,000 training images; mean AUROC after 1 / 4 / 8
-  epochs): none 0.772 / 0.807 / 0.817, l2 0.812 / 0.767 / 0.793, standardize 0.785 / 0.808 / 0.818,
-  l2+standardize 0.820 / 0.833 / 0.839; on a synthetic d=64 cache after 1 epoch: none 0.54, l2+standardize 0.90.
+  L2-normalised training features; METHOD.md section 6 found it the best of the simple inputs for the flow on
+  class features.
 
 Class tokens and patch tokens are normalised the same way but separately:
 
@@ -47,6 +43,7 @@ import numpy as np
 import torch
 
 from .errors import SanfError
+from .tokens import pool_tokens
 
 NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize", "l2+whiten")
 _L2_EPS = 1e-12
@@ -109,8 +106,6 @@ def check_token_pool(k) -> int:
 
 def pool_square_grid(patch: np.ndarray, k: int) -> np.ndarray:
     """``(n, H*H, d)`` tokens of a square grid -> ``(n, (H/k)^2, d)`` float32, averaged in KxK windows."""
-    from .backbones import pool_tokens
-
     n, t, d = patch.shape
     h = int(round(t ** 0.5))
     if h * h != t:

@@ -9,10 +9,16 @@ headless and from worker processes.
 - ``write_plots(out_dir, is_anomaly, scores, metrics)``: both, as ``score_hist.png`` and ``roc.png``.
 - ``write_run_report(out_dir, metrics, train_log=None, plots=...)``: ``report.md`` of one run.
 - ``markdown_table(rows, columns)``: a markdown table (used by sweeps for side-by-side comparisons).
+- ``summary_csv``, ``summary_markdown``, ``plot_heatmap``: a sweep's tables and class x setting AUROC heatmap
+  (from ``sweep.summary.summarize``).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +185,110 @@ def write_run_report(out_dir, metrics: dict, *, train_log: list[dict] | None = N
     path = Path(out_dir) / REPORT_FILE
     write_text_atomic(path, run_report_markdown(metrics, train_log, plots))
     return path
+
+
+# ------------------------------------------------------------------------------------------ sweep reports
+def _pm(mean, std) -> str:
+    if mean is None:
+        return "missing"
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def summary_csv(summary: dict) -> str:
+    """``summary.csv`` of a sweep summary: one row per setting x class, then the setting's M-AUROC."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["setting", "method", "class_index", "class_name", "n_runs", "n_planned", "auroc_mean", "auroc_std",
+                "aupr_mean", "tpr_at_5_fpr_mean", "aurocs_per_seed"])
+
+    def f(v):
+        return "" if v is None else repr(float(v))
+
+    for setting in summary["settings"]:
+        for c in summary["classes"]:
+            cell = summary["cells"][setting][c["name"]]
+            w.writerow([setting, summary["m_auroc"][setting]["method"], c["index"], c["name"], cell["n_runs"],
+                        cell["n_planned"], f(cell["auroc_mean"]), f(cell["auroc_std"]), f(cell["aupr_mean"]),
+                        f(cell["tpr_at_5_fpr_mean"]), ";".join(repr(float(a)) for a in cell["aurocs"])])
+        m = summary["m_auroc"][setting]
+        w.writerow([setting, m["method"], "", "M-AUROC", m["n_classes"], len(summary["classes"]), f(m["mean"]),
+                    f(m["std_over_seeds"]), "", "", ";".join(repr(v) for v in m["per_seed"].values())])
+    return buf.getvalue()
+
+
+def summary_markdown(summary: dict, heatmap: str = "heatmap.png") -> str:
+    """``summary.md`` of a sweep summary (``sweep.summary.summarize``)."""
+    settings = summary["settings"]
+    out = [f"# Sweep {summary['sweep']}", "",
+           f"- cache: {summary['cache']} (fingerprint {summary['cache_fingerprint']})",
+           f"- runs finished: {summary['n_finished']} of {summary['n_runs']}",
+           f"- flow score: `{summary['score']}`; anomalies (test label != normal class) are the positive class",
+           f"- methods: {', '.join(summary.get('methods') or [])}; seeds: "
+           f"{', '.join(map(str, summary.get('seeds') or []))} (baselines are seed-independent: one run per class)",
+           f"- grid: {json.dumps(summary.get('grid') or {})}; fixed settings: {json.dumps(summary.get('fixed') or {})}",
+           "- cells: AUROC, mean ± sample std over seeds; M-AUROC: mean over classes", "",
+           "## AUROC per class and setting", ""]
+    rows = []
+    for c in summary["classes"]:
+        row = {"class": f"{c['index']} {c['name']}"}
+        for s in settings:
+            cell = summary["cells"][s][c["name"]]
+            row[s] = _pm(cell["auroc_mean"], cell["auroc_std"])
+        rows.append(row)
+    rows.append({"class": "**M-AUROC**", **{s: _pm(summary["m_auroc"][s]["mean"],
+                                                    summary["m_auroc"][s]["std_over_seeds"]) for s in settings}})
+    out.append(markdown_table(rows, ["class", *settings]))
+    ranked = sorted(settings, key=lambda s: -(summary["m_auroc"][s]["mean"] if summary["m_auroc"][s]["mean"]
+                                               is not None else -math.inf))
+    out += ["## Settings by M-AUROC", "",
+            markdown_table([{"rank": i + 1, "setting": s, "M-AUROC": summary["m_auroc"][s]["mean"],
+                             "std over seeds": summary["m_auroc"][s]["std_over_seeds"],
+                             "classes": summary["m_auroc"][s]["n_classes"]} for i, s in enumerate(ranked)],
+                           ["rank", "setting", "M-AUROC", "std over seeds", "classes"]),
+            f"![AUROC heatmap]({heatmap})", ""]
+    missing = [r["run_id"] for r in summary["runs"] if r["status"] != "finished"]
+    if missing:
+        out += [f"**{len(missing)} run(s) not finished**: {', '.join(missing[:20])}"
+                + (" ..." if len(missing) > 20 else ""), ""]
+    return "\n".join(out)
+
+
+def plot_heatmap(path, summary: dict) -> Path:
+    """Class x setting AUROC (mean over seeds), the M-AUROC as the last row; written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    settings = summary["settings"]
+    names = [c["name"] for c in summary["classes"]]
+    grid = np.full((len(names) + 1, len(settings)), np.nan)
+    for j, s in enumerate(settings):
+        for i, n in enumerate(names):
+            v = summary["cells"][s][n]["auroc_mean"]
+            grid[i, j] = np.nan if v is None else v
+        m = summary["m_auroc"][s]["mean"]
+        grid[-1, j] = np.nan if m is None else m
+    fig = Figure(figsize=(max(4.0, 1.0 + 1.1 * len(settings)), max(3.0, 0.8 + 0.42 * (len(names) + 1))), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    finite = grid[np.isfinite(grid)]
+    lo = float(finite.min()) if finite.size else 0.5
+    hi = float(finite.max()) if finite.size else 1.0
+    if not hi > lo:
+        lo, hi = lo - 0.01, hi + 0.01
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels([s.replace(" ", "\n") for s in settings], fontsize=8)
+    ax.set_yticks(range(len(names) + 1))
+    ax.set_yticklabels([*names, "M-AUROC"], fontsize=8)
+    ax.axhline(len(names) - 0.5, color="white", linewidth=2)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = grid[i, j]
+            text = "—" if not np.isfinite(v) else f"{v:.3f}"
+            dark = np.isfinite(v) and (v - lo) / (hi - lo) > 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if dark else "white")
+    ax.set_title(f"AUROC, sweep {summary['sweep']} (mean over seeds)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return save_png(fig, path)
+
+

@@ -8,8 +8,9 @@ A run folder (``runs/<name>/``)::
     train_log.jsonl          one JSON object per completed epoch
     checkpoint.safetensors   while a fit is unfinished: model + optimiser state + RNG state after the last
                              completed epoch (JSON state in the metadata); removed when the fit finishes
-    metrics.json, scores.csv, report.md, *.png   written by ``sanf eval`` (``evaluate.py``)
+    metrics.json, scores.csv, report.md, *.png   written by ``sanf eval`` (``jobs.py``, files: ``evaluate.py``)
 
+This module writes and reads these files; it never builds a model (``jobs.load_run`` rebuilds a run's flow).
 Every file is written to a temporary name and moved into place (``os.replace``), so a reader sees the old
 file or the new one, never half of one. Runs may come from someone else: tensors are read only with
 safetensors, JSON only with a size limit, and nothing else in the folder (``*.pt``, ``*.pkl``, ...) is ever
@@ -23,7 +24,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +157,8 @@ def settings_id(settings: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ cache identity
-CACHE_CHECK_KEYS = ("dim", "num_tokens")
-
-
 def cache_identity(cache) -> dict:
-    """What a run records about the cache it was trained on (provenance + the keys checked at eval time)."""
+    """What a run records about the cache it was trained on (provenance + the keys compat.py checks at eval time)."""
     meta = cache.meta
     bb = meta.get("backbone") or {}
     return {
@@ -177,30 +174,6 @@ def cache_identity(cache) -> dict:
         "dtype": meta.get("dtype"),
         "storage": meta.get("storage"),
     }
-
-
-def _backbone_key(bb: dict) -> dict:
-    bb = bb or {}
-    return {k: bb.get(k) for k in ("arch", "weights_sha256", "image_size", "layer", "pool")}
-
-
-def check_cache_matches(run_cache: dict, cache, run_dir) -> None:
-    """Refuse a cache whose fingerprint, backbone, dimension, token count or classes differ from the run's."""
-    problems = []
-    bb_run, bb_now = _backbone_key(run_cache.get("backbone")), _backbone_key(cache.meta.get("backbone"))
-    for k in bb_run:
-        if bb_run[k] != bb_now[k]:
-            problems.append(f"backbone {k} {bb_run[k]!r} vs {bb_now[k]!r}")
-    for k in CACHE_CHECK_KEYS:
-        if run_cache.get(k) != getattr(cache, k):
-            problems.append(f"{k} {run_cache.get(k)!r} vs {getattr(cache, k)!r}")
-    if run_cache.get("class_names") != cache.class_names:
-        problems.append("class names differ")
-    if run_cache.get("fingerprint") != cache.fingerprint:
-        problems.append(f"fingerprint {run_cache.get('fingerprint')} vs {cache.fingerprint}")
-    if problems:
-        raise SanfError(f"run {run_dir} was trained on another cache than {cache.path} ({'; '.join(problems)}); "
-                        f"evaluate it with the cache it was trained on (--cache), or fit a new run on this cache")
 
 
 # --------------------------------------------------------------------------------------------- run folders
@@ -290,21 +263,42 @@ def default_run_name(cache_path, class_name: str, suffix: str = "") -> Path:
     return Path("runs") / safe.strip(".")
 
 
-# -------------------------------------------------------------------------------------------- loading runs
-@dataclass
-class LoadedRun:
-    """A finished flow run read back from its folder."""
+# ------------------------------------------------------------------------------------ writing a flow run
+def start_run_config(run_dir, cfg, settings: dict, *, class_index: int, class_name: str, n_train: int,
+                     cache_identity: dict, created: str, extra: dict | None = None) -> dict:
+    """Write (atomically) and return the ``config.json`` of a flow run (``cfg``: a FitConfig) about to train."""
+    from .device import resolve_device
 
-    run_dir: Path
-    config: dict
-    flow: Any
-    normalizer: Any
-    extra: dict = field(default_factory=dict)
+    config = {
+        "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "kind": "flow", "method": "sanf-flow",
+        "run_id": settings_id(settings), "settings": settings, "fit": cfg.to_dict(),
+        "normal_class": class_index, "normal_class_name": class_name, "n_train_total": int(n_train),
+        "cache": cache_identity, "epoch_selection": cfg.epoch_selection, "device": str(resolve_device(cfg.device)),
+        "created": created, "versions": package_versions(), "status": "running", **(extra or {}),
+    }
+    write_json_atomic(Path(run_dir) / CONFIG_FILE, config)
+    return config
 
-    @property
-    def needs_patch(self) -> bool:
-        flow = self.config["flow"]
-        return flow.get("fusion") != "none" or flow.get("main_input") == "spatial"
+
+def finish_run(run_dir, config: dict, result) -> None:
+    """Mark ``config`` finished, then write config, training log and model; drop the epoch checkpoint last."""
+    run_dir = Path(run_dir)
+    config.update({"flow": result.model.config(), "normalizer": result.normalizer.config(),
+                   "result": result.summary(), "status": "finished", "finished": now(),
+                   "calibration": getattr(result, "calibration", None)})
+    write_json_atomic(run_dir / CONFIG_FILE, config)
+    write_jsonl_atomic(run_dir / LOG_FILE, result.log)
+    save_model(run_dir, result.model, result.normalizer, config)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+def save_model(run_dir, flow, normalizer, config: dict) -> Path:
+    """``model.safetensors``: flow state + normaliser statistics; the run config as JSON metadata."""
+    tensors = {f"flow.{k}": v for k, v in flow.state_dict().items()}
+    tensors.update(normalizer.state_dict())
+    path = Path(run_dir) / MODEL_FILE
+    save_tensors_atomic(path, tensors, config)
+    return path
 
 
 def read_run_config(run_dir) -> dict:
@@ -320,33 +314,3 @@ def read_run_config(run_dir) -> dict:
     if int(config.get("format_version", 0)) > RUN_FORMAT_VERSION:
         raise SanfError(f"{run_dir} was written by a newer sanf (run format {config['format_version']}); upgrade sanf")
     return config
-
-
-def load_run(run_dir, device: str = "cpu") -> LoadedRun:
-    """Rebuild the flow and the normaliser of a finished run (safetensors + JSON only)."""
-    from .features import Normalizer
-    from .flow import SANFlow
-
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    model_path = run_dir / MODEL_FILE
-    if not model_path.exists():
-        raise SanfError(f"run {run_dir} is incomplete (no {MODEL_FILE}): its fit did not finish; rerun the same "
-                        f"`sanf fit` command to resume it")
-    tensors, meta = load_tensors(model_path)
-    if meta.get("run_id") != config.get("run_id"):
-        raise SanfError(f"{model_path} does not belong to {run_dir / CONFIG_FILE} (run ids differ); the folder mixes "
-                        f"files of two runs, refit it")
-    flow_cfg = meta.get("flow")
-    if not isinstance(flow_cfg, dict):
-        raise SanfError(f"{model_path} lacks the flow configuration; it is damaged, refit the run")
-    try:
-        flow = SANFlow(**flow_cfg)
-        state = {k[len("flow."):]: v for k, v in tensors.items() if k.startswith("flow.")}
-        flow.load_state_dict(state, strict=True)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise SanfError(f"{model_path} does not match its flow configuration ({str(exc).splitlines()[0]}); "
-                        f"it is damaged, refit the run") from None
-    normalizer = Normalizer.from_state(meta.get("normalizer") or {}, tensors)
-    flow.eval().to(device)
-    return LoadedRun(run_dir=run_dir, config=config, flow=flow, normalizer=normalizer)

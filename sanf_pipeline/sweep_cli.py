@@ -1,4 +1,4 @@
-"""`sanf sweep` and `sanf report`: click commands over ``sweep.py`` (registered into the `sanf` group in cli.py
+"""`sanf sweep` and `sanf report`: click commands over the ``sweep`` package (registered into the `sanf` group in cli.py
 with ``cli.add_command``; the group turns a SanfError into one line and exit code 2)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .cli_types import _RegistryChoice, _scores
 from .errors import SanfError
 
 
@@ -27,9 +28,9 @@ def _default_out(cache: Path) -> Path:
 @click.option("--set", "fixed", multiple=True, metavar="KEY=VALUE",
               help="A fixed fit setting for every flow run (repeatable), e.g. --set epochs=1 --set hidden=512.")
 @click.option("--methods", default="flow", show_default=True,
-              help="Comma list of flow, knn, knn-l2, gaussian (baselines run once per class).")
+              help="Comma list of flow and registered baselines (knn, knn-l2, gaussian, ...; once per class).")
 @click.option("--seeds", default="0", show_default=True, help="Comma list of flow seeds, e.g. 0,1,2.")
-@click.option("--score", type=click.Choice(["nll", "z2"]), default="nll", show_default=True, help="Flow score.")
+@click.option("--score", type=_RegistryChoice(_scores), default="nll", show_default=True, help="Flow score.")
 @click.option("--workers", type=int, help="Parallel runs [default: the CPU cores; 1 on a GPU].")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local processes, or Ray tasks (optional extra sanf[ray]).")

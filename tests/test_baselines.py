@@ -9,10 +9,11 @@ import pytest
 from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 
-from sanf_pipeline.baselines import BASELINES, baseline_run, create_baseline, score_baseline
+from sanf_pipeline.baselines import BASELINES, create_baseline, score_baseline
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.evaluate import read_scores_csv
+from sanf_pipeline.jobs import baseline_run
 
 
 @pytest.fixture(scope="module")

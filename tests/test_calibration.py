@@ -115,8 +115,8 @@ def test_fit_stores_held_out_scores(early, tmp_path_factory):
 
 
 def test_eval_reports_threshold_rates(pets_cache, tmp_path):
-    from sanf_pipeline.evaluate import eval_run
-    from sanf_pipeline.train import FitConfig, fit_run
+    from sanf_pipeline.jobs import eval_run, fit_run
+    from sanf_pipeline.train import FitConfig
 
     run = fit_run(pets_cache, "dog", FitConfig(**TINY_FLOW, max_epochs=2, fpr=0.2), tmp_path / "r", quiet=True)
     res = eval_run(run.run_dir, plots=False)
@@ -157,8 +157,8 @@ def test_first_differing_setting_named(change, name):
 
 
 def test_eval_accepts_a_compatible_cache(pets_cache, tmp_path):
-    from sanf_pipeline.evaluate import eval_run
-    from sanf_pipeline.train import FitConfig, fit_run
+    from sanf_pipeline.jobs import eval_run, fit_run
+    from sanf_pipeline.train import FitConfig
 
     run = fit_run(pets_cache, "dog", FitConfig(**TINY_FLOW, max_epochs=1), tmp_path / "r", quiet=True)
     # other images (another seed), float16 storage, classes in another order: the same feature space

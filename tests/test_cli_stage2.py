@@ -74,3 +74,62 @@ def click_unset():
     except ImportError:
         return None
     return UNSET
+
+
+def _api_defaults(api) -> dict:
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(api):
+        return {f.name: f.default for f in dataclasses.fields(api) if f.default is not dataclasses.MISSING}
+    return {n: p.default for n, p in inspect.signature(api).parameters.items() if p.default is not p.empty}
+
+
+def _same(cli_value, api_value) -> bool:
+    from pathlib import Path
+
+    def norm(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        return v
+
+    a, b = norm(cli_value), norm(api_value)
+    if isinstance(b, list) and isinstance(a, str):  # "flow" / "0" (comma lists) against (FLOW,) / (0,)
+        a = [type(b[0])(x) for x in a.split(",")] if b else []
+    return a == b
+
+
+def test_every_command_default_equals_the_api_default():
+    """Each `sanf` command's option defaults equal the Python API's (the function or config the command calls)."""
+    from sanf_pipeline.backbones import create_backbone
+    from sanf_pipeline.demo import run_demo
+    from sanf_pipeline.extract import ExtractConfig
+    from sanf_pipeline.features import Normalizer
+    from sanf_pipeline.jobs import baseline_run, eval_run
+    from sanf_pipeline.sweep import run_sweep
+    from sanf_pipeline.train import FitConfig
+
+    apis = {"extract": (ExtractConfig, {"fmt": "format"}), "fit": (FitConfig, {}), "eval": (eval_run, {}),
+            "baseline": (baseline_run, {}), "sweep": (run_sweep, {}), "demo": (run_demo, {})}
+    checked = {}
+    for command, (api, rename) in apis.items():
+        defaults = _api_defaults(api)
+        for param in cli.commands[command].params:
+            name = rename.get(param.name, param.name)
+            if name not in defaults or param.default in (None, click_unset()) or param.name in ("help", "version"):
+                continue
+            assert _same(param.default, defaults[name]), (command, name, param.default, defaults[name])
+            checked.setdefault(command, []).append(name)
+    # a flag that inverts an API setting: off by default, as the API's amp=True
+    no_amp = next(p for p in cli.commands["fit"].params if p.name == "no_amp")
+    assert no_amp.is_flag and no_amp.default in (False, None, click_unset()) and FitConfig().amp is True
+    assert {"pool", "dtype", "precision", "device", "batch_size", "on_error"} <= set(checked["extract"])
+    assert {"score", "device"} <= set(checked["eval"])
+    assert {"classes", "methods", "seeds", "score", "executor", "device", "plots"} <= set(checked["sweep"])
+    assert {"out", "device"} <= set(checked["demo"])
+    # the API below the commands: create_backbone and the Normalizer default like `sanf extract` and `sanf fit`
+    assert _api_defaults(create_backbone)["device"] == _api_defaults(ExtractConfig)["device"] == "auto"
+    assert _api_defaults(create_backbone)["pool"] == _api_defaults(ExtractConfig)["pool"]
+    assert _api_defaults(Normalizer.fit)["token_pool"] == FitConfig().token_pool

@@ -32,8 +32,8 @@ def read_csv(path) -> dict[str, dict]:
 
 
 def _fit_eval(cache, out, normal, **fit):
-    from sanf_pipeline.evaluate import eval_run
-    from sanf_pipeline.train import FitConfig, fit_run
+    from sanf_pipeline.jobs import eval_run, fit_run
+    from sanf_pipeline.train import FitConfig
 
     fit_run(cache, normal, FitConfig(**{**TINY_FLOW, "max_epochs": 2, **fit}), out, quiet=True)
     eval_run(out, plots=False, device="cpu")
@@ -74,7 +74,7 @@ def test_detector_api_equals_eval(tiny):
 @pytest.mark.parametrize("method", ["knn-l2", "gaussian"])
 def test_baseline_runs_are_detectors(tiny, tmp_path, method):
     from sanf_pipeline import Detector
-    from sanf_pipeline.baselines import baseline_run
+    from sanf_pipeline.jobs import baseline_run
 
     res = baseline_run(tiny["cache"], "a", method, tmp_path / method, plots=False, fpr=0.5)
     cal = json.loads((tmp_path / method / "config.json").read_text())["calibration"]

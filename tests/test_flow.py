@@ -419,9 +419,17 @@ def test_bad_configs_raise_value_error(kwargs, match):
         SANFlow(**{**BASE, **kwargs})
 
 
-def test_heads_are_ignored_without_attention():
-    SANFlow(**BASE, fusion="gap", heads=3)
-    SANFlow(**BASE, fusion="none", heads=3)
+@pytest.mark.parametrize("fusion", ["gap", "none"])
+def test_heads_are_ignored_without_attention(fusion):
+    x, patch = torch.randn(3, 8), torch.randn(3, 4, 8)
+    torch.manual_seed(0)
+    one = SANFlow(**BASE, fusion=fusion, heads=1)
+    torch.manual_seed(0)
+    three = SANFlow(**BASE, fusion=fusion, heads=3)
+    sd1, sd3 = one.state_dict(), three.state_dict()
+    assert sd1.keys() == sd3.keys() and all(torch.equal(sd1[k], sd3[k]) for k in sd1)
+    with torch.no_grad():
+        assert torch.equal(one(x, patch)[0], three(x, patch)[0])
 
 
 def test_bad_input_shapes_raise_value_error():

@@ -6,10 +6,10 @@
 """
 
 # The reader modules register themselves on import.
-from sanf_pipeline.data import cifar, digits, folder, mnist, mvtec, stl10  # noqa: F401
-from sanf_pipeline.data.base import SPLITS, ImageDataset, first_per_class
-from sanf_pipeline.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file
-from sanf_pipeline.data.registry import create_dataset, get_dataset_class, list_datasets, register_dataset
+from . import cifar, digits, folder, mnist, mvtec, stl10  # noqa: F401
+from .base import SPLITS, ImageDataset, first_per_class
+from .images import IMAGE_EXTENSIONS, decode_image, is_image_file
+from .registry import create_dataset, get_dataset_class, list_datasets, register_dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",

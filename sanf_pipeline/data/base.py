@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from sanf_pipeline.errors import SanfError
+from ..errors import SanfError
 
 SPLITS = ("train", "test")
 
@@ -188,8 +188,3 @@ def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
     starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
     rank = np.arange(len(order)) - starts  # position of each sample within its class
     return np.sort(order[rank < n]).astype(np.int64)
-
-
-def relative_id(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` as a POSIX string (the sample id of a file-based sample)."""
-    return path.relative_to(root).as_posix()

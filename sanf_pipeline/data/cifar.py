@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sanf_pipeline.data.base import ImageDataset
-from sanf_pipeline.data.registry import register_dataset
-from sanf_pipeline.errors import SanfError
+from ..errors import SanfError
+from .base import ImageDataset
+from .registry import register_dataset
 
 
 def _allowed_globals() -> dict[tuple[str, str], object]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanf_pipeline.data.base import ImageDataset
-from sanf_pipeline.data.registry import register_dataset
+from .base import ImageDataset
+from .registry import register_dataset
 
 SEED = 0
 TEST_SIZE = 0.5

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sanf_pipeline.data.base import SPLITS, ImageDataset
-from sanf_pipeline.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file
-from sanf_pipeline.data.registry import register_dataset
-from sanf_pipeline.errors import SanfError
+from ..errors import SanfError
+from .base import SPLITS, ImageDataset
+from .images import IMAGE_EXTENSIONS, decode_image, is_image_file
+from .registry import register_dataset
 
 
 def list_image_files(folder: Path) -> list[Path]:

@@ -53,7 +53,7 @@ def decode_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
     ``name`` is only used in error messages (default: the path, or ``"<bytes>"``).
     Raises :class:`BadImageError` for anything that is not a complete, decodable image.
     """
-    from sanf_pipeline.errors import BadImageError
+    from ..errors import BadImageError
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
@@ -92,7 +92,7 @@ def decode_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
 
 
 def _read_bytes(path: Path, label: str) -> bytes:
-    from sanf_pipeline.errors import BadImageError
+    from ..errors import BadImageError
 
     try:
         return path.read_bytes()
@@ -107,7 +107,7 @@ def _read_bytes(path: Path, label: str) -> bytes:
 
 
 def _check_size(img: Image.Image, label: str) -> None:
-    from sanf_pipeline.errors import BadImageError
+    from ..errors import BadImageError
 
     w, h = img.size
     if w <= 0 or h <= 0:
@@ -129,7 +129,7 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
 
 def _to_rgb_array(img: Image.Image, label: str) -> np.ndarray:
     """Any decoded Pillow image -> uint8 (H, W, 3)."""
-    from sanf_pipeline.errors import BadImageError
+    from ..errors import BadImageError
 
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES or mode.startswith("I;16"):

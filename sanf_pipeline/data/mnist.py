@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sanf_pipeline.data.base import ImageDataset
-from sanf_pipeline.data.registry import register_dataset
-from sanf_pipeline.errors import SanfError
+from ..errors import SanfError
+from .base import ImageDataset
+from .registry import register_dataset
 
 #: IDX type codes (third magic byte) -> numpy dtype (big-endian, as the format specifies).
 IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),

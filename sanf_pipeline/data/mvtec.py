@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from sanf_pipeline.data.base import ImageDataset
-from sanf_pipeline.data.folder import scan_classes, subfolders
-from sanf_pipeline.data.images import decode_image
-from sanf_pipeline.data.registry import register_dataset
-from sanf_pipeline.errors import SanfError
+from ..errors import SanfError
+from .base import ImageDataset
+from .folder import scan_classes, subfolders
+from .images import decode_image
+from .registry import register_dataset
 
 NORMAL = "good"
 

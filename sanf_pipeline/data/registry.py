@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from sanf_pipeline.data.base import ImageDataset, check_split
-from sanf_pipeline.errors import SanfError
+from ..errors import SanfError
+from .base import ImageDataset, check_split
 
 _REGISTRY: dict[str, type[ImageDataset]] = {}
 

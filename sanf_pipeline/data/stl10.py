@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sanf_pipeline.data.base import ImageDataset
-from sanf_pipeline.data.registry import register_dataset
-from sanf_pipeline.errors import SanfError
+from ..errors import SanfError
+from .base import ImageDataset
+from .registry import register_dataset
 
 SIZE = 96
 IMAGE_BYTES = 3 * SIZE * SIZE

@@ -123,7 +123,7 @@ class _AttentionFusion(FusionBranch):
         ``q_h . (W_k m_j + b_k) = (W_k,h^T q_h) . m_j + const_h`` (the constant cancels in the softmax) and
         ``sum_j a_hj (W_v m_j + b_v) = W_v,h (sum_j a_hj m_j) + b_v,h`` (the weights sum to one). So the ``T``
         context tokens are never multiplied by ``W_k``/``W_v``: the cost per FFM drops from ``2 T a^2`` to
-        ``~2 T a h`` multiply-adds (the projections were 60% of the default flow's compute with 64 tokens).
+        ``~2 T a h`` multiply-adds (with many context tokens the projections were most of the flow's compute).
         ``tests/test_flow.py`` checks the result against the literal formula.
         """
         lead = x.shape[:-1]

@@ -74,7 +74,8 @@ def small_cache_fixture(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", name="tiny_run")
 def tiny_run_fixture(pets_cache, tmp_path_factory) -> Path:
     """A finished (not evaluated) tiny flow run of class cat of ``pets_cache`` (tests/conftest.py)."""
-    from sanf_pipeline.train import FitConfig, fit_run
+    from sanf_pipeline.jobs import fit_run
+    from sanf_pipeline.train import FitConfig
 
     return fit_run(pets_cache, "cat", FitConfig(**TINY_FIT), tmp_path_factory.mktemp("r") / "run", quiet=True).run_dir
 

@@ -35,8 +35,8 @@ from sanf_pipeline.cache import CacheWriter, open_cache
 from sanf_pipeline.cache.inspect import cache_info, verify_cache
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.evaluate import eval_run
-from sanf_pipeline.train import FitConfig, fit_run
+from sanf_pipeline.jobs import eval_run, fit_run
+from sanf_pipeline.train import FitConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 

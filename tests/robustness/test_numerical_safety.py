@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_FLOW, three_class_synthetic_cache
 
 from sanf_pipeline.cache import SplitView, open_cache
 from sanf_pipeline.errors import SanfError
+from sanf_pipeline.jobs import fit_run
 from sanf_pipeline.runs import CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, load_tensors, read_jsonl
-from sanf_pipeline.train import FitConfig, fit_flow, fit_run
+from sanf_pipeline.scoring import score_flow
+from sanf_pipeline.train import FitConfig, fit_flow
 
 TINY = {**TINY_FLOW, "max_epochs": 3, "patience": 2}
 
@@ -40,6 +43,10 @@ def test_numerically_awkward_features_train(kind):
         cls[12:] = cls[:12]
     res = fit_flow(cls, None, FitConfig(**{**TINY, "fusion": "none", "early_stopping": False, "epochs": 2}))
     assert all(np.isfinite(r["train_loss"]) for r in res.log)
+    # the fitted flow scores these rows (and shifted ones) with finite NLLs
+    x = res.normalizer.transform_cls(np.concatenate([cls, cls + 1.0]))
+    scores = score_flow(res.model, torch.from_numpy(x), None)
+    assert scores.shape == (48,) and np.isfinite(scores).all()
 
 
 def test_nonfinite_input_refused(arrays):

@@ -59,8 +59,8 @@ CAT_NONE, CAT_SEMANTIC = "runs/cat-flow-fusion=none-s0", "runs/cat-flow-fusion=s
 # target, at, when, match (see robust_helpers.run_killed_at), runs finished at the kill, paths there at the kill
 KILL_POINTS = {
     "writing the plan": ("os:replace", 1, "before", "plan.json", 0, [".plan.json.*.tmp"]),
-    "after the first run": ("sanf_pipeline.sweep:execute_run", 1, "after", None, 1, []),
-    "after three runs (the third a baseline)": ("sanf_pipeline.sweep:execute_run", 3, "after", None, 3, []),
+    "after the first run": ("sanf_pipeline.sweep.executors:execute_run", 1, "after", None, 1, []),
+    "after three runs (the third a baseline)": ("sanf_pipeline.sweep.executors:execute_run", 3, "after", None, 3, []),
     "mid-fit, the second epoch's checkpoint half written": (
         "os:replace", 2, "before", "checkpoint.safetensors", 0,
         [f"{CAT_NONE}/checkpoint.safetensors", f"{CAT_NONE}/.checkpoint.safetensors.*.tmp"]),
@@ -68,7 +68,7 @@ KILL_POINTS = {
         "sanf_pipeline.train:save_tensors_atomic", EPOCHS + 2, "after", "checkpoint", 1,
         [f"{CAT_SEMANTIC}/checkpoint.safetensors", f"{CAT_SEMANTIC}/train_log.jsonl"]),
     "model saved, its results not written": (
-        "sanf_pipeline.train:save_model", 2, "after", None, 1, [f"{CAT_SEMANTIC}/model.safetensors"]),
+        "sanf_pipeline.runs:save_model", 2, "after", None, 1, [f"{CAT_SEMANTIC}/model.safetensors"]),
     "writing the fourth run's results (scores written, metrics not in place)": (
         "os:replace", 4, "before", "metrics.json", 3, ["runs/dog-flow-fusion=none-s0/scores.csv"]),
     "writing the summary (csv in place, json not)": (
@@ -105,7 +105,7 @@ def test_killed_pool_worker_is_a_one_line_error_and_rerun_resumes(pets_cache, tm
     2, keeps the finished runs, and the same command finishes the sweep."""
     out = tmp_path / "sweep"
     args = sweep_args(pets_cache, out, "--workers", "2")  # 2 workers x 1 thread: forked, so the kill point carries
-    output = run_killed_at(args, target="sanf_pipeline.sweep:execute_run", at=2, when="before", expect_rc=2)
+    output = run_killed_at(args, target="sanf_pipeline.sweep.executors:execute_run", at=2, when="before", expect_rc=2)
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "worker process died" in lines[0], output
     assert "rerun the same command" in lines[0]

@@ -55,7 +55,7 @@ def test_second_writer_is_refused_and_stale_lock_removed(make_folder_dataset, tm
 def test_one_sweep_per_folder(pets_cache, tmp_path, monkeypatch):
     import fcntl
 
-    from sanf_pipeline import sweep as sweep_mod
+    from sanf_pipeline.sweep import run as sweep_mod
 
     monkeypatch.setattr(sweep_mod, "LOCK_WAIT_S", 0.3)
     out = tmp_path / "busy"

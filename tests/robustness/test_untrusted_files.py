@@ -16,8 +16,8 @@ from robust_helpers import sanf, tiny_run_fixture  # noqa: F401 (fixtures)
 from sanf_pipeline.backbones import create_backbone
 from sanf_pipeline.data import create_dataset
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.evaluate import eval_run
-from sanf_pipeline.runs import MODEL_FILE, load_run
+from sanf_pipeline.jobs import eval_run, load_run
+from sanf_pipeline.runs import MODEL_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
