@@ -169,3 +169,18 @@ def test_eval_accepts_a_compatible_cache(pets_cache, tmp_path):
     no_dog = write_synthetic_cache(tmp_path / "nodog", n_classes=2, n_train=5, n_test=6, dim=16, num_tokens=4)
     with pytest.raises(SanfError, match="has no class 'dog'"):
         eval_run(run.run_dir, cache=no_dog, out_dir=tmp_path / "e3", plots=False)
+
+
+def test_sweep_runs_get_thresholds(pets_cache, tmp_path):
+    """Flows and baselines of a sweep go through the same run jobs: both store held-out scores and a threshold."""
+    from sanf_pipeline.sweep import run_sweep
+
+    fixed = ["hidden=16", "blocks=2", "batch_size=16", "lr=2e-3", "max_epochs=1"]
+    res = run_sweep(pets_cache, tmp_path / "sw", "dog", None, "flow,gaussian", "0", fixed, workers=1, device="cpu",
+                    plots=False)
+    metrics = sorted((res.out_dir / "runs").glob("*/metrics.json"))
+    assert len(metrics) == 2
+    for path in metrics:
+        m = json.loads(path.read_text())
+        assert m["threshold"]["n_calibration"] == 4 and m["f1_optimal_threshold"]["f1"] is not None
+        assert json.loads((path.parent / "config.json").read_text())["calibration"]["n"] == 4
