@@ -11,7 +11,7 @@ the normal class's first images: its weights do not change the cost), then measu
 
 Each measurement is the best of ``--rounds`` passes over the same images after one warm-up batch.
 
-    python benchmarks/score.py --images 256 --image-size 112 --markdown benchmarks/score.md
+    python benchmarks/score.py --images 256 --image-size 112 --threads 1 --markdown benchmarks/score.md
 """
 
 from __future__ import annotations
@@ -60,11 +60,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-workers", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every measurement (default: torch's); on an overloaded machine 1 thread "
+                         "avoids the waits of a multi-threaded op for a descheduled thread")
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
 
     import numpy as np
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from sanf_pipeline import Detector
     from sanf_pipeline.data.folder import list_image_files
