@@ -37,6 +37,7 @@ from .runs import (
     CONFIG_FILE,
     LOG_FILE,
     MODEL_FILE,
+    RESULT_FILES,
     cache_identity,
     check_finite,
     default_run_name,
@@ -48,6 +49,7 @@ from .runs import (
     read_json_file,
     read_jsonl,
     read_run_config,
+    refuse_foreign_files,
     save_tensors_atomic,
     start_run_config,
     write_json_atomic,
@@ -222,10 +224,11 @@ def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str,
 
 def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, score: str = "nll",
                   device: str = "auto", batch_size: int = 256, plots: bool = True, run_dir=None,
-                  train_log: list | None = None, extra_metrics: dict | None = None, fpr: float | None = None,
+                  train_log: list | None = None, extra_metrics: dict | None = None,
+                  scores: np.ndarray | None = None, fpr: float | None = None,
                   normal_class: int | None = None) -> EvalResult:
     """Score ``test`` with a fitted flow (its run ``config``) and write the result files into ``out_dir``.
-
+    ``scores``: the flow's scores of ``test`` computed by the caller (a stack of flows scored in one pass);
     ``normal_class``: the normal class's index in ``test`` when it is another cache than the run's (by name);
     ``fpr``: target false-positive rate of the calibrated threshold (default: the run's)."""
     from .calibration import eval_threshold_metrics
@@ -234,11 +237,12 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
     normal = int(config["normal_class"]) if normal_class is None else int(normal_class)
     fc = config.get("flow") or {}
     needs_patch = fc.get("fusion") != "none" or fc.get("main_input") == "spatial"
-    flow.to(resolve_device(device))
-    try:
-        scores = score_blocks(flow, normalizer, test.blocks(needs_patch), score, batch_size=batch_size)
-    finally:
-        flow.to("cpu")
+    if scores is None:
+        flow.to(resolve_device(device))
+        try:
+            scores = score_blocks(flow, normalizer, test.blocks(needs_patch), score, batch_size=batch_size)
+        finally:
+            flow.to("cpu")
     is_anomaly = test.labels != normal
     metrics = compute_metrics(is_anomaly, scores)
     result = config.get("result") or {}
@@ -399,6 +403,7 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
     with open_cache(cache_path) as c:
         check_cache_compatible(cfg["cache"], c, run_dir)
         normal = normal_class_in(c, cfg, run_dir)
+        refuse_foreign_files(out_dir, RESULT_FILES)  # never replace a user's file (docs/file-safety.md)
         guard_results(out_dir, eval_identity(cfg, c.fingerprint, score, normal), overwrite)
         return eval_flow_job(out_dir, run.flow, run.normalizer, cfg, TestData.from_cache(c, cache_path),
                              score=score, device=str(dev), batch_size=batch_size, plots=plots, run_dir=run_dir,
@@ -422,6 +427,8 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
     out_dir = Path(out_dir) if out_dir else default_run_name(cache, train.class_name, f"-{method}")
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
+    refuse_foreign_files(out_dir, (CONFIG_FILE, MODEL_FILE, *RESULT_FILES))  # never replace a user's file
+    # (docs/file-safety.md)
     guard_results(out_dir, baseline_identity(method, ci, test.fingerprint), overwrite)
     _mkdir(out_dir)
     return baseline_job(out_dir, method, train, test, plots=plots, fpr=fpr)

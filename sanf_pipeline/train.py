@@ -279,6 +279,9 @@ class _Checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------- epoch loop
+# devices where the step loop checks the loss on the host each step (free on CPU; on a GPU it would stall the queue)
+HOST_CHECK_DEVICES = ("cpu",)
+
 def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: int, amp, diverged, progress) -> dict:
     """One pass over the training rows in the seeded order of ``epoch``; returns the epoch's log row."""
     from .flow import log_likelihood
@@ -289,7 +292,11 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
     flow.train()
     t0 = time.perf_counter()
     perm = torch.randperm(n_tr, generator=_epoch_generator(cfg.seed, epoch)).to(device)
-    loss_sum = 0.0
+    # on a GPU the step loop never waits for the device: the loss is summed there and the first non-finite step is
+    # kept there, both read once per epoch (on CPU a per-step check costs nothing)
+    host_checks = device.type in HOST_CHECK_DEVICES
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
     for step in range(steps):
         idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         xb = data.x_tr[idx]
@@ -297,7 +304,7 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
         with autocast(device, amp):
             z, logdet = flow(xb, pb)
         loss = (-log_likelihood(z, logdet)).mean() / z.shape[-1]
-        if not torch.isfinite(loss):
+        if host_checks and not torch.isfinite(loss):
             raise diverged(f"the loss became {loss.item()}", step + 1)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -307,17 +314,23 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
             loss.backward()
         if cfg.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.grad_clip)
-            if scaler is None and not torch.isfinite(norm):
+            if host_checks and scaler is None and not torch.isfinite(norm):
                 raise diverged("the gradient became non-finite", step + 1)
+            if not host_checks and scaler is None:
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(norm), step + 1, first_bad)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
-        loss_value = float(loss.detach())
-        loss_sum += loss_value * len(idx)
+        if not host_checks:
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
+        loss_sum += loss.detach().double() * len(idx)
         seen = step * cfg.batch_size + len(idx)
-        progress(loss_value, seen / max(time.perf_counter() - t0, 1e-9))
+        progress(float(loss.detach()) if host_checks else None, seen / max(time.perf_counter() - t0, 1e-9))
+    if int(first_bad) > 0:
+        raise diverged("the loss or its gradient became non-finite", int(first_bad))
+    loss_sum = float(loss_sum)
     seconds = time.perf_counter() - t0
     return {"epoch": epoch, "train_loss": loss_sum / n_tr, "val_nll": None, "samples_per_s": n_tr / seconds,
             "seconds": seconds, "lr": cfg.lr}
@@ -359,8 +372,9 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                 return _diverged(what, epoch, step, steps, cfg, last_good, run_dir)
 
             def progress(loss_value, rate, epoch=epoch):
+                shown = "" if loss_value is None else f" loss {loss_value:.4f}"
                 bar.update(task, advance=1, rate=f"{rate:.0f} samples/s",
-                           description=f"{description} epoch {epoch}/{total_epochs} loss {loss_value:.4f}")
+                           description=f"{description} epoch {epoch}/{total_epochs}{shown}")
 
             row = _train_epoch(flow, opt, scaler, data, cfg, epoch, amp, diverged, progress)
             val = None

@@ -15,11 +15,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sanf_pipeline"
 LAYERS = [
     ["__init__", "errors"],  # no sanf imports
     ["progress", "device", "tokens"],  # foundation: progress bars, device and autocast policy, token pooling
-    ["data", "cache", "flow", "baselines"],  # readers, stores, nn.Modules, scorers
+    ["data", "cache", "flow", "baselines", "packaged_weights"],  # readers, stores, nn.Modules, scorers, weights in pip
     ["weights", "features", "runs", "scoring", "calibration"],  # models and files built on them
     ["backbones", "fit_config", "report", "compat"],  # timm backbones; fit settings; tables and plots
     ["extract", "train", "evaluate"],  # stage one; fitting a flow; metrics and result files
-    ["jobs"],  # the run jobs: every flow and baseline run
+    ["jobs", "stack"],  # the run jobs: every flow and baseline run; many flows trained at once
     ["sweep", "detector", "export"],  # many runs from one cache
     ["demo"],
     ["cli_types"],
