@@ -257,19 +257,36 @@ def expand_inputs(items) -> list[str]:
     return unique
 
 
-class _Paths:
-    """The ``load(i)`` interface of a dataset over explicit paths, for extract's DataLoader items."""
+class _Items(torch.utils.data.Dataset):
+    """Decoded, preprocessed images for DataLoader workers, as on `sanf extract`'s CPU path (``decode_image``, PIL
+    resize, normalise); an unreadable file becomes ``(None, reason)``."""
 
-    def __init__(self, paths):
-        self.paths = list(paths)
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = list(paths), preprocess
 
     def __len__(self):
         return len(self.paths)
 
-    def load(self, i):
+    def __getitem__(self, i):
         from .data.images import decode_image
+        from .errors import BadImageError
 
-        return decode_image(self.paths[i])
+        try:
+            return self.preprocess(decode_image(self.paths[i])), ""
+        except BadImageError as exc:
+            reason = exc.reason
+        except Exception as exc:  # any decoder failure on a user's file is a bad image, not a crash
+            reason = f"{type(exc).__name__}: {exc}"
+        return None, reason or "unreadable"
+
+
+class _Collate:
+    def __init__(self, size):
+        self.size = tuple(size)
+
+    def __call__(self, items):
+        zeros = torch.zeros(3, *self.size)
+        return torch.stack([x if x is not None else zeros for x, _ in items]), [r for _, r in items]
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -349,7 +366,7 @@ class Detector:
     def score(self, paths, *, batch_size: int = 32, num_workers: int | None = None, on_error: str = "skip",
               quiet: bool = True) -> ScoreResult:
         """Score image files (files, folders, globs; see :func:`expand_inputs`)."""
-        from .extract import _collate, _default_workers, _ExtractionItems
+        from .extract import _default_workers
         from .progress import progress_bar
 
         if on_error not in ("skip", "fail"):
@@ -357,10 +374,10 @@ class Detector:
         if batch_size < 1:
             raise SanfError("--batch-size must be at least 1")
         files = expand_inputs(paths)
-        size = int(self.preprocess.size[0])
-        items = _ExtractionItems(_Paths(files), self.preprocess, size)
+        items = _Items(files, self.preprocess)
         workers = min(_default_workers() if num_workers is None else num_workers, max(1, len(files) // batch_size))
-        loader = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        loader = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=_Collate(self.preprocess.size),
                                              pin_memory=self.device.type == "cuda",
                                              prefetch_factor=4 if workers else None)
         kept, parts, skipped = [], [], []
