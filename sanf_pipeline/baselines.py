@@ -48,6 +48,10 @@ class KNNScorer:
     def settings(self) -> dict:
         return {"k": self.k, "l2": self.l2}
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fitted state a detector needs (saved as ``baseline.*`` tensors by the run job)."""
+        return {"train": self.train, "k": np.asarray(self.k), "l2": np.asarray(int(self.l2))}
+
     def score(self, test: np.ndarray) -> np.ndarray:
         test = np.asarray(test, np.float64)
         test = _l2(test) if self.l2 else test
@@ -76,6 +80,9 @@ class GaussianScorer:
     def settings(self) -> dict:
         return {"shrinkage": self.shrinkage}
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"location": self.model.location_, "precision": self.model.precision_}
+
     def score(self, test: np.ndarray) -> np.ndarray:
         return self.model.mahalanobis(np.asarray(test, np.float64))
 
@@ -92,6 +99,12 @@ def scorer_settings(scorer) -> dict:
     """The settings a scorer reports in ``metrics.json`` (``settings()`` when it has one)."""
     settings = getattr(scorer, "settings", None)
     return dict(settings()) if callable(settings) else {}
+
+
+def scorer_arrays(scorer) -> dict[str, np.ndarray]:
+    """The fitted state of a scorer (``arrays()`` when it has one; empty: the run cannot be used as a detector)."""
+    arrays = getattr(scorer, "arrays", None)
+    return dict(arrays()) if callable(arrays) else {}
 
 
 def register_baseline(name: str, factory: Callable[[], object]) -> None:

@@ -226,13 +226,15 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--val-fraction", type=float, help="Early stopping: held-out share of the training rows [0.1].")
 @click.option("--patience", type=int, help="Early stopping: epochs without improvement before stopping [3].")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fpr", type=float, default=0.01, show_default=True,
+              help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--no-amp", is_flag=True, help="No mixed precision on GPU.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run or one with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, token_pool, main_input,
         normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
-        seed, device, no_amp, overwrite, quiet):
+        seed, fpr, device, no_amp, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
     from .fit_config import FitConfig, training_length
     from .jobs import fit_run
@@ -244,32 +246,43 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
                     spatial_channels=spatial_channels, token_pool=token_pool, main_input=main_input,
                     normalize=normalize, lr=lr,
                     weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
-                    device=device, amp=not no_amp, **length)
+                    device=device, amp=not no_amp, fpr=fpr, **length)
     run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
     res = run.result
     how = (f"best epoch {res.best_epoch} of {res.epochs_run} by held-out normal training NLL"
            if cfg.early_stopping else f"{res.epochs_run} epoch(s), fixed")
     resumed = f", resumed after epoch {res.resumed_from}" if res.resumed_from else ""
+    thr = (res.calibration or {}).get("threshold")
+    calib = (f"; threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
+             f"normal images{'' if thr['guaranteed'] else ', too few to guarantee it'})" if thr
+             else "; no threshold (too few images to hold any out)")
     click.echo(f"run {run.run_dir}: trained on {res.n_train} samples of {run.config['normal_class_name']!r} "
-               f"({how}{resumed}); model in {run.run_dir / 'model.safetensors'}; "
+               f"({how}{resumed}){calib}; model in {run.run_dir / 'model.safetensors'}; "
                f"next: sanf eval --run {run.run_dir}")
 
 
 @cli.command("eval")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder from `sanf fit`.")
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path),
-              help="Cache to score [default: the one the run was trained on]; must match it.")
+              help="Cache to score [default: the one the run was trained on]; any cache extracted with the run's "
+                   "backbone settings (architecture, weights, image size, layer, pooling, grid; dtype may differ).")
+@click.option("--fpr", type=float, help="Target false-positive rate of the calibrated threshold [default: the run's].")
 @click.option("--score", type=_RegistryChoice(_scores), default="nll", show_default=True,
               help="nll: -log p(x); z2: mean z^2 (the official code).")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: the run folder].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
-    """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, scores, report, plots."""
+def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
+    """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, threshold rates, scores, report, plots."""
     from .jobs import eval_run
 
-    res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device)
+    res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device, fpr=fpr)
     m = res.metrics
+    thr = m.get("threshold")
+    if thr:
+        r = thr["realised"]
+        click.echo(f"threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
+                   f"normal images): FPR {r['fpr']:.4f}, TPR {r['tpr']:.4f}, F1 {r['f1']:.4f} on the test split")
     click.echo(f"{m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, AUPR {m['aupr']:.4f}, "
                f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {score}); "
                f"results in {res.out_dir} (metrics.json, scores.csv, report.md, plots)")
@@ -287,15 +300,17 @@ def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
 @click.option("--neighbourhood", type=int, help="patch-knn: average each patch token with its KxK grid "
               "neighbourhood first (odd; 1 = off) [default: patchknn.DEFAULT_NEIGHBOURHOOD].")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
+@click.option("--fpr", type=float, default=0.01, show_default=True,
+              help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-def baseline(cache_path, normal_class, method, coreset, neighbourhood, out, overwrite):
+def baseline(cache_path, normal_class, method, coreset, neighbourhood, out, fpr, overwrite):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
     from .jobs import baseline_run
 
     options = {k: v for k, v in (("coreset", coreset), ("neighbourhood", neighbourhood)) if v is not None}
     if options and method != "patch-knn":
         raise SanfError(f"--{'/--'.join(options)} apply to --method patch-knn only")
-    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, options=options)
+    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, options=options, fpr=fpr)
     m = res.metrics
     click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
                f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "
@@ -331,6 +346,16 @@ def _register_sweep_commands() -> None:
 
 
 _register_sweep_commands()
+
+
+def _register_detector_commands() -> None:
+    from .detector_cli import export, score
+
+    cli.add_command(score)
+    cli.add_command(export)
+
+
+_register_detector_commands()
 
 
 def main(argv=None) -> None:

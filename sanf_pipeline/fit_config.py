@@ -52,8 +52,10 @@ class FitConfig:
     device: str = "auto"
     amp: bool = True
     eval_batch_size: int = 256
+    # the detector's default threshold: target false-positive rate on held-out normal images (calibration.py)
+    fpr: float = 0.01
 
-    NOT_SETTINGS = ("device", "eval_batch_size")  # do not change the result; not compared on resume
+    NOT_SETTINGS = ("device", "eval_batch_size", "fpr")  # do not change the model; not compared on resume
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -97,8 +99,10 @@ class FitConfig:
             bad("betas", self.betas, "two numbers in [0, 1)")
         if self.grad_clip is not None and not (0 < self.grad_clip < math.inf):
             bad("grad_clip", self.grad_clip, "must be > 0 (or None for no clipping)")
-        if self.early_stopping and not (0 < self.val_fraction < 1):
-            bad("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive) with early stopping")
+        if not (0 < self.val_fraction < 1):
+            bad("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive)")
+        if not (0 < self.fpr < 1):
+            bad("fpr", self.fpr, "must be between 0 and 1 (exclusive)")
         return self
 
     @property
@@ -125,8 +129,8 @@ class FitConfig:
             d.pop(k, None)
         if self.token_pool == 1:  # added later: runs fitted before token_pool existed keep their identity
             d.pop("token_pool")
-        if not self.early_stopping:
-            for k in ("val_fraction", "patience", "max_epochs", "min_delta"):
+        if not self.early_stopping:  # val_fraction stays: the same share is held out for calibration
+            for k in ("patience", "max_epochs", "min_delta"):
                 d.pop(k)
         else:
             d.pop("epochs")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import create_baseline, fit_score, scorer_settings
+from .baselines import create_baseline, fit_score, scorer_arrays, scorer_settings
 from .device import resolve_device
 from .errors import SanfError
 from .evaluate import compute_metrics, guard_results, write_results
@@ -39,7 +39,6 @@ from .runs import (
     MODEL_FILE,
     RESULT_FILES,
     cache_identity,
-    check_cache_matches,
     check_finite,
     default_run_name,
     finish_run,
@@ -51,6 +50,7 @@ from .runs import (
     read_jsonl,
     read_run_config,
     refuse_foreign_files,
+    save_tensors_atomic,
     start_run_config,
     write_json_atomic,
 )
@@ -225,11 +225,16 @@ def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str,
 def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, score: str = "nll",
                   device: str = "auto", batch_size: int = 256, plots: bool = True, run_dir=None,
                   train_log: list | None = None, extra_metrics: dict | None = None,
-                  scores: np.ndarray | None = None) -> EvalResult:
+                  scores: np.ndarray | None = None, fpr: float | None = None,
+                  normal_class: int | None = None) -> EvalResult:
     """Score ``test`` with a fitted flow (its run ``config``) and write the result files into ``out_dir``.
-    ``scores``: the flow's scores of ``test`` computed by the caller (a stack of flows scored in one pass)."""
+    ``scores``: the flow's scores of ``test`` computed by the caller (a stack of flows scored in one pass);
+    ``normal_class``: the normal class's index in ``test`` when it is another cache than the run's (by name);
+    ``fpr``: target false-positive rate of the calibrated threshold (default: the run's)."""
+    from .calibration import eval_threshold_metrics
+
     check_score(score)
-    normal = int(config["normal_class"])
+    normal = int(config["normal_class"]) if normal_class is None else int(normal_class)
     fc = config.get("flow") or {}
     needs_patch = fc.get("fusion") != "none" or fc.get("main_input") == "spatial"
     if scores is None:
@@ -241,7 +246,7 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
     is_anomaly = test.labels != normal
     metrics = compute_metrics(is_anomaly, scores)
     result = config.get("result") or {}
-    metrics.update(eval_identity(config, test.fingerprint, score))
+    metrics.update(eval_identity(config, test.fingerprint, score, normal))
     metrics.update({
         "normal_class_name": config.get("normal_class_name"), "score_description": SCORE_DESCRIPTIONS[score],
         "epoch_selection": config.get("epoch_selection"), "best_epoch": result.get("best_epoch"),
@@ -250,6 +255,7 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
         "cache": test.cache_path, "flow": config.get("flow"), "fit": config.get("fit", {}), "evaluated": now(),
         **(extra_metrics or {}),
     })
+    metrics.update(eval_threshold_metrics(config.get("calibration"), score, is_anomaly, scores, fpr))
     out_dir = Path(out_dir)
     _mkdir(out_dir)
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, train_log=train_log,
@@ -257,9 +263,10 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
 
 
-def eval_identity(config: dict, fingerprint: str, score: str) -> dict:
+def eval_identity(config: dict, fingerprint: str, score: str, normal_class: int | None = None) -> dict:
     """What must match for earlier results of a flow run to be kept (``metrics.json``)."""
-    return {"method": config.get("method", "sanf-flow"), "score": score, "normal_class": int(config["normal_class"]),
+    normal = int(config["normal_class"]) if normal_class is None else int(normal_class)
+    return {"method": config.get("method", "sanf-flow"), "score": score, "normal_class": normal,
             "cache_fingerprint": fingerprint, "run_id": config.get("run_id")}
 
 
@@ -310,9 +317,13 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
 
 def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plots: bool = True,
                  extra: dict | None = None, extra_metrics: dict | None = None, options: dict | None = None,
-                 quiet: bool = True) -> EvalResult:
+                 quiet: bool = True, fpr: float = 0.01) -> EvalResult:
     """Fit baseline ``method`` on the class tokens of ``train`` (patch tokens for patch-knn), score ``test``, write
-    config and result files. ``options`` go to the scorer's factory."""
+    config, the fitted state (``model.safetensors``, so the run is a detector, when the scorer exposes it) and result
+    files. ``options`` go to the scorer's factory. The threshold is calibrated on the held-out 10% of ``train``
+    scored by the baseline fitted on the other rows (``calibration.calibrate_baseline``)."""
+    from .calibration import calibrate_baseline, eval_threshold_metrics
+
     scorer = create_baseline(method, **(options or {}))
     if hasattr(scorer, "quiet"):
         scorer.quiet = quiet
@@ -330,11 +341,17 @@ def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plot
                     "cache": test.cache_path, "evaluated": now(), "settings": {"method": method,
                                                                                 **scorer_settings(scorer)},
                     **(extra or {}), **(extra_metrics or {})})
+    calibration = calibrate_baseline(method, train.cls, fpr=fpr, train_patch=train.patch, options=options)
+    metrics.update(eval_threshold_metrics(calibration, method, is_anomaly, scores))
     out_dir = Path(out_dir)
-    write_json_atomic(out_dir / CONFIG_FILE, {
-        "format": "sanf-baseline", "format_version": 1, "method": method, "normal_class": ci,
-        "normal_class_name": train.class_name, "cache": test.identity, "created": now(),
-        "versions": package_versions(), **(extra or {})})
+    config = {"format": "sanf-baseline", "format_version": 1, "method": method, "normal_class": ci,
+              "normal_class_name": train.class_name, "cache": test.identity, "created": now(),
+              "versions": package_versions(), "calibration": calibration, **(extra or {})}
+    write_json_atomic(out_dir / CONFIG_FILE, config)
+    arrays = scorer_arrays(scorer)
+    if arrays:
+        save_tensors_atomic(out_dir / MODEL_FILE, {f"baseline.{k}": torch.from_numpy(np.ascontiguousarray(v))
+                                                   for k, v in arrays.items()}, config)
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, plots=plots)
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
 
@@ -377,10 +394,12 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
 
 
 def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite: bool = False,
-             device: str = "auto", batch_size: int = 256, plots: bool = True) -> EvalResult:
+             device: str = "auto", batch_size: int = 256, plots: bool = True, fpr: float | None = None) -> EvalResult:
     """`sanf eval`: score the whole test split with a finished run (default: of its own cache) and write the result
-    files (default: into the run folder)."""
+    files (default: into the run folder). ``cache`` may be any cache in the run's feature space (``compat.py``);
+    the normal class is found there by name. ``fpr``: target FPR of the calibrated threshold (default: the run's)."""
     from .cache import open_cache
+    from .compat import check_cache_compatible, normal_class_in
 
     check_score(score)
     run_dir = Path(run_dir)
@@ -393,16 +412,18 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
     out_dir = Path(out_dir) if out_dir else run_dir
     log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else None
     with open_cache(cache_path) as c:
-        check_cache_matches(cfg["cache"], c, run_dir)
+        check_cache_compatible(cfg["cache"], c, run_dir)
+        normal = normal_class_in(c, cfg, run_dir)
         refuse_foreign_files(out_dir, RESULT_FILES)  # never replace a user's file (docs/file-safety.md)
-        guard_results(out_dir, eval_identity(cfg, c.fingerprint, score), overwrite)
+        guard_results(out_dir, eval_identity(cfg, c.fingerprint, score, normal), overwrite)
         return eval_flow_job(out_dir, run.flow, run.normalizer, cfg, TestData.from_cache(c, cache_path),
                              score=score, device=str(dev), batch_size=batch_size, plots=plots, run_dir=run_dir,
-                             train_log=log)
+                             train_log=log, fpr=fpr, normal_class=normal)
 
 
 def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True, options: dict | None = None, quiet: bool = False) -> EvalResult:
+                 plots: bool = True, options: dict | None = None, quiet: bool = False,
+                 fpr: float = 0.01) -> EvalResult:
     """`sanf baseline`: fit a baseline on the normal class's training class tokens, score the test split, write
     the results."""
     from .cache import open_cache
@@ -419,7 +440,8 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
     out_dir = Path(out_dir) if out_dir else default_run_name(cache, train.class_name, f"-{method}")
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
-    refuse_foreign_files(out_dir, (CONFIG_FILE, *RESULT_FILES))  # never replace a user's file (docs/file-safety.md)
+    refuse_foreign_files(out_dir, (CONFIG_FILE, MODEL_FILE, *RESULT_FILES))  # never replace a user's file
+    # (docs/file-safety.md)
     guard_results(out_dir, baseline_identity(method, ci, test.fingerprint, options), overwrite)
     _mkdir(out_dir)
-    return baseline_job(out_dir, method, train, test, plots=plots, options=options, quiet=quiet)
+    return baseline_job(out_dir, method, train, test, plots=plots, options=options, quiet=quiet, fpr=fpr)

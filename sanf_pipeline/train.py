@@ -52,7 +52,7 @@ from .runs import (
     settings_id,
     write_jsonl_atomic,
 )
-from .scoring import score_flow
+from .scoring import SCORES, score_flow
 
 
 @dataclass
@@ -68,6 +68,7 @@ class FitResult:
     device: str
     resumed_from: int = 0
     epoch_selection: str = ""
+    calibration: dict | None = None  # held-out normal scores + default threshold (calibration.py)
 
     def summary(self) -> dict:
         last = self.log[-1] if self.log else {}
@@ -146,7 +147,8 @@ class PreparedData:
 
 def prepare_data(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConfig,
                  device: torch.device) -> PreparedData:
-    """Check the arrays, hold out ``val_fraction`` of the rows (early stopping), fit the normaliser on the rest."""
+    """Check the arrays, hold out ``val_fraction`` of the rows (early stopping's slice; with a fixed length the same
+    share, kept for calibrating the threshold only), fit the normaliser on the rest."""
     train_cls = np.asarray(train_cls, dtype=np.float32)
     if train_cls.ndim != 2:
         raise SanfError(f"class features must be (n, d), got shape {train_cls.shape}")
@@ -160,7 +162,9 @@ def prepare_data(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: Fit
         train_patch = None
     check_finite("the training features", train_cls, train_patch)
     n = len(train_cls)
-    n_val = max(1, int(round(cfg.val_fraction * n))) if cfg.early_stopping else 0
+    n_val = max(1, int(round(cfg.val_fraction * n)))
+    if not cfg.early_stopping and n - n_val < 2:
+        n_val = 0  # too few rows to hold any out: no calibrated threshold
     if n - n_val < 2:
         raise SanfError(f"only {n} training sample(s) of the normal class ({n_val} held out); need at least "
                         f"{n_val + 2}: use --epochs N without early stopping or a class with more samples")
@@ -374,7 +378,7 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
 
             row = _train_epoch(flow, opt, scaler, data, cfg, epoch, amp, diverged, progress)
             val = None
-            if data.n_val:
+            if data.n_val and cfg.early_stopping:
                 # held-out NLL in full precision (also under AMP): it decides the epoch
                 val = float(score_flow(flow, data.x_va, data.p_va, "nll", batch_size=cfg.eval_batch_size).mean()
                             / flow.z_dim)
@@ -394,8 +398,15 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
 
     if cfg.early_stopping and stopping.best_state is not None:
         flow.load_state_dict(stopping.best_state)
+    calibration = None
+    if data.n_val:
+        from .calibration import SLICE_EARLY, SLICE_FIXED, calibration_record
+
+        held_out = {s: score_flow(flow, data.x_va, data.p_va, s, batch_size=cfg.eval_batch_size) for s in SCORES}
+        calibration = calibration_record(held_out, fpr=cfg.fpr, slice_desc=SLICE_EARLY if cfg.early_stopping
+                                         else SLICE_FIXED, seed=cfg.seed, fraction=cfg.val_fraction)
     flow.eval().to("cpu")
     return FitResult(model=flow, normalizer=data.normalizer, log=log, best_epoch=stopping.best_epoch,
                      epochs_run=len(log), stopped_early=bool(stopping.stopped), n_train=data.n_train,
                      n_val=data.n_val, device=str(device), resumed_from=resumed_from,
-                     epoch_selection=cfg.epoch_selection)
+                     epoch_selection=cfg.epoch_selection, calibration=calibration)

@@ -140,11 +140,12 @@ def test_stopping_rule():
     assert fixed.best_epoch == 3 and not fixed.stopped and fixed.best_state is None
 
 
-def test_fixed_epochs_uses_all_rows(arrays):
+def test_fixed_epochs_hold_out_the_calibration_slice(arrays):
+    """A fixed length trains on 90% and keeps the same 10% as early stopping would, for calibration only."""
     cls, patch, *_ = arrays
     res = fit_flow(cls, patch, FitConfig(**{**TINY, "early_stopping": False, "epochs": 2}))
-    assert res.n_train == len(cls) and res.n_val == 0 and res.epochs_run == 2 and res.best_epoch == 2
-    assert all(r["val_nll"] is None for r in res.log)
+    assert res.n_train == len(cls) - 4 and res.n_val == 4 and res.epochs_run == 2 and res.best_epoch == 2
+    assert all(r["val_nll"] is None for r in res.log) and res.calibration["n"] == 4
 
 
 def test_bad_settings_refused(arrays):
