@@ -157,29 +157,3 @@ def eval_threshold_metrics(calibration: dict | None, score: str, is_anomaly, sco
 
 SLICE_BASELINE = ("a held-out share of the normal training rows, scored by the baseline fitted on the other rows; "
                   "the run's test scores come from the baseline fitted on all rows (approximate: see README)")
-
-
-def calibrate_baseline(method: str, train_cls: np.ndarray, *, fpr: float = DEFAULT_FPR, seed: int = 0,
-                       fraction: float = 0.1, train_patch: np.ndarray | None = None,
-                       options: dict | None = None) -> dict | None:
-    """Held-out scores of a baseline: the slice a flow with ``seed`` would hold out, scored by the baseline fitted
-    on the remaining rows. None when the class is too small to hold any row out."""
-    from .baselines import create_baseline, fit_score
-
-    train_cls = np.asarray(train_cls)
-    n = len(train_cls)
-    n_val = max(1, int(round(fraction * n)))
-    if n - n_val < 2:
-        return None
-    order = np.random.default_rng(seed).permutation(n)
-    tr, va = np.sort(order[n_val:]), np.sort(order[:n_val])
-    try:
-        scorer = create_baseline(method, **(options or {}))
-        if hasattr(scorer, "quiet"):
-            scorer.quiet = True
-        patch = np.asarray(train_patch) if getattr(scorer, "needs_patch", False) else None
-        held_out = fit_score(scorer, train_cls[tr], train_cls[va], None if patch is None else patch[tr],
-                             None if patch is None else patch[va])
-    except SanfError:
-        return None  # e.g. kNN with fewer rows than k
-    return calibration_record({method: held_out}, fpr=fpr, slice_desc=SLICE_BASELINE, seed=seed, fraction=fraction)

@@ -321,8 +321,8 @@ def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plot
     """Fit baseline ``method`` on the class tokens of ``train`` (patch tokens for patch-knn), score ``test``, write
     config, the fitted state (``model.safetensors``, so the run is a detector, when the scorer exposes it) and result
     files. ``options`` go to the scorer's factory. The threshold is calibrated on the held-out 10% of ``train``
-    scored by the baseline fitted on the other rows (``calibration.calibrate_baseline``)."""
-    from .calibration import calibrate_baseline, eval_threshold_metrics
+    scored by the baseline fitted on the other rows (``calibrate_baseline``)."""
+    from .calibration import eval_threshold_metrics
 
     scorer = create_baseline(method, **(options or {}))
     if hasattr(scorer, "quiet"):
@@ -354,6 +354,32 @@ def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plot
                                                    for k, v in arrays.items()}, config)
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, plots=plots)
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
+
+
+def calibrate_baseline(method: str, train_cls: np.ndarray, *, fpr: float = 0.01, seed: int = 0,
+                       fraction: float = 0.1, train_patch: np.ndarray | None = None,
+                       options: dict | None = None) -> dict | None:
+    """Held-out scores of a baseline: the slice a flow with ``seed`` would hold out, scored by the baseline fitted
+    on the remaining rows. None when the class is too small to hold any row out."""
+    from .calibration import SLICE_BASELINE, calibration_record
+
+    train_cls = np.asarray(train_cls)
+    n = len(train_cls)
+    n_val = max(1, int(round(fraction * n)))
+    if n - n_val < 2:
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    tr, va = np.sort(order[n_val:]), np.sort(order[:n_val])
+    try:
+        scorer = create_baseline(method, **(options or {}))
+        if hasattr(scorer, "quiet"):
+            scorer.quiet = True
+        patch = np.asarray(train_patch) if getattr(scorer, "needs_patch", False) else None
+        held_out = fit_score(scorer, train_cls[tr], train_cls[va], None if patch is None else patch[tr],
+                             None if patch is None else patch[va])
+    except SanfError:
+        return None  # e.g. kNN with fewer rows than k
+    return calibration_record({method: held_out}, fpr=fpr, slice_desc=SLICE_BASELINE, seed=seed, fraction=fraction)
 
 
 def baseline_identity(method: str, class_index: int, fingerprint: str, options: dict | None = None) -> dict:
