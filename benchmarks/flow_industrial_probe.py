@@ -117,7 +117,8 @@ def main_run(a) -> None:
     y = (labels != ci).astype(int)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"cache": str(a.cache), "n_train": len(tr_cls), "n_test": len(te_cls), "n_anomalous": int(y.sum()),
+    meta = {"cache": str(a.cache), "normal": a.normal,
+            "n_train": len(tr_cls), "n_test": len(te_cls), "n_anomalous": int(y.sum()),
             "dim": int(tr_cls.shape[1]), "tokens": int(tr_patch.shape[1]), "labels": y.tolist()}
 
     def emit(row):
@@ -149,12 +150,12 @@ def _z(t, v):
 
 def main_table(paths, joint_pairs) -> None:
     rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
-    by_cache: dict[str, list] = {}
+    by_cache: dict[tuple, list] = {}
     for r in rows:
-        by_cache.setdefault(r["cache"], []).append(r)
-    for cache, rs in by_cache.items():
+        by_cache.setdefault((r["cache"], r.get("normal", "good")), []).append(r)
+    for (cache, normal), rs in by_cache.items():
         y = np.asarray(rs[0]["labels"])
-        print(f"\n### {Path(cache).name} (train {rs[0]['n_train']}, test {rs[0]['n_test']}, "
+        print(f"\n### {Path(cache).name}, normal class {normal} (train {rs[0]['n_train']}, test {rs[0]['n_test']}, "
               f"anomalous {rs[0]['n_anomalous']}, d {rs[0]['dim']}, {rs[0]['tokens']} tokens)\n")
         print("| method | score | AUROC mean | seeds | kept epoch (of run) | fit s |\n|---|---|---|---|---|---|")
         res: dict[tuple, list] = {}
