@@ -72,7 +72,8 @@ def run_flow(name, overrides, seed, tr_cls, tr_patch, te_cls, te_patch) -> dict:
     row = {"config": name, "overrides": overrides, "seed": seed, "best_epoch": res.best_epoch,
            "epochs_run": res.epochs_run, "steps_per_epoch": max(-(-res.n_train // cfg.batch_size),
                                                                 cfg.min_epoch_steps),
-           "fit_s": round(fit_s, 1), "val_nll": [r["val_nll"] for r in res.log]}
+           "fit_s": round(fit_s, 1), "initial_val_nll": res.initial_val_nll,
+           "val_nll": [r["val_nll"] for r in res.log]}
     if cfg.main_input == "spatial":
         te = -_token_ll(res.model, res.normalizer, te_cls, te_patch)
         vl = -_token_ll(res.model, res.normalizer, tr_cls[va], tr_patch[va])
