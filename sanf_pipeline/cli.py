@@ -96,9 +96,13 @@ def _echo_json(obj) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a cache built with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--model-kwargs", hidden=True, help="JSON dict of timm create_model overrides (tiny test models).")
+@click.option("--resize-on", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where images smaller than the input size are upsampled (auto: on the device when it is a GPU; "
+                   "cpu: PIL in the DataLoader workers). Within one uint8 level of each other; recorded in the cache.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (GPU; compiling takes a while).")
 def extract(backbone, dataset, data_root, category, cache, weights, weights_dir, image_size, layer, pool, fmt,
             dtype, precision, device, batch_size, num_workers, limit_per_class, splits, on_error, num_shards,
-            shard_index, shard_size, overwrite, quiet, model_kwargs):
+            shard_index, shard_size, overwrite, quiet, model_kwargs, resize_on, compile_):
     """Run a frozen backbone over a dataset once and cache class and patch tokens."""
     from .extract import ExtractConfig, default_cache_path
     from .extract import extract as run_extract
@@ -110,7 +114,8 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
         format=fmt, dtype=dtype, precision=precision, device=device, batch_size=batch_size,
         num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
         on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,
-        overwrite=overwrite, quiet=quiet, model_kwargs=_json_option(model_kwargs, "--model-kwargs"))
+        overwrite=overwrite, quiet=quiet, model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
+        resize_on=resize_on, compile=compile_)
     result = run_extract(cfg)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} unreadable image(s); first: "

@@ -26,6 +26,8 @@ from .progress import progress_bar
 from .runs import package_versions
 
 ON_ERROR = ("skip", "fail")
+RESIZE_ON = ("auto", "cpu", "device")
+PENDING_SHARD_BYTES = 1 << 30  # finished shards the writer thread may hold before the forward waits for it
 
 
 @dataclass
@@ -55,6 +57,8 @@ class ExtractConfig:
     shard_index: int = 0
     quiet: bool = False
     model_kwargs: dict | None = None  # timm create_model overrides (tiny test models)
+    resize_on: str = "auto"  # where images smaller than the input size are upsampled: auto, cpu, device
+    compile: bool = False  # torch.compile the backbone
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -63,6 +67,8 @@ class ExtractConfig:
             raise SanfError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}")
         if self.precision not in PRECISIONS:
             raise SanfError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.resize_on not in RESIZE_ON:
+            raise SanfError(f"--resize-on must be one of {', '.join(RESIZE_ON)}, not {self.resize_on!r}")
         if self.on_error not in ON_ERROR:
             raise SanfError(f"--on-error must be skip or fail, not {self.on_error!r}")
         if self.batch_size < 1:
@@ -78,6 +84,7 @@ class ExtractResult:
     path: str
     images: int = 0
     seconds: float = 0.0
+    writer_wait_s: float = 0.0  # time the forward loop waited for the shard writer (disk slower than the GPU)
     sealed: bool = False
     skipped: list[dict] = field(default_factory=list)
     shards_written: int = 0
@@ -96,29 +103,46 @@ def distributed_context() -> tuple[int, int] | None:
 
 
 class _ExtractionItems(torch.utils.data.Dataset):
-    """Decoded, preprocessed images for DataLoader workers; a bad image becomes a flagged placeholder so
-    batch composition (and so the other images' bits) never depends on which files were readable."""
+    """Decoded uint8 images for DataLoader workers (resized there unless the device upsamples them); a bad image
+    becomes a flagged placeholder so batch composition (and so the other images' bits) never depends on which
+    files were readable."""
 
-    def __init__(self, dataset, preprocess, size: int):
+    def __init__(self, dataset, preprocess, keep_smaller: bool):
         self.dataset = dataset
         self.preprocess = preprocess
-        self.size = size
+        self.keep_smaller = keep_smaller
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
         try:
-            return self.preprocess(self.dataset.load(i)), ""
+            return self.preprocess.to_uint8(self.dataset.load(i), keep_smaller=self.keep_smaller), ""
         except BadImageError as exc:
             reason = exc.reason
         except Exception as exc:  # any decoder failure on a user's file is a bad image, not a crash
             reason = f"{type(exc).__name__}: {exc}"
-        return torch.zeros(3, self.size, self.size), reason or "unreadable"
+        return None, reason or "unreadable"
 
 
-def _collate(items):
-    return torch.stack([x for x, _ in items]), [r for _, r in items]
+class _Collate:
+    """uint8 batch ``(B, 3, h, w)``: images of one size stay as they are; a batch mixing sizes has its odd ones
+    resized with PIL to the input size (in the worker). Placeholders are zeros of the batch's size."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+
+    def __call__(self, items):
+        reasons = [r for _, r in items]
+        images = [x for x, _ in items if x is not None]
+        shapes = {tuple(x.shape) for x in images}
+        if len(shapes) > 1:
+            images = [self.preprocess.to_uint8(x.permute(1, 2, 0).numpy()) for x in images]
+            shapes = {tuple(images[0].shape)}
+        shape = next(iter(shapes)) if shapes else (3, *self.preprocess.size)
+        it = iter(images)
+        batch = [next(it) if x is not None else torch.zeros(shape, dtype=torch.uint8) for x, _ in items]
+        return torch.stack(batch), reasons
 
 
 def listing_digest(labels: np.ndarray, ids: list[str]) -> str:
@@ -175,6 +199,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         "batch_size": cfg.batch_size,
         "shard_size": shard,
     }
+    device_resize = backbone.preprocess.device_resizable and (
+        cfg.resize_on == "device" or (cfg.resize_on == "auto" and device.type == "cuda"))
+    if device_resize:  # within one uint8 level of PIL's resize, but not the same bits: a resume must not mix them
+        settings["resize_on"] = "device"
     meta = {
         "dataset": {"name": cfg.dataset, "root": str(cfg.data_root) if cfg.data_root else None,
                     "category": cfg.category, "limit_per_class": cfg.limit_per_class, "splits": dataset_desc},
@@ -194,7 +222,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     jobs = writer.open()
     try:
         if jobs:
-            _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result)
+            _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result, device_resize)
         if dist is not None:
             _barrier()
             if dist[0] == 0 and writer.complete():
@@ -215,8 +243,7 @@ def _barrier() -> None:
     tdist.barrier()
 
 
-def _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result) -> None:
-    size = int(backbone.data_config["input_size"][-1])
+def _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result, device_resize=False) -> None:
     total = sum(j.stop - j.start for j in jobs)
     batches = []
     for job in jobs:
@@ -225,65 +252,133 @@ def _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result
     loaders = {}
     workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
     for split, ds in datasets.items():
-        items = _ExtractionItems(ds, backbone.preprocess, size)
+        items = _ExtractionItems(ds, backbone.preprocess, keep_smaller=device_resize)
         split_batches = [orders[split][b0:b1].tolist() for job, b0, b1 in batches if job.split == split]
         if split_batches:
             loaders[split] = torch.utils.data.DataLoader(
-                items, batch_sampler=split_batches, num_workers=workers, collate_fn=_collate,
+                items, batch_sampler=split_batches, num_workers=workers, collate_fn=_Collate(backbone.preprocess),
                 pin_memory=device.type == "cuda", persistent_workers=False,
                 prefetch_factor=4 if workers else None)
-    bg = BackgroundShardWriter(writer)
     dtype = np.dtype(cfg.dtype)
+    shard_bytes = max(j.stop - j.start for j in jobs) * (backbone.num_tokens + 1) * backbone.dim * dtype.itemsize
+    bg = BackgroundShardWriter(writer, depth=max(2, min(16, PENDING_SHARD_BYTES // max(1, shard_bytes))))
+    forward = _Forward(backbone, device, amp, dtype, compile=cfg.compile)
     started = time.perf_counter()
     with progress_bar(cfg.quiet) as bar:
         task = bar.add_task(f"extract {cfg.backbone}", total=total, rate="")
         for split, loader in loaders.items():
-            split_jobs = [j for j in jobs if j.split == split]
-            job_iter = iter(split_jobs)
-            job = next(job_iter)
-            buf_cls = np.zeros((job.stop - job.start, backbone.dim), dtype)
-            buf_patch = np.zeros((job.stop - job.start, backbone.num_tokens, backbone.dim), dtype)
-            valid = np.ones(job.stop - job.start, bool)
-            skipped: list[dict] = []
-            fill = 0
+            filler = _ShardFiller(cfg, backbone, datasets[split], orders[split],
+                                  [j for j in jobs if j.split == split], dtype, bg, result)
+            pending = None
+            # one batch in flight: the next batch's forward is queued on the device before the previous batch's
+            # tokens are copied into the shard buffer, so the device never waits for the host
             for x, reasons in loader:
-                cls, patch = _forward(backbone, x, device, amp)
-                n = len(reasons)
-                buf_cls[fill : fill + n] = cls.astype(dtype)
-                buf_patch[fill : fill + n] = patch.astype(dtype)
-                for k, reason in enumerate(reasons):
-                    if reason:
-                        row = job.start + fill + k
-                        ds_index = int(orders[split][row])
-                        sample = datasets[split].sample_ids[ds_index]
-                        if cfg.on_error == "fail":
-                            raise SanfError(f"cannot read image {sample}: {reason} (--on-error skip would "
-                                            "record it and go on)")
-                        valid[fill + k] = False
-                        buf_cls[fill + k] = 0
-                        buf_patch[fill + k] = 0
-                        skipped.append({"row": row, "sample_id": sample,
-                                        "label": int(datasets[split].labels[ds_index]), "reason": reason})
-                fill += n
-                result.images += n
+                launched = forward.launch(x)
+                if pending is not None:
+                    filler.add(*forward.fetch(pending[0]), pending[1])
+                pending = (launched, reasons)
                 elapsed = time.perf_counter() - started
-                bar.update(task, advance=n, rate=f"{result.images / max(elapsed, 1e-9):.1f} img/s")
-                if fill == job.stop - job.start:
-                    bg.put(job, buf_cls, buf_patch, valid, skipped)
-                    result.skipped += skipped
-                    result.shards_written += 1
-                    job = next(job_iter, None)
-                    if job is None:
-                        break
-                    buf_cls = np.zeros((job.stop - job.start, backbone.dim), dtype)
-                    buf_patch = np.zeros((job.stop - job.start, backbone.num_tokens, backbone.dim), dtype)
-                    valid = np.ones(job.stop - job.start, bool)
-                    skipped, fill = [], 0
+                bar.update(task, advance=len(reasons), rate=f"{(result.images + len(reasons)) / max(elapsed, 1e-9):.1f}"
+                                                           " img/s")
+            if pending is not None:
+                filler.add(*forward.fetch(pending[0]), pending[1])
+        t = time.perf_counter()
         bg.finish()
+        result.writer_wait_s += time.perf_counter() - t
     result.seconds = time.perf_counter() - started
 
 
+class _ShardFiller:
+    """Collects the tokens of consecutive batches into the current shard's buffers; hands full shards to the
+    background writer."""
+
+    def __init__(self, cfg, backbone, dataset, order, jobs, dtype, bg, result):
+        self.cfg, self.dataset, self.order, self.dtype, self.bg, self.result = cfg, dataset, order, dtype, bg, result
+        self.dim, self.tokens = backbone.dim, backbone.num_tokens
+        self.jobs = iter(jobs)
+        self._next_job()
+
+    def _next_job(self) -> None:
+        self.job = next(self.jobs, None)
+        if self.job is None:
+            return
+        n = self.job.stop - self.job.start
+        self.cls = np.zeros((n, self.dim), self.dtype)
+        self.patch = np.zeros((n, self.tokens, self.dim), self.dtype)
+        self.valid = np.ones(n, bool)
+        self.skipped: list[dict] = []
+        self.fill = 0
+
+    def add(self, cls: np.ndarray, patch: np.ndarray, reasons: list[str]) -> None:
+        job, fill, n = self.job, self.fill, len(reasons)
+        self.cls[fill:fill + n] = cls
+        self.patch[fill:fill + n] = patch
+        for k, reason in enumerate(reasons):
+            if reason:
+                row = job.start + fill + k
+                ds_index = int(self.order[row])
+                sample = self.dataset.sample_ids[ds_index]
+                if self.cfg.on_error == "fail":
+                    raise SanfError(f"cannot read image {sample}: {reason} (--on-error skip would "
+                                    "record it and go on)")
+                self.valid[fill + k] = False
+                self.cls[fill + k] = 0
+                self.patch[fill + k] = 0
+                self.skipped.append({"row": row, "sample_id": sample,
+                                     "label": int(self.dataset.labels[ds_index]), "reason": reason})
+        self.fill += n
+        self.result.images += n
+        if self.fill == job.stop - job.start:
+            t = time.perf_counter()
+            self.bg.put(job, self.cls, self.patch, self.valid, self.skipped)
+            self.result.writer_wait_s += time.perf_counter() - t
+            self.result.skipped += self.skipped
+            self.result.shards_written += 1
+            self._next_job()
+
+
+class _Forward:
+    """The backbone on uint8 batches: host-to-device copy (non-blocking from pinned memory), resize and
+    normalisation on the device, autocast, and on a GPU an asynchronous copy of the tokens, already in the cache's
+    dtype, into pinned host buffers (two, used in turn) that ``fetch`` waits for."""
+
+    def __init__(self, backbone, device: torch.device, amp: torch.dtype | None, dtype: np.dtype, compile=False):
+        self.backbone, self.device, self.amp, self.dtype = backbone, device, amp, dtype
+        self.fn = torch.compile(backbone) if compile else backbone
+        self.cuda = device.type == "cuda"
+        self.torch_dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+        self.host: dict = {}
+        self.slot = 0
+
+    def launch(self, x: torch.Tensor):
+        x = x.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            x = self.backbone.preprocess.normalize(x)
+            with autocast(self.device, self.amp):
+                cls, patch = self.fn(x)
+            if not self.cuda:
+                return cls.float().numpy(), patch.float().numpy()
+            self.slot ^= 1
+            out = []
+            for name, t in (("cls", cls), ("patch", patch)):
+                key = (self.slot, name, tuple(t.shape))
+                if key not in self.host:
+                    self.host[key] = torch.empty(t.shape, dtype=self.torch_dtype, pin_memory=True)
+                out.append(self.host[key].copy_(t.float().to(self.torch_dtype), non_blocking=True))
+            event = torch.cuda.Event()
+            event.record()
+            return out[0], out[1], event
+
+    def fetch(self, launched) -> tuple[np.ndarray, np.ndarray]:
+        if not self.cuda:
+            return launched
+        cls, patch, event = launched
+        event.synchronize()
+        return cls.numpy(), patch.numpy()
+
+
 def _forward(backbone, x: torch.Tensor, device: torch.device, amp: torch.dtype | None):
+    """The bare forward of a normalised float batch with the copy back to the host (benchmarks/extract.py)."""
     x = x.to(device, non_blocking=True)
     with torch.inference_mode(), autocast(device, amp):
         cls, patch = backbone(x)

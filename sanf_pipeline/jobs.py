@@ -222,17 +222,20 @@ def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str,
 
 def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, score: str = "nll",
                   device: str = "auto", batch_size: int = 256, plots: bool = True, run_dir=None,
-                  train_log: list | None = None, extra_metrics: dict | None = None) -> EvalResult:
-    """Score ``test`` with a fitted flow (its run ``config``) and write the result files into ``out_dir``."""
+                  train_log: list | None = None, extra_metrics: dict | None = None,
+                  scores: np.ndarray | None = None) -> EvalResult:
+    """Score ``test`` with a fitted flow (its run ``config``) and write the result files into ``out_dir``.
+    ``scores``: the flow's scores of ``test`` computed by the caller (a stack of flows scored in one pass)."""
     check_score(score)
     normal = int(config["normal_class"])
     fc = config.get("flow") or {}
     needs_patch = fc.get("fusion") != "none" or fc.get("main_input") == "spatial"
-    flow.to(resolve_device(device))
-    try:
-        scores = score_blocks(flow, normalizer, test.blocks(needs_patch), score, batch_size=batch_size)
-    finally:
-        flow.to("cpu")
+    if scores is None:
+        flow.to(resolve_device(device))
+        try:
+            scores = score_blocks(flow, normalizer, test.blocks(needs_patch), score, batch_size=batch_size)
+        finally:
+            flow.to("cpu")
     is_anomaly = test.labels != normal
     metrics = compute_metrics(is_anomaly, scores)
     result = config.get("result") or {}

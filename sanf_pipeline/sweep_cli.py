@@ -39,12 +39,15 @@ def _default_out(cache: Path) -> Path:
 @click.option("--ray-gpus-per-task", type=float, default=0.0, show_default=True,
               help="Ray GPUs per run (fractions share a GPU, e.g. 0.25).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N (flow runs).")
+@click.option("--stack", default="auto", show_default=True,
+              help="Flow runs trained at once in one process (settings differing only in seed/class): auto (from "
+                   "free GPU memory; 1 on CPU) or N.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Per-run PNG plots (they cost time).")
 @click.option("--overwrite", is_flag=True,
               help="Replace a sweep folder's plan; finished runs that stay identical are kept, others removed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep(cache_path, classes, out, grid, fixed, methods, seeds, score, workers, executor, ray_address,
-          ray_cpus_per_task, ray_gpus_per_task, device, plots, overwrite, quiet):
+          ray_cpus_per_task, ray_gpus_per_task, device, stack, plots, overwrite, quiet):
     """Run classes x grid x methods x seeds from one cache (the test split is read once); resumable."""
     from .sweep import run_sweep
 
@@ -54,10 +57,12 @@ def sweep(cache_path, classes, out, grid, fixed, methods, seeds, score, workers,
     res = run_sweep(cache_path, out, classes, list(grid), methods, seeds, list(fixed), workers, executor,
                     device=device, score=score, plots=plots, overwrite=overwrite, quiet=quiet,
                     ray_address=ray_address, ray_cpus_per_task=ray_cpus_per_task,
-                    ray_gpus_per_task=ray_gpus_per_task)
+                    ray_gpus_per_task=ray_gpus_per_task, stack=stack)
     s = res.summary
     where = (f"{res.workers} worker(s) x {res.threads_per_worker} thread(s)" if executor == "local"
              else f"Ray, {ray_cpus_per_task:g} CPU + {ray_gpus_per_task:g} GPU per run")
+    if res.timings.get("stack_size", 1) > 1:
+        where += f", flows in stacks of up to {res.timings['stack_size']}"
     removed = f", {len(res.removed)} run folder(s) of the old plan removed" if res.removed else ""
     click.echo(f"sweep {out}: {len(res.computed)} run(s) computed ({where}), {len(res.skipped)} already finished"
                f"{removed}; {res.timings['wall_s']:.1f} s")

@@ -284,6 +284,10 @@ class _Checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------- epoch loop
+# devices where the step loop checks the loss on the host each step (free on CPU; on a GPU it would stall the queue)
+HOST_CHECK_DEVICES = ("cpu",)
+
+
 def epoch_steps(n_train: int, cfg: FitConfig) -> int:
     """Optimiser steps of one epoch: one pass over the rows, or ``min_epoch_steps`` if that is more."""
     return max((n_train + cfg.batch_size - 1) // cfg.batch_size, cfg.min_epoch_steps)
@@ -303,7 +307,11 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
     passes = -(-steps * cfg.batch_size // n_tr) if steps * cfg.batch_size > n_tr else 1
     perm = torch.cat([torch.randperm(n_tr, generator=gen) for _ in range(passes)]).to(device)
     noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(epoch) + 500_000_001)
-    loss_sum = 0.0
+    # on a GPU the step loop never waits for the device: the loss is summed there and the first non-finite step is
+    # kept there, both read once per epoch (on CPU a per-step check costs nothing)
+    host_checks = device.type in HOST_CHECK_DEVICES
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
     for step in range(steps):
         idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         xb = data.x_tr[idx]
@@ -316,7 +324,7 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
         with autocast(device, amp):
             z, logdet = flow(xb, pb)
         loss = (-log_likelihood(z, logdet)).mean() / z.shape[-1]
-        if not torch.isfinite(loss):
+        if host_checks and not torch.isfinite(loss):
             raise diverged(f"the loss became {loss.item()}", step + 1)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -326,17 +334,23 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
             loss.backward()
         if cfg.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.grad_clip)
-            if scaler is None and not torch.isfinite(norm):
+            if host_checks and scaler is None and not torch.isfinite(norm):
                 raise diverged("the gradient became non-finite", step + 1)
+            if not host_checks and scaler is None:
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(norm), step + 1, first_bad)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
-        loss_value = float(loss.detach())
-        loss_sum += loss_value * len(idx)
+        if not host_checks:
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
+        loss_sum += loss.detach().double() * len(idx)
         seen = min(step * cfg.batch_size + len(idx), len(perm))
-        progress(loss_value, seen / max(time.perf_counter() - t0, 1e-9))
+        progress(float(loss.detach()) if host_checks else None, seen / max(time.perf_counter() - t0, 1e-9))
+    if int(first_bad) > 0:
+        raise diverged("the loss or its gradient became non-finite", int(first_bad))
+    loss_sum = float(loss_sum)
     seconds = time.perf_counter() - t0
     seen = min(steps * cfg.batch_size, len(perm))
     return {"epoch": epoch, "train_loss": loss_sum / seen, "val_nll": None, "samples_per_s": seen / seconds,
@@ -384,8 +398,9 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                 return _diverged(what, epoch, step, steps, cfg, last_good, run_dir)
 
             def progress(loss_value, rate, epoch=epoch):
+                shown = "" if loss_value is None else f" loss {loss_value:.4f}"
                 bar.update(task, advance=1, rate=f"{rate:.0f} samples/s",
-                           description=f"{description} epoch {epoch}/{total_epochs} loss {loss_value:.4f}")
+                           description=f"{description} epoch {epoch}/{total_epochs}{shown}")
 
             row = _train_epoch(flow, opt, scaler, data, cfg, epoch, amp, diverged, progress)
             val = None

@@ -19,7 +19,7 @@ LAYERS = [
     ["weights", "features", "runs", "scoring"],  # models and files built on them
     ["backbones", "fit_config", "report"],  # timm backbones; fit settings; tables and plots
     ["extract", "train", "evaluate"],  # stage one; fitting a flow; metrics and result files
-    ["jobs"],  # the run jobs: every flow and baseline run
+    ["jobs", "stack"],  # the run jobs: every flow and baseline run; many flows trained at once
     ["sweep"],  # many runs from one cache
     ["demo"],
     ["cli_types"],

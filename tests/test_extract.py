@@ -195,3 +195,80 @@ def test_real_dinov2_weights_match_a_direct_forward(cifar_slice, tmp_path, monke
             np.testing.assert_allclose(patch[rows], ref_patch.numpy(), rtol=2e-3,
                                        atol=2e-3 * float(ref_patch.abs().max()))
             assert not np.allclose(cls[0], cls[3], atol=1e-2)
+
+
+# ------------------------------------------------------------------------ device-side resize and normalisation
+def _direct_forward(data, ids, **kw):
+    """Tokens of a direct forward of the float preprocessing the CPU path has always used (PIL resize in numpy)."""
+    from sanf_pipeline.backbones import create_backbone
+    from sanf_pipeline.data.images import decode_image
+
+    bb = create_backbone(TINY_VIT, weights="random", image_size=TINY_IMAGE_SIZE, **kw)
+    x = torch.stack([bb.preprocess(decode_image(data / i)) for i in ids])
+    with torch.inference_mode():
+        cls, patch = bb(x)
+    return cls.numpy(), patch.numpy()
+
+
+def test_cpu_path_writes_what_the_float_preprocessing_gives(make_folder_dataset, tmp_path, tiny_vit_kwargs):
+    """uint8 batches normalised after the DataLoader: the same float32 tokens as before (bit for bit)."""
+    data = make_folder_dataset(n_train=3, n_test=1, size=32)
+    kwargs = dict(tiny_vit_kwargs, init_values=1.0)
+    with open_cache(extract(extract_config(data, tmp_path / "c", dtype="float32", model_kwargs=kwargs)).path) as c:
+        assert "resize_on" not in c.meta["settings"]
+        cls, patch, _, ids = c.split("train").read_all()
+    ref_cls, ref_patch = _direct_forward(data, ids, model_kwargs=kwargs)
+    np.testing.assert_array_equal(cls, ref_cls)
+    np.testing.assert_array_equal(patch, ref_patch)
+
+
+@pytest.mark.parametrize("size", [32, 20, 80])
+def test_device_resize_matches_pil_within_one_level(size):
+    """32 px (and 20 px) images travel as uint8 at their own size and are upsampled by ``normalize``: within one
+    uint8 level of PIL's bicubic; larger images are downscaled by PIL in the worker, as before (exact)."""
+    from sanf_pipeline.backbones import Preprocess
+
+    pre = Preprocess((56, 56), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    rng = np.random.default_rng(size)
+    smooth = np.kron(rng.integers(0, 256, (size // 4 + 1, size // 4 + 1, 3)), np.ones((4, 4, 1)))[:size, :size]
+    for img in (rng.integers(0, 256, (size, size, 3)).astype(np.uint8), smooth.astype(np.uint8)):
+        u = pre.to_uint8(img, keep_smaller=True)
+        assert tuple(u.shape) == ((3, size, size) if size <= 56 else (3, 56, 56)) and u.dtype == torch.uint8
+        levels = ((pre.normalize(u[None])[0] - pre(img)) * torch.tensor(pre.std).view(3, 1, 1) * 255).abs()
+        assert levels.max().item() <= 1.0 + 1e-3
+        if size > 56:
+            assert levels.max().item() <= 1e-3
+        assert (levels > 0.5).float().mean().item() < 0.01
+
+
+def test_device_resize_extract_within_tolerance_and_recorded(make_folder_dataset, tmp_path, tiny_vit_kwargs):
+    data = make_folder_dataset(n_train=3, n_test=1, size=32)
+    kwargs = dict(tiny_vit_kwargs, init_values=1.0)
+    cfg = extract_config(data, tmp_path / "dev", dtype="float32", model_kwargs=kwargs, resize_on="device",
+                         precision="fp32")
+    with open_cache(extract(cfg).path) as c:
+        assert c.meta["settings"]["resize_on"] == "device"
+        cls, patch, _, ids = c.split("train").read_all()
+    ref_cls, ref_patch = _direct_forward(data, ids, model_kwargs=kwargs)
+    assert not np.array_equal(patch, ref_patch)  # resized on the "device", not by PIL
+    np.testing.assert_allclose(cls, ref_cls, rtol=0, atol=0.02 * float(np.abs(ref_cls).max()))
+    np.testing.assert_allclose(patch, ref_patch, rtol=0, atol=0.02 * float(np.abs(ref_patch).max()))
+    # a cache begun with PIL resizing is not resumed with device resizing (different bits)
+    cfg_cpu = extract_config(data, tmp_path / "dev", dtype="float32", model_kwargs=kwargs, resize_on="cpu",
+                             precision="fp32")
+    with pytest.raises(Exception, match="settings|overwrite"):
+        extract(cfg_cpu)
+
+
+def test_mixed_sizes_and_bad_images_in_one_batch():
+    from sanf_pipeline.backbones import Preprocess
+    from sanf_pipeline.extract import _Collate
+
+    pre = Preprocess((56, 56), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    small = pre.to_uint8(np.full((32, 32, 3), 100, np.uint8), keep_smaller=True)
+    x, reasons = _Collate(pre)([(small, ""), (None, "broken"), (small, "")])
+    assert tuple(x.shape) == (3, 3, 32, 32) and reasons == ["", "broken", ""] and int(x[1].max()) == 0
+    other = pre.to_uint8(np.full((40, 40, 3), 7, np.uint8), keep_smaller=True)
+    x, _ = _Collate(pre)([(small, ""), (other, ""), (None, "broken")])
+    assert tuple(x.shape) == (3, 3, 56, 56)
+    assert int(x[0].min()) == 100 and int(x[1].max()) == 7 and int(x[2].max()) == 0

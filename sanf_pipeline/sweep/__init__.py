@@ -26,8 +26,10 @@ last epoch checkpoint, and produces the same summary. A folder holding another p
 kept, and the sanf files of every other run folder are removed (other files are never touched).
 
 Executors: see ``executors.py``. Defaults: ``workers`` on CPU = the cores (fewer when there are fewer runs),
-measured faster than one process with all threads (``benchmarks/sweep.md``); on a GPU one worker (flows run one
-after the other in this process), ``workers=N`` runs N processes sharing the GPU (``forkserver``).
+measured faster than one process with all threads (``benchmarks/sweep.md``); on a GPU one worker whose flow runs go
+in stacks (``stacked.py``: flows whose settings differ only in seed and class trained K at a time, ``stack="auto"``
+sizes K from the free GPU memory; ``stack=N`` forces it, also on CPU), ``workers=N`` runs N processes sharing the
+GPU (``forkserver``).
 """
 
 from .executors import cpu_count, execute_run

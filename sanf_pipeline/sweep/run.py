@@ -35,6 +35,7 @@ from .plan import (
     plan_sweep,
     read_plan,
 )
+from .stacked import parse_stack, run_stacked, stack_size_for
 from .summary import write_summary
 
 LOCK_WAIT_S = 5.0
@@ -190,7 +191,7 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
               executor: str = "local", *, device: str = "auto", score: str = "nll", plots: bool = True,
               overwrite: bool = False, quiet: bool = True, threads: int | None = None, start_method: str | None = None,
               ray_address: str | None = None, ray_cpus_per_task: float = 1.0, ray_gpus_per_task: float = 0.0,
-              ray_init_kwargs: dict | None = None) -> SweepResult:
+              ray_init_kwargs: dict | None = None, stack: int | str = "auto") -> SweepResult:
     """Plan, run (skipping finished runs) and summarise a sweep into ``out``; see the module docstring."""
     from ..cache import open_cache
     from ..progress import progress_bar
@@ -209,6 +210,7 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
             raise SanfError(RAY_MISSING)
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise SanfError(f"--workers must be a positive integer, got {workers}")
+    stack_arg = parse_stack(stack)
     out = Path(out)
     with contextlib.ExitStack() as stack:
         c = stack.enter_context(open_cache(cache))
@@ -226,7 +228,7 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
         gpu = executor == "local" and any(s.is_flow for s in todo) and _is_gpu(device)
         cores = cpu_count()
         if workers is None:
-            workers = 1 if gpu else cores
+            workers = 1 if gpu or (stack_arg != "auto" and stack_arg > 1) else cores
         workers = max(1, min(int(workers), len(todo) or 1))
         if threads is None:
             threads = cores if workers == 1 else max(1, cores // workers)
@@ -237,6 +239,8 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
         failed: list[dict] = []
         method_used = None
         data = _Data(c, any(s.needs_patch for s in todo))
+        # the stacked executor (stacked.py): one process, flows of one architecture K at a time
+        stack_size = stack_size_for(todo, ctx, c, stack_arg) if executor == "local" and workers == 1 else 1
         t_run = time.perf_counter()
         if todo:
             log_path = out / SWEEP_LOG
@@ -255,6 +259,8 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
                     _run_ray(todo, ctx, data, ray_address, float(ray_cpus_per_task), float(ray_gpus_per_task),
                              on_done, ray_init_kwargs)
                     workers = 0
+                elif stack_size > 1:
+                    run_stacked(todo, ctx, data, stack_size, threads, on_done)
                 elif workers == 1:
                     _run_serial(todo, ctx, data, threads, on_done)
                 else:
@@ -266,7 +272,7 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
         summary = write_summary(out)
         t_sum = time.perf_counter() - t_sum
     timings = {"wall_s": time.perf_counter() - t_start, "read_s": data.read_s, "run_s": t_run,
-               "summary_s": t_sum, "reads": data.reads}
+               "summary_s": t_sum, "reads": data.reads, "stack_size": stack_size}
     result = SweepResult(out_dir=out, specs=specs, computed=computed, skipped=skipped, failed=failed,
                          removed=removed, summary=summary, timings=timings, executor=executor, workers=workers,
                          threads_per_worker=threads, start_method=method_used)

@@ -84,7 +84,12 @@ def _nan_after(monkeypatch, calls: int):
     monkeypatch.setattr(flow_pkg, "log_likelihood", fake)
 
 
-def test_nan_loss_stops_with_epoch_step_and_keeps_checkpoint(cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_checks", [True, False], ids=["checked-each-step", "checked-per-epoch-as-on-gpu"])
+def test_nan_loss_stops_with_epoch_step_and_keeps_checkpoint(cache, tmp_path, monkeypatch, host_checks):
+    import sanf_pipeline.train as train
+
+    if not host_checks:  # the GPU's step loop: no host sync per step, the first bad step is reported after the epoch
+        monkeypatch.setattr(train, "HOST_CHECK_DEVICES", ())
     cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 3})  # 40 rows / 16 = 3 steps per epoch
     _nan_after(monkeypatch, 4)  # epoch 1: 3 steps; epoch 2, step 2 diverges
     with pytest.raises(SanfError) as err:
