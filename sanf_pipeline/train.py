@@ -304,7 +304,9 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
     t0 = time.perf_counter()
     gen = _epoch_generator(cfg.seed, epoch)
     # enough passes over the rows for `steps` batches (one pass unless min_epoch_steps asks for more)
-    passes = -(-steps * cfg.batch_size // n_tr) if steps * cfg.batch_size > n_tr else 1
+    # (a short last batch, as one pass has, unless the epoch is longer than one pass)
+    one_pass = steps == (n_tr + cfg.batch_size - 1) // cfg.batch_size
+    passes = 1 if one_pass else -(-steps * cfg.batch_size // n_tr)
     perm = torch.cat([torch.randperm(n_tr, generator=gen) for _ in range(passes)]).to(device)
     noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(epoch) + 500_000_001)
     # on a GPU the step loop never waits for the device: the loss is summed there and the first non-finite step is
