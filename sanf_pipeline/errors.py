@@ -26,3 +26,7 @@ class BadImageError(SanfError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read image {path}: {reason}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying one line that says exactly what was kept (the CLI prints it after "interrupted; ")."""

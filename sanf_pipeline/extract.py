@@ -20,8 +20,9 @@ import torch
 
 from .cache import BackgroundShardWriter, CacheSpec, CacheWriter, SplitListing
 from .cache.schema import DTYPES, FORMATS, shard_geometry
+from .cache.writer import check_cache_location
 from .device import PRECISIONS, autocast, precision_dtype, resolve_device
-from .errors import BadImageError, SanfError
+from .errors import BadImageError, Interrupted, SanfError
 from .progress import progress_bar
 from .runs import package_versions
 
@@ -162,6 +163,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     from .data import create_dataset
 
     cfg.validate()
+    check_cache_location(cfg.cache, cfg.data_root)
     dist = distributed_context()
     if dist is not None:
         cfg.shard_index, cfg.num_shards = dist
@@ -196,9 +198,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                      "weights": prov["weights"]["sha256"] or prov["weights"]["source"]},
         "dtype": cfg.dtype,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
-        "batch_size": cfg.batch_size,
-        "shard_size": shard,
-    }
+    }  # batch size, workers and shard size change no image's features: recorded below, not fingerprinted
     device_resize = backbone.preprocess.device_resizable and (
         cfg.resize_on == "device" or (cfg.resize_on == "auto" and device.type == "cuda"))
     if device_resize:  # within one uint8 level of PIL's resize, but not the same bits: a resume must not mix them
@@ -212,6 +212,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": str(device),
+        "run": {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "shard_size_requested": cfg.shard_size},
     }
     spec = CacheSpec(settings=settings, meta=meta, class_names=list(class_names), listings=listings,
                      dim=backbone.dim, num_tokens=backbone.num_tokens, dtype=cfg.dtype,
@@ -221,8 +222,12 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     result = ExtractResult(path=str(cfg.cache))
     jobs = writer.open()
     try:
-        if jobs:
-            _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result, device_resize)
+        try:
+            if jobs:
+                _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result, device_resize)
+        except KeyboardInterrupt:
+            writer.drain()  # shards already handed to the background writer are whole: keep them
+            raise Interrupted(kept_message(writer)) from None
         if dist is not None:
             _barrier()
             if dist[0] == 0 and writer.complete():
@@ -233,6 +238,19 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     finally:
         writer.close()
     return result
+
+
+def kept_message(writer: CacheWriter) -> str:
+    """What an interrupted extraction leaves: the images of the finished shards, exactly."""
+    total = sum(len(v.labels) for v in writer.spec.listings.values())
+    kept = 0
+    for split in writer.spec.splits:
+        kept += sum(int(m["stop"]) - int(m["start"]) for m in writer.store.done_markers(split).values())
+    if kept == 0:
+        return (f"nothing finished yet (a shard is {writer.spec.shard_size} images); rerun the same command to start "
+                "again")
+    return (f"{kept} of {total} images kept in {writer.path} (whole shards of {writer.spec.shard_size}); rerun the "
+            "same command to extract the rest")
 
 
 def _barrier() -> None:

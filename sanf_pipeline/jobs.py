@@ -37,6 +37,7 @@ from .runs import (
     CONFIG_FILE,
     LOG_FILE,
     MODEL_FILE,
+    RESULT_FILES,
     cache_identity,
     check_cache_matches,
     check_finite,
@@ -49,6 +50,7 @@ from .runs import (
     read_json_file,
     read_jsonl,
     read_run_config,
+    refuse_foreign_files,
     start_run_config,
     write_json_atomic,
 )
@@ -381,6 +383,7 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
     log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else None
     with open_cache(cache_path) as c:
         check_cache_matches(cfg["cache"], c, run_dir)
+        refuse_foreign_files(out_dir, RESULT_FILES)  # never replace a user's file (docs/file-safety.md)
         guard_results(out_dir, eval_identity(cfg, c.fingerprint, score), overwrite)
         return eval_flow_job(out_dir, run.flow, run.normalizer, cfg, TestData.from_cache(c, cache_path),
                              score=score, device=str(dev), batch_size=batch_size, plots=plots, run_dir=run_dir,
@@ -404,6 +407,7 @@ def baseline_run(cache, normal_class, method: str, out_dir=None, *, overwrite: b
     out_dir = Path(out_dir) if out_dir else default_run_name(cache, train.class_name, f"-{method}")
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
+    refuse_foreign_files(out_dir, (CONFIG_FILE, *RESULT_FILES))  # never replace a user's file (docs/file-safety.md)
     guard_results(out_dir, baseline_identity(method, ci, test.fingerprint), overwrite)
     _mkdir(out_dir)
     return baseline_job(out_dir, method, train, test, plots=plots)

@@ -60,6 +60,25 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode(path) -> None:
+    """Give a file the mode ``open()`` would (0666 less the umask): some writers (safetensors) create 0600 files,
+    which other users of a shared machine cannot read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_json_atomic(path, obj: Any) -> None:
     path = Path(path)
     try:
@@ -108,6 +127,7 @@ def save_tensors_atomic(path, tensors: dict[str, torch.Tensor], meta: dict) -> N
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     try:
         save_file(clean, str(tmp), metadata={META_KEY: canonical_json(meta)})
+        default_file_mode(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -215,6 +235,36 @@ def check_finite(name: str, *arrays: np.ndarray | None) -> None:
                             f"overflowed: check it with `sanf cache verify` and re-extract (e.g. --dtype float32)")
 
 
+def is_sanf_folder(folder) -> bool:
+    """Whether ``folder`` holds a config.json that sanf wrote (a run's or a baseline's) or the metrics.json of an
+    ``eval --out``: sanf's own metadata, the only thing that lets sanf replace or remove files there
+    (docs/file-safety.md)."""
+    for name, is_ours in ((CONFIG_FILE, lambda d: str(d.get("format", "")).startswith("sanf-")),
+                          (METRICS_FILE, lambda d: "cache_fingerprint" in d and "auroc" in d)):  # `eval --out`
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            doc = read_json_file(path)
+        except SanfError:
+            continue
+        if isinstance(doc, dict) and is_ours(doc):
+            return True
+    return False
+
+
+def refuse_foreign_files(folder, names, option: str = "--out") -> None:
+    """Refuse, whatever the flags, to write files named ``names`` into a folder that is not sanf's when one of them
+    is there already: it is the user's file, and an atomic replace would delete it."""
+    folder = Path(folder)
+    if not folder.is_dir() or is_sanf_folder(folder):
+        return
+    taken = [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
+    if taken:
+        raise SanfError(f"{folder} is not a sanf folder but holds {', '.join(taken[:3])}, which sanf would replace; "
+                        f"sanf never overwrites files it did not make, even with --overwrite: choose another {option}")
+
+
 def run_state(run_dir) -> str:
     """'absent' (no folder or an empty one), 'foreign' (files but no run), 'unfinished', 'finished'."""
     run_dir = Path(run_dir)
@@ -222,11 +272,11 @@ def run_state(run_dir) -> str:
         return "absent"
     if not run_dir.is_dir():
         return "foreign"
+    if not is_sanf_folder(run_dir):  # a model.safetensors or config.json of the user's is not a run
+        return "foreign" if any(run_dir.iterdir()) else "absent"
     if (run_dir / MODEL_FILE).exists():
         return "finished"
-    if (run_dir / CONFIG_FILE).exists():
-        return "unfinished"
-    return "foreign" if any(run_dir.iterdir()) else "absent"
+    return "unfinished"
 
 
 def prepare_out_dir(out_dir, settings: dict, *, overwrite: bool, what: str = "run",
@@ -240,9 +290,11 @@ def prepare_out_dir(out_dir, settings: dict, *, overwrite: bool, what: str = "ru
     state = run_state(out_dir)
     if state == "foreign" and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
+    if state == "foreign":
+        refuse_foreign_files(out_dir, RUN_FILES)
     if state == "foreign" and not overwrite:
         raise SanfError(f"{out_dir} exists and holds files that are not a sanf {what}; choose another --out "
-                        f"(or pass --overwrite to write into it anyway)")
+                        f"(or pass --overwrite to add the {what}'s files beside them; sanf replaces none of them)")
     if state == "finished" and not overwrite:
         raise SanfError(f"{out_dir} already holds a finished {what}{finished_hint}; pass --overwrite to replace it "
                         f"or choose another --out")
@@ -267,13 +319,16 @@ def prepare_out_dir(out_dir, settings: dict, *, overwrite: bool, what: str = "ru
     except OSError as exc:
         raise _os_error(exc, out_dir, "write to") from None
     for stale in out_dir.glob(".*.tmp"):  # temporary files of an interrupted writer: never trusted
-        stale.unlink(missing_ok=True)
+        if any(stale.name.startswith(f".{n}.") and stale.name[len(n) + 2:-4].isdigit() for n in RUN_FILES):
+            stale.unlink(missing_ok=True)  # only .<run file>.<pid>.tmp: another hidden .tmp file is not ours
     return result
 
 
 def remove_run_files(run_dir) -> None:
-    """Remove sanf's own files from a run folder (nothing else)."""
+    """Remove sanf's own files from a run folder (nothing else; nothing at all from a folder that is not sanf's)."""
     run_dir = Path(run_dir)
+    if not is_sanf_folder(run_dir):
+        return
     try:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)

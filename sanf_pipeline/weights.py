@@ -1,6 +1,6 @@
-"""Backbone weights: where they come from (an explicit file, a weights folder, timm's download, random) and how a
-file is loaded into a timm model (timm's own checkpoint filter, strict, classifier dropped); see ``backbones.py``
-for the order and the reasons. This module never writes files.
+"""Backbone weights: where they come from (an explicit file, a weights folder, a registry package, timm's download,
+random) and how a file is loaded into a timm model (timm's own checkpoint filter, strict, classifier dropped); see
+``backbones.py`` for the order and the reasons. This module never writes files.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 class WeightsChoice:
     """Where the weights of a backbone come from.
 
-    ``source``: ``"file"`` (explicit ``--weights``), ``"weights_dir"``, ``"timm"`` (timm's pretrained
+    ``source``: ``"file"`` (explicit ``--weights``), ``"weights_dir"``, ``"package"`` (a registry package's
+    file, :mod:`sanf_pipeline.packaged_weights`), ``"timm"`` (timm's pretrained
     download, attempted by :func:`create_backbone`) or ``"random"``. ``tried`` describes the places looked
     at before, for the error message when the download fails too.
     """
@@ -159,9 +160,10 @@ def resolve_weights(
     """Decide where the weights for timm architecture ``arch`` come from.
 
     Order: ``weights`` as a file; a file ``<arch>.*`` in ``weights_dir`` (default ``$SANF_WEIGHTS_DIR``),
-    preferring ``<arch>.<tag>.*``; timm's pretrained download (returned as ``source="timm"``, done by
-    :func:`create_backbone`). ``weights="random"``/``"none"``: random init; ``weights="timm"``: the
-    download only. Raises one :class:`SanfError` naming the three places when nothing is available.
+    preferring ``<arch>.<tag>.*``; an installed registry package that ships ``arch`` (``source="package"``);
+    timm's pretrained download (returned as ``source="timm"``, done by :func:`create_backbone`).
+    ``weights="random"``/``"none"``: random init; ``weights="timm"``: the download only. Raises one
+    :class:`SanfError` naming the places tried when nothing is available.
     """
     if "." in arch and tag is None:
         from timm.models import split_model_name_tag
@@ -190,6 +192,12 @@ def resolve_weights(
             if found is not None:
                 return WeightsChoice("weights_dir", str(found.resolve()))
             tried.append(f"{label}: {why}")
+        from .packaged_weights import find_packaged
+
+        entry, where = find_packaged(arch, tag)
+        if entry is not None:
+            return WeightsChoice("package", where, tuple(tried))
+        tried.append(f"registry package: {where}")
     loc = _timm_pretrained_location(arch, tag)
     if loc is None:
         raise _three_places_error(arch, tag, tuple(tried), "timm pretrained download: timm has no pretrained "
@@ -267,9 +275,10 @@ def _classifier_names(model_name: str) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _load_with_file(model_name: str, path: str, kwargs: dict[str, Any]) -> nn.Module:
-    """Create the model through timm's pretrained path with a local state dict (strict, head dropped)."""
-    sd = load_state_dict_file(path)
+def _load_with_file(model_name: str, path: str, *args: Any) -> nn.Module:
+    """Create the model through timm's pretrained path with a local state dict (strict, head dropped);
+    ``args`` is ``(kwargs,)`` or ``(state_dict, kwargs)`` for tensors already read (and converted) from ``path``."""
+    sd, kwargs = (load_state_dict_file(path), args[0]) if len(args) == 1 else (dict(args[0]), args[1])
     for c in _classifier_names(model_name):
         for suffix in (".weight", ".bias"):
             sd.pop(c + suffix, None)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sanf_pipeline"
 LAYERS = [
     ["__init__", "errors"],  # no sanf imports
     ["progress", "device", "tokens"],  # foundation: progress bars, device and autocast policy, token pooling
-    ["data", "cache", "flow", "baselines"],  # readers, stores, nn.Modules, scorers
+    ["data", "cache", "flow", "baselines", "packaged_weights"],  # readers, stores, nn.Modules, scorers, weights in pip
     ["weights", "features", "runs", "scoring"],  # models and files built on them
     ["backbones", "fit_config", "report"],  # timm backbones; fit settings; tables and plots
     ["extract", "train", "evaluate"],  # stage one; fitting a flow; metrics and result files

@@ -297,14 +297,15 @@ def test_three_places_error(tmp_path, monkeypatch):
     assert "\n" not in msg
     assert "(1) --weights FILE: not given" in msg
     assert f"(2) weights dir: no file named {VIT}.*" in msg and str(empty) in msg
-    assert "(3) timm pretrained download" in msg and "simulated: no network" in msg
+    assert f"(3) registry package: no registry package ships {VIT}" in msg
+    assert "(4) timm pretrained download" in msg and "simulated: no network" in msg
     with pytest.raises(SanfError, match=r"\(2\) \$SANF_WEIGHTS_DIR: not set"):
         create_backbone(VIT, image_size=56, model_kwargs=TINY)
 
 
 def test_no_pretrained_weights_in_timm(tmp_path):
     # an architecture timm has no pretrained tag for fails without any download attempt
-    with pytest.raises(SanfError, match=r"\(3\) timm pretrained download: timm has no pretrained"):
+    with pytest.raises(SanfError, match=r"\(4\) timm pretrained download: timm has no pretrained"):
         resolve_weights("vit_small_patch16_18x2_224", weights_dir=tmp_path)
 
 

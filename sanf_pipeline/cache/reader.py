@@ -2,6 +2,12 @@
 
 Reads are contiguous slices (one class of one split is one block), which is what both Zarr and HDF5 are
 fast at. Rows whose image was skipped at extraction (``valid == False``) are dropped on every read.
+
+Every read checks what it reads against the sha256 recorded when each shard was written (as HDFS and ZFS check
+blocks on read): the shards a read overlaps are read whole, hashed once per open cache and compared, per array
+(``shard_sha256_arrays``; caches sealed before per-array digests: the combined ``shard_sha256``, which needs all
+three row arrays). A mismatch is one :class:`SanfError` naming the shard and `sanf cache verify`. The cost is in
+``benchmarks/read_verify.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,51 @@ class SplitView:
 
     @cached_property
     def valid(self) -> np.ndarray:
-        return np.asarray(self._array("valid")[...], dtype=bool)
+        return np.asarray(self._rows("valid", 0, self.n), dtype=bool)
+
+    # -- reading with checksums
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of row array ``name`` as stored, after checking every shard they touch."""
+        cache = self.cache
+        plan = cache._digests(self.name)
+        # with only the combined digest, `valid` is checked with the cls/patch rows of each shard a read touches:
+        # checking it alone would mean reading every shard of the split
+        if plan is None or stop <= start or (plan[0] == "combined" and name == "valid"):
+            return self._array(name)[start:stop]
+        size, n = cache._shard_size, self.n
+        a, b = (start // size) * size, min(n, -(-stop // size) * size)
+        todo = [i for i in range(a // size, -(-b // size)) if (self.name, i, name) not in cache._verified]
+        if not todo:
+            return self._array(name)[start:stop]
+        try:
+            block = self._array(name)[a:b]
+        except (OSError, ValueError, RuntimeError) as exc:  # e.g. zarr's own index checksum of a damaged shard file
+            raise self._damaged(todo[0], a, b, f"cannot be read ({type(exc).__name__})") from None
+        for i in todo:
+            r0, r1 = i * size, min(n, (i + 1) * size)
+            self._check_shard(i, name, plan, {name: block[r0 - a : r1 - a]}, r0, r1)
+        return block[start - a : stop - a]
+
+    def _check_shard(self, i: int, name: str, plan, rows: dict[str, np.ndarray], r0: int, r1: int) -> None:
+        from .writer import array_digests, shard_digest
+
+        kind, digests = plan
+        if i >= len(digests) or not digests[i]:
+            raise self._damaged(i, r0, r1, "has no recorded checksum")
+        if kind == "arrays":
+            ok = array_digests(rows)[name] == digests[i].get(name)
+        else:  # a cache sealed before per-array digests: the combined digest needs the shard's three row arrays
+            full = {k: (rows[k] if k in rows else self._array(k)[r0:r1]) for k in ("cls", "patch", "valid")}
+            ok = shard_digest(full) == digests[i]
+        if not ok:
+            raise self._damaged(i, r0, r1, "does not match its checksum" + (f" ({name})" if kind == "arrays" else ""))
+        self.cache._verified.update({(self.name, i, name)} if kind == "arrays" else
+                                    {(self.name, i, k) for k in ("cls", "patch", "valid")})
+
+    def _damaged(self, i: int, r0: int, r1: int, what: str) -> SanfError:
+        path = self.cache.path
+        return SanfError(f"cache {path} is damaged: shard {i} of split {self.name} (rows {r0}:{r1}) {what}; run "
+                         f"`sanf cache verify {path}` and re-extract it (rerun `sanf extract` with --overwrite)")
 
     @property
     def n(self) -> int:
@@ -64,10 +114,10 @@ class SplitView:
     def read(self, start: int, stop: int, patch: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows ``start:stop`` (valid ones only) as float32."""
         keep = self.valid[start:stop]
-        cls = np.asarray(self._array("cls")[start:stop], dtype=np.float32)[keep]
+        cls = np.asarray(self._rows("cls", start, stop), dtype=np.float32)[keep]
         tokens = None
         if patch:
-            tokens = np.asarray(self._array("patch")[start:stop], dtype=np.float32)[keep]
+            tokens = np.asarray(self._rows("patch", start, stop), dtype=np.float32)[keep]
         return cls, tokens
 
     def class_range(self, c: int) -> tuple[int, int]:
@@ -88,8 +138,10 @@ class SplitView:
 class FeatureCache:
     """A sealed feature cache (Zarr directory or HDF5 file) opened for reading."""
 
-    def __init__(self, path, *, allow_unsealed: bool = False):
+    def __init__(self, path, *, allow_unsealed: bool = False, verify: bool = True):
         self.path = Path(path)
+        self.verify = verify  # check every read against the shard checksums (module docstring)
+        self._verified: set[tuple[str, int, str]] = set()
         fmt = detect_format(self.path)
         if fmt is None:
             hint = "" if self.path.exists() else " (it does not exist)"
@@ -151,6 +203,19 @@ class FeatureCache:
         return state
 
     @property
+    def _shard_size(self) -> int:
+        return int(self.meta["shard_size"])
+
+    def _digests(self, split: str):
+        """("arrays", per-array digests) or ("combined", digests) of a split's shards; None when not checking."""
+        if not self.verify or not self.meta.get("sealed"):
+            return None
+        per_array = (self.meta.get("shard_sha256_arrays") or {}).get(split)
+        if per_array and all(isinstance(d, dict) for d in per_array):
+            return "arrays", per_array
+        return "combined", (self.meta.get("shard_sha256") or {}).get(split, [])
+
+    @property
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 
@@ -193,5 +258,5 @@ class FeatureCache:
         raise SanfError(f"unknown class {text!r}; valid classes are {listing}")
 
 
-def open_cache(path, *, allow_unsealed: bool = False) -> FeatureCache:
-    return FeatureCache(path, allow_unsealed=allow_unsealed)
+def open_cache(path, *, allow_unsealed: bool = False, verify: bool = True) -> FeatureCache:
+    return FeatureCache(path, allow_unsealed=allow_unsealed, verify=verify)

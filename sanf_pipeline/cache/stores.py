@@ -85,6 +85,10 @@ class _Store:
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, info)
 
+    def work_dir_foreign(self) -> bool:
+        """Whether a separate work directory exists holding something sanf did not make."""
+        return False
+
     def clean_up(self) -> None:
         """Remove what killed writers left behind, once the cache is sealed (callers hold the creation lock, so no
         writer is active): their temporary files beside the cache (e.g. a half-assembled HDF5 file)."""
@@ -178,8 +182,17 @@ class H5Store(_Store):
     def write_meta(self, meta: dict) -> None:
         write_json_atomic(self.work_dir / META_FILE, meta)
 
+    def work_dir_foreign(self) -> bool:
+        w = self.work_dir
+        if not w.is_dir():
+            return w.exists() or w.is_symlink()
+        # create() writes layout.json first: a folder without it (nor metadata) that is not empty is not ours
+        return any(w.iterdir()) and not ((w / "layout.json").is_file() or (w / META_FILE).is_file())
+
     def create(self, meta: dict, layout: dict[str, dict[str, Any]], index: dict[str, dict[str, np.ndarray]]):
         if self.work_dir.exists():
+            if self.work_dir_foreign():  # the writer refuses this before; never delete what sanf did not make
+                raise SanfError(f"{self.work_dir} exists and is not sanf's; move it away or choose another --cache")
             shutil.rmtree(self.work_dir)
         self.work_dir.mkdir(parents=True)
         write_json_atomic(self.work_dir / "layout.json", layout)

@@ -8,6 +8,7 @@ whose settings differ from the requested ones is refused (or replaced with ``ove
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import queue
@@ -112,12 +113,38 @@ def shard_digest(rows: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def array_digests(rows: dict[str, np.ndarray]) -> dict[str, str]:
+    """One sha256 per array of a shard, so a read of the class tokens alone can be checked without the patches."""
+    return {name: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for name, v in rows.items()}
+
+
 def _os_error(exc: OSError, path: Path) -> SanfError:
     if exc.errno == errno.ENOSPC:
         return SanfError(f"disk full while writing {path}; free space and rerun the same command to resume")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return SanfError(f"cannot write {path}: {exc.strerror}; choose a writable --cache location")
     return SanfError(f"writing {path} failed: {exc.strerror or exc}; rerun the same command to resume")
+
+
+# settings that caches made before they were recorded-only kept in their fingerprinted settings: ignored when a
+# rerun compares settings, so such a cache still resumes
+RECORDED_ONLY = ("batch_size", "shard_size")
+
+
+def check_cache_location(cache, data_root) -> None:
+    """Refuse a cache path equal to, inside or containing the data root: a cache must never share a folder
+    with the images it is made from (an --overwrite, or a folder dataset's listing, would touch them)."""
+    if not data_root:
+        return
+    c, d = Path(cache).expanduser().resolve(), Path(data_root).expanduser().resolve()
+    if c == d:
+        raise SanfError(f"--cache {cache} is the data root itself; choose a --cache path outside --data-root")
+    if d in c.parents:
+        raise SanfError(f"--cache {cache} is inside the data root {data_root}; choose a --cache path outside "
+                        "--data-root")
+    if c in d.parents:
+        raise SanfError(f"--cache {cache} contains the data root {data_root}; choose a --cache path that neither "
+                        "holds nor lies inside --data-root")
 
 
 class CacheWriter:
@@ -135,6 +162,7 @@ class CacheWriter:
         self.fingerprint = fingerprint(spec.settings)
         self.lock = OwnerLock(self.path, num_shards_total, shard_index)
         self.already_sealed = False
+        self.background: BackgroundShardWriter | None = None  # set by the background writer feeding this one
 
     # -- opening
     def open(self) -> list[ShardJob]:
@@ -153,11 +181,15 @@ class CacheWriter:
         return self.pending()
 
     def _create_or_check(self) -> None:
-        if self.store.exists():
-            meta = self.store.read_meta()
-            old = meta.get("settings", {})
-            if old == self.spec.settings and meta.get("format") == FORMAT_NAME:
+        # --overwrite only ever replaces what sanf made (a store whose metadata names sanf's format) or an empty
+        # folder; anything else at the path is the user's and is refused whatever the flags (docs/file-safety.md)
+        meta = self._existing_meta()
+        if meta is not None:
+            old = {k: v for k, v in meta.get("settings", {}).items() if k not in RECORDED_ONLY}
+            if old == self.spec.settings:
                 self.already_sealed = bool(meta.get("sealed"))
+                # a resume keeps the geometry the cache was made with, whatever batch or shard size is asked now
+                self.spec.shard_size, self.spec.chunk_size = int(meta["shard_size"]), int(meta["chunk_size"])
                 return
             if not self.overwrite:
                 changed = "; ".join(diff_settings(old, self.spec.settings)[:4]) or "unknown settings"
@@ -166,14 +198,26 @@ class CacheWriter:
                     "path, or --overwrite to replace it"
                 )
             self.store.remove()
-        elif self.path.exists() and any(self.path.iterdir() if self.path.is_dir() else [True]):
-            if not self.overwrite:
-                raise SanfError(f"{self.path} exists and is not a sanf cache; choose another --cache path or "
-                                "pass --overwrite to replace it")
-            import shutil
-
-            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        elif self._foreign_content():
+            raise SanfError(f"{self.path} exists and is not a sanf cache (no sanf metadata), so sanf will not write "
+                            "there or delete it, even with --overwrite; choose a new or empty --cache path")
         self.store.create(self._meta(sealed=False), _layout(self.spec), _index(self.spec))
+
+    def _existing_meta(self) -> dict | None:
+        """The metadata of a sanf cache at the path; None when there is none (or what is there is not sanf's)."""
+        if not self.store.exists():
+            return None
+        try:
+            meta = self.store.read_meta()
+        except (SanfError, OSError, KeyError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME else None
+
+    def _foreign_content(self) -> bool:
+        """Whether something that is not sanf's occupies the cache's place (an empty folder is fine)."""
+        if self.path.is_dir():
+            return any(self.path.iterdir())
+        return self.path.exists() or self.path.is_symlink() or self.store.work_dir_foreign()
 
     def _meta(self, sealed: bool, extra: dict | None = None) -> dict:
         spec = self.spec
@@ -223,7 +267,9 @@ class CacheWriter:
             self.store.write_shard(job.split, job.shard, job.start, rows)
             self.store.mark_done(job.split, job.shard, {
                 "start": job.start, "stop": job.stop, "sha256": shard_digest(rows), "skipped": skipped,
+                "sha256_arrays": array_digests(rows),
                 "n_valid": int(valid.sum()), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "run": self.spec.meta.get("run", {}),  # the batch size etc. this shard was computed with
             })
         except OSError as exc:
             raise _os_error(exc, self.path) from None
@@ -255,10 +301,11 @@ class CacheWriter:
             raise _os_error(exc, self.path) from None
 
     def _seal(self) -> dict:
-        skipped, digests, n_valid = [], {}, {}
+        skipped, digests, n_valid, per_array = [], {}, {}, {}
         for split in self.spec.splits:
             markers = self.store.done_markers(split)
             digests[split] = [markers[i]["sha256"] for i in sorted(markers)]
+            per_array[split] = [markers[i].get("sha256_arrays") for i in sorted(markers)]
             n_valid[split] = sum(m["n_valid"] for m in markers.values())
             for i in sorted(markers):
                 skipped += [{"split": split, **s} for s in markers[i]["skipped"]]
@@ -266,6 +313,7 @@ class CacheWriter:
         meta = self._meta(sealed=True, extra={
             "skipped": skipped,
             "shard_sha256": digests,
+            "shard_sha256_arrays": per_array,  # checked by every read (reader.py); shard_sha256 by `cache verify`
             "sealed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         for split, count in n_valid.items():
@@ -288,6 +336,13 @@ class CacheWriter:
                     "as unreadable (rerun with --on-error fail to see the first bad file)"
                 )
 
+    def drain(self) -> None:
+        """After an interruption: let the background writer finish the whole shards it was given (their rows are
+        complete), so that they are kept; a write error then is ignored (the shard simply is not done)."""
+        if self.background is not None:
+            with contextlib.suppress(Exception):
+                self.background.finish()
+
     def close(self) -> None:
         self.lock.release()
 
@@ -302,6 +357,7 @@ class BackgroundShardWriter:
         self.written = 0
         self.thread = threading.Thread(target=self._run, name="sanf-shard-writer", daemon=True)
         self.thread.start()
+        writer.background = self
 
     def _run(self) -> None:
         while True:

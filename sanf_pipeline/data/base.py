@@ -139,12 +139,12 @@ class ImageDataset:
         if not self.needs_root:
             return None if root is None else Path(root).expanduser().absolute()
         if root is None or str(root) == "":
-            raise SanfError(f"dataset '{self.name}' needs a root folder; pass --root")
+            raise SanfError(f"dataset '{self.name}' needs a root folder; pass --data-root")
         path = Path(root).expanduser().absolute()
         if not path.exists():
-            raise SanfError(f"dataset root {path} does not exist; check --root")
+            raise SanfError(f"dataset root {path} does not exist; check --data-root")
         if not path.is_dir():
-            raise SanfError(f"dataset root {path} is not a folder; check --root")
+            raise SanfError(f"dataset root {path} is not a folder; check --data-root")
         return path
 
     def _lazy_get(self, key: str, build):

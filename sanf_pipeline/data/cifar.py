@@ -94,7 +94,7 @@ class _CifarBase(ImageDataset):
         for d in (self.root / self.folder, self.root):
             if (d / self.meta_file).is_file():
                 return d
-        raise SanfError(f"no {self.folder}/{self.meta_file} under {self.root}; point --root at the folder "
+        raise SanfError(f"no {self.folder}/{self.meta_file} under {self.root}; point --data-root at the folder "
                         f"holding the unpacked '{self.folder}' folder")
 
     def _label_key(self) -> str:

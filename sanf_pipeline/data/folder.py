@@ -50,7 +50,7 @@ def find_split_root(root: Path) -> Path:
         return inner[0]
     if len(inner) > 1:
         raise SanfError(f"{root} holds several datasets ({', '.join(p.name for p in inner)}); "
-                        "point --root at one of them")
+                        "point --data-root at one of them")
     raise SanfError(f"no train/ or test/ folder in {root}; the folder dataset expects "
                     "root/{train,test}/<class>/<images>")
 

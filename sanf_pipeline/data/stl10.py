@@ -34,7 +34,7 @@ class STL10Dataset(ImageDataset):
         for d in (self.root / self.folder, self.root):
             if (d / "class_names.txt").is_file():
                 return d
-        raise SanfError(f"no {self.folder}/class_names.txt under {self.root}; point --root at the folder "
+        raise SanfError(f"no {self.folder}/class_names.txt under {self.root}; point --data-root at the folder "
                         f"holding the unpacked '{self.folder}' folder")
 
     def _scan(self):

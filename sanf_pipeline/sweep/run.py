@@ -158,11 +158,15 @@ def _prepare_sweep_dir(out: Path, plan: dict, specs: list[RunSpec], overwrite: b
             raise SanfError(f"{out} holds a sweep with another plan ({'; '.join(why)}); rerun the same command to "
                             f"resume it, choose another --out, or pass --overwrite to replace the plan (finished runs "
                             f"that stay identical are kept)")
-    elif out.is_dir() and any(p.name != LOCK_FILE and not _empty_runs_dir(p) for p in out.iterdir()) and not overwrite:
-        raise SanfError(f"{out} exists and holds files that are not a sanf sweep; choose another --out (or pass "
-                        f"--overwrite to write into it anyway)")
+    elif out.is_dir() and any(p.name != LOCK_FILE and not _empty_runs_dir(p) for p in out.iterdir()):
+        # not a sweep (no plan.json): nothing there is sanf's to replace or remove, whatever the flags
+        taken = any((out / n).exists() for n in SWEEP_FILES) or \
+            ((out / RUNS_DIR).exists() and not _empty_runs_dir(out / RUNS_DIR))
+        if not overwrite or taken:
+            raise SanfError(f"{out} exists and holds files that are not a sanf sweep; choose another --out "
+                            f"(--overwrite adds a sweep beside other files only when none of its names are taken)")
     runs_dir = out / RUNS_DIR
-    if overwrite and runs_dir.is_dir():
+    if overwrite and runs_dir.is_dir() and plan_path.exists():  # only a sweep's own runs are ever removed
         fp, score = plan["identity"]["cache_fingerprint"], plan["identity"]["score"]
         keep = {s.run_id for s in specs if is_finished(runs_dir / s.run_id, s, fp, score)}
         for d in sorted(runs_dir.iterdir()):

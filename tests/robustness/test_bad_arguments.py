@@ -63,6 +63,20 @@ def test_not_a_cache_and_incomplete_cache(pets_cache, tmp_path):
     assert_user_error(r, "incomplete cache")
 
 
+def rehash(path) -> None:
+    """Record the checksums of a Zarr cache's current rows (sanf.json), as a writer would have."""
+    from sanf_pipeline.cache.writer import array_digests, shard_digest
+
+    meta = json.loads((path / "sanf.json").read_text())
+    root, size = zarr.open_group(str(path), mode="r"), meta["shard_size"]
+    for split in meta["splits"]:
+        n = meta["splits"][split]["n"]
+        rows = [{k: root[split][k][a : a + size] for k in ("cls", "patch", "valid")} for a in range(0, n, size)]
+        meta["shard_sha256"][split] = [shard_digest(r) for r in rows]
+        meta["shard_sha256_arrays"][split] = [array_digests(r) for r in rows]
+    (path / "sanf.json").write_text(json.dumps(meta))
+
+
 def test_nan_features_in_cache_refused(tmp_path):
     import zarr
 
@@ -71,6 +85,7 @@ def test_nan_features_in_cache_refused(tmp_path):
     cls = root["train"]["cls"][...]
     cls[1, 3] = np.nan
     root["train"]["cls"][...] = cls
+    rehash(bad)  # as if the backbone had produced the NaN: the checksums match, the NaN guard must catch it
     r = sanf("fit", "--cache", bad, "--normal-class", "0", "--out", tmp_path / "r", *FAST_FIT)
     assert_user_error(r, "NaN/Inf", "sanf cache verify")
     r = sanf("baseline", "--cache", bad, "--normal-class", "0", "--out", tmp_path / "b")
