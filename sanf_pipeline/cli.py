@@ -225,6 +225,14 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--max-epochs", type=int, help="Early stopping: the most epochs [default: 30].")
 @click.option("--val-fraction", type=float, help="Early stopping: held-out share of the training rows [0.1].")
 @click.option("--patience", type=int, help="Early stopping: epochs without improvement before stopping [3].")
+@click.option("--keep-initial/--no-keep-initial", default=True, show_default=True,
+              help="Early stopping: keep the untrained flow (epoch 0, the whitened Gaussian) when no epoch beats it "
+                   "on held-out NLL; --no-keep-initial is the paper-faithful rule (best trained epoch).")
+@click.option("--min-epoch-steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="An epoch is at least this many optimiser steps (rows cycled): small sets then train longer "
+                   "between held-out checks.")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Std of Gaussian noise on the normalised main input during training (a regulariser).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fpr", type=float, default=0.01, show_default=True,
               help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
@@ -234,7 +242,7 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, token_pool, main_input,
         normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
-        seed, fpr, device, no_amp, overwrite, quiet):
+        keep_initial, min_epoch_steps, noise, seed, fpr, device, no_amp, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
     from .fit_config import FitConfig, training_length
     from .jobs import fit_run
@@ -246,7 +254,8 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
                     spatial_channels=spatial_channels, token_pool=token_pool, main_input=main_input,
                     normalize=normalize, lr=lr,
                     weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
-                    device=device, amp=not no_amp, fpr=fpr, **length)
+                    device=device, amp=not no_amp, fpr=fpr, keep_initial=keep_initial,
+                    min_epoch_steps=min_epoch_steps, noise=noise, **length)
     run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
     res = run.result
     how = (f"best epoch {res.best_epoch} of {res.epochs_run} by held-out normal training NLL"

@@ -260,6 +260,7 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     best_epoch = [0] * K
     bad_epochs = [0] * K
     best_state: list[dict | None] = [None] * K
+    initial_val: list[float | None] = [None] * K
     n_tr = n - n_val
     bs = c0.batch_size
     steps = (n_tr + bs - 1) // bs
@@ -273,12 +274,23 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
         results[k] = FitResult(model=flow.eval(), normalizer=norms[k], log=logs[k], best_epoch=best_epoch[k],
                                epochs_run=len(logs[k]), stopped_early=stopped, n_train=n_tr, n_val=n_val,
                                device=str(device), resumed_from=0, epoch_selection=cfgs[k].epoch_selection,
-                               calibration=_calibration(flow, norms[k], members[k], cfgs[k], va_idx[k]))
+                               calibration=_calibration(flow, norms[k], members[k], cfgs[k], va_idx[k]),
+                               initial_val_nll=initial_val[k])
 
     def member_state(pos: int) -> dict:
         out = {name: t[pos].detach().clone() for name, t in params.items()}
         out.update({name: t[pos].clone() for name, t in buffers.items()})
         return out
+
+    if n_val and c0.early_stopping and c0.keep_initial:
+        # as fit_flow: the untrained flows compete as epoch 0 (FitConfig.keep_initial)
+        every = torch.arange(K, dtype=torch.long, device=device)
+        init = _stacked_nll(forward, params, buffers, X[every], va_t[every], P, offs[every][:, None],
+                            None if p_mean is None else p_mean[every], None if p_std is None else p_std[every],
+                            c0.eval_batch_size, z_dim, amp=None)
+        for k in range(K):
+            initial_val[k] = best_val[k] = float(init[k])
+            best_state[k] = member_state(k)
 
     with progress_bar(quiet, unit="steps") as bar:
         task = bar.add_task(f"{description} ({K} flows)", total=steps * total_epochs, rate="")

@@ -59,6 +59,9 @@ def test_stack_equals_separate_runs(name, one_torch_thread):
         # the held-out normal scores behind the threshold (issue 11), as fit_flow computes them
         assert r.calibration["n"] == ref.calibration["n"] > 0
         np.testing.assert_allclose(r.calibration["scores"]["nll"], ref.calibration["scores"]["nll"], rtol=1e-4)
+        assert (r.initial_val_nll is None) == (ref.initial_val_nll is None)  # keep_initial: epoch 0 scored in both
+        if ref.initial_val_nll is not None:
+            assert abs(r.initial_val_nll - ref.initial_val_nll) <= TOL
         sd, rsd = r.model.state_dict(), ref.model.state_dict()
         assert sd.keys() == rsd.keys()
         for k in sd:
