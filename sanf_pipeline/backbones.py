@@ -13,6 +13,13 @@ parameters) whose forward maps a normalised image batch ``(B, 3, S, S)`` to ``(c
 * **CNNs** (any timm model whose ``forward_features`` is a feature map): ``cls`` = global average pool of
   the last feature map, ``patch`` = its positions as tokens ``(B, H*W, C)``. ``layer=N`` indexes timm's
   feature stages (``model.feature_info``, via ``forward_intermediates``) instead of blocks.
+* ``layer=[N1, N2, ...]`` (CLI ``--layer 8,11``, or CNN stages ``--layer 2,3`` as PatchCore takes a ResNet's
+  layers 2 and 3) takes several layers in the same single forward pass and **concatenates** them along the
+  channels, in the order given: ``patch`` = the layers' tokens brought to one grid (the finest of them; a
+  coarser CNN stage is upsampled bilinearly, as PatchCore does), ``cls`` = the layers' class tokens (CNN:
+  each stage's global average pool) side by side, so ``dim`` = the sum of the layers' widths and every
+  stage-two command reads the cache unchanged. The provenance records ``layer`` as the list and
+  ``layer_dims``, the width of each layer's channel block.
 * ``pool=K`` average-pools the patch grid KxK the right way: ``(B, N, d) -> (B, d, H, W) -> avg_pool2d ->
   (B, N', d)``. The grid must be divisible by K; otherwise :class:`SanfError` (no ceil-mode partial
   windows, so every pooled token averages exactly K*K positions).
@@ -243,6 +250,25 @@ def _is_token_model(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("patch_embed", "blocks", "num_prefix_tokens"))
 
 
+def parse_layers(value) -> int | tuple[int, ...] | None:
+    """``None``, ``8``, ``"8"``, ``"8,11"`` or ``[2, 3]`` -> None, an int (one layer) or a tuple (several)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+        try:
+            value = [int(v) for v in items]
+        except ValueError:
+            raise SanfError(f"--layer takes integers separated by commas (e.g. 8 or 8,11), got {value!r}") from None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return None
+        if len(value) == 1:
+            return int(value[0])
+        return tuple(int(v) for v in value)
+    return int(value)
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
 
@@ -261,7 +287,7 @@ class Backbone(nn.Module):
         weights: WeightsChoice,
         weights_sha256: str | None,
         image_size: int | tuple[int, int] | None,
-        layer: int | None,
+        layer: int | tuple[int, ...] | None,
         pool: int,
         device: torch.device,
         model_kwargs: dict[str, Any],
@@ -315,20 +341,25 @@ class Backbone(nn.Module):
             n_layers = len(getattr(model, "feature_info", []) or [])
             what = "feature stages"
         self.num_layers = n_layers
-        if layer is not None:
-            layer = int(layer)
+        layer = parse_layers(layer)
+        layers = None if layer is None else [layer] if isinstance(layer, int) else list(layer)
+        if layers is not None:
             if not hasattr(model, "forward_intermediates"):
                 raise SanfError(f"--layer is not supported for {arch} (timm has no forward_intermediates)")
-            if not -n_layers <= layer < n_layers:
-                raise SanfError(f"--layer {layer} is out of range for {arch}: it has {n_layers} {what} "
-                                f"(0..{n_layers - 1}, or negative from the end)")
-            layer %= n_layers
+            for one in layers:
+                if not -n_layers <= one < n_layers:
+                    raise SanfError(f"--layer {one} is out of range for {arch}: it has {n_layers} {what} "
+                                    f"(0..{n_layers - 1}, or negative from the end)")
+            layers = [one % n_layers for one in layers]
+            if len(set(layers)) != len(layers):
+                raise SanfError(f"--layer names a layer twice: {layer}")
             if hasattr(model, "prune_intermediate_layers"):
                 try:
-                    model.prune_intermediate_layers([layer], prune_norm=False, prune_head=True)
+                    model.prune_intermediate_layers([max(layers)], prune_norm=False, prune_head=True)
                 except Exception:  # noqa: BLE001 - pruning is only a speed-up
                     pass
-        self.layer = layer
+        self.layers = layers
+        self.layer = None if layers is None else layers[0] if len(layers) == 1 else layers
         # NHWC (channels_last) is the faster memory layout for convolutions on both GPU and CPU
         self.channels_last = self.kind == "cnn"
 
@@ -351,12 +382,14 @@ class Backbone(nn.Module):
             if tuple(pe.img_size) != size and not getattr(model, "dynamic_img_size", False):
                 raise SanfError(f"{arch} was built for {tuple(pe.img_size)} px inputs, not {size}")
             raw_grid = (size[0] // ps[0], size[1] // ps[1])
-            self.dim = int(getattr(model, "embed_dim", None) or model.num_features)
+            width = int(getattr(model, "embed_dim", None) or model.num_features)
+            self.layer_dims = [width] * len(self.layers or [None])
         else:
             with torch.inference_mode():
-                fmap = self._feature_map(torch.zeros(1, 3, *size, device=device))
-            raw_grid = (int(fmap.shape[2]), int(fmap.shape[3]))
-            self.dim = int(fmap.shape[1])
+                fmaps = self._feature_maps(torch.zeros(1, 3, *size, device=device))
+            raw_grid = (max(int(f.shape[2]) for f in fmaps), max(int(f.shape[3]) for f in fmaps))
+            self.layer_dims = [int(f.shape[1]) for f in fmaps]
+        self.dim = sum(self.layer_dims)
         self.raw_grid = raw_grid
         if raw_grid[0] % self.pool or raw_grid[1] % self.pool:
             raise SanfError(
@@ -371,34 +404,52 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> Backbone:
         return super().train(False)
 
-    def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
+    def _feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map of each selected CNN stage, channels-first, each on its own grid."""
         m = self.model
-        if self.layer is None:
-            fmap = m.forward_features(x)
+        if self.layers is None:
+            fmaps = [m.forward_features(x)]
         else:
-            fmap = m.forward_intermediates(x, indices=[self.layer], intermediates_only=True, stop_early=True)[0]
-        if fmap.ndim != 4:
-            raise SanfError(f"{self.arch}: expected a feature map (B, C, H, W), got shape {tuple(fmap.shape)}")
-        if self.layer is None and getattr(m, "output_fmt", "NCHW") == "NHWC":
-            fmap = fmap.permute(0, 3, 1, 2)
-        return fmap
+            fmaps = list(m.forward_intermediates(x, indices=self.layers, intermediates_only=True, stop_early=True))
+        for fmap in fmaps:
+            if fmap.ndim != 4:
+                raise SanfError(f"{self.arch}: expected a feature map (B, C, H, W), got shape {tuple(fmap.shape)}")
+        if self.layers is None and getattr(m, "output_fmt", "NCHW") == "NHWC":
+            fmaps = [fmaps[0].permute(0, 3, 1, 2)]
+        return fmaps
+
+    def _cnn_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmaps = self._feature_maps(x)
+        cls = torch.cat([f.mean(dim=(2, 3)) for f in fmaps], dim=1)
+        grid = self.raw_grid
+        # one grid for all stages: the finest, coarser stages upsampled bilinearly (PatchCore's choice)
+        fmaps = [f if tuple(f.shape[2:]) == grid else
+                 F.interpolate(f.float(), size=grid, mode="bilinear", align_corners=False).to(f.dtype)
+                 for f in fmaps]
+        fmap = fmaps[0] if len(fmaps) == 1 else torch.cat(fmaps, dim=1)
+        return cls, fmap.flatten(2).transpose(1, 2)
 
     def _vit_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, npt = self.model, self.num_prefix_tokens
-        if self.layer is None:
+        if self.layers is None:
             tokens = m.forward_features(x)
-            prefix, patch = tokens[:, :npt], tokens[:, npt:]
+            outs = [(tokens[:, npt:], tokens[:, :npt])]
         else:
-            out = m.forward_intermediates(
-                x, indices=[self.layer], norm=True, return_prefix_tokens=True, stop_early=True,
+            outs = m.forward_intermediates(
+                x, indices=self.layers, norm=True, return_prefix_tokens=True, stop_early=True,
                 output_fmt="NLC", intermediates_only=True,
-            )[0]
-            patch, prefix = out if isinstance(out, (tuple, list)) else (out, None)
+            )
+            outs = [out if isinstance(out, (tuple, list)) else (out, None) for out in outs]
         n = self.raw_grid[0] * self.raw_grid[1]
-        if patch.ndim != 3 or patch.shape[1] != n:
-            raise SanfError(f"{self.arch}: expected {n} patch tokens, got shape {tuple(patch.shape)}")
-        cls = prefix[:, 0] if self.has_class_token and prefix is not None else patch.mean(dim=1)
-        return cls, patch
+        clss, patches = [], []
+        for patch, prefix in outs:
+            if patch.ndim != 3 or patch.shape[1] != n:
+                raise SanfError(f"{self.arch}: expected {n} patch tokens, got shape {tuple(patch.shape)}")
+            clss.append(prefix[:, 0] if self.has_class_token and prefix is not None else patch.mean(dim=1))
+            patches.append(patch)
+        if len(outs) == 1:
+            return clss[0], patches[0]
+        return torch.cat(clss, dim=1), torch.cat(patches, dim=2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.device != self.device:
@@ -408,9 +459,7 @@ class Backbone(nn.Module):
         else:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            fmap = self._feature_map(x)
-            cls = fmap.mean(dim=(2, 3))
-            patch = fmap.flatten(2).transpose(1, 2)
+            cls, patch = self._cnn_tokens(x)
         patch = pool_tokens(patch, self.raw_grid, self.pool)
         return cls.contiguous(), patch.contiguous()
 
@@ -431,6 +480,7 @@ class Backbone(nn.Module):
             "weights": {"source": self.weights_source, "file": self.weights_file, "sha256": self.weights_sha256},
             "image_size": list(self.data_config["input_size"][1:]),
             "layer": self.layer,
+            **({"layer_dims": list(self.layer_dims)} if self.layers and len(self.layers) > 1 else {}),
             "num_layers": self.num_layers,
             "pool": self.pool,
             "grid": list(self.grid),
@@ -458,7 +508,7 @@ def create_backbone(
     weights: str | os.PathLike | None = None,
     weights_dir: str | os.PathLike | None = None,
     image_size: int | tuple[int, int] | None = None,
-    layer: int | None = None,
+    layer: int | tuple[int, ...] | str | None = None,
     pool: int = 1,
     device: str | torch.device = "auto",
     model_kwargs: dict[str, Any] | None = None,

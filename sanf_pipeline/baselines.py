@@ -9,11 +9,13 @@ Registry (``BASELINES``, extend with ``register_baseline``):
 - ``gaussian-whiten``: the same on L2-normalised class tokens, i.e. the squared norm of the class tokens after
   ``features.Normalizer("l2+whiten")``: the density an identity-initialised flow with ``normalize=l2+whiten``
   starts from (its NLL is half this plus a constant; tests/test_usability.py).
+- ``patch-knn``: PatchCore-style kNN on the *patch* tokens (``patchknn.PatchKNNScorer``).
 
 Each scorer has ``fit(train_cls)``, ``score(test_cls) -> (n,)`` (higher = more anomalous), ``description`` and
-optionally ``settings() -> dict`` (reported in ``metrics.json``). A registered name is usable from `sanf baseline`
-and `sanf sweep --methods`; ``jobs.baseline_job`` runs it. The kNN distances
-are computed in float64 blocks of test rows with a matrix product, so memory stays bounded for large splits.
+optionally ``settings() -> dict`` (reported in ``metrics.json``); a scorer with ``needs_patch = True`` takes the
+patch tokens as second argument of ``fit``/``score`` (``fit_score`` passes what each needs). A registered name is
+usable from `sanf baseline` and `sanf sweep --methods`; ``jobs.baseline_job`` runs it. The kNN distances are
+computed in float64 blocks of test rows with a matrix product, so memory stays bounded for large splits.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import SanfError
+from .patchknn import PatchKNNScorer
 
 _BLOCK = 1024
 
@@ -47,6 +50,10 @@ class KNNScorer:
 
     def settings(self) -> dict:
         return {"k": self.k, "l2": self.l2}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fitted state a detector needs (saved as ``baseline.*`` tensors by the run job)."""
+        return {"train": self.train, "k": np.asarray(self.k), "l2": np.asarray(int(self.l2))}
 
     def score(self, test: np.ndarray) -> np.ndarray:
         test = np.asarray(test, np.float64)
@@ -81,6 +88,11 @@ class GaussianScorer:
     def settings(self) -> dict:
         return {"shrinkage": self.shrinkage}
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.l2:  # detector.GaussianHead does not L2-normalise: no detector for gaussian-whiten (yet)
+            return {}
+        return {"location": self.model.location_, "precision": self.model.precision_}
+
     def score(self, test: np.ndarray) -> np.ndarray:
         test = np.asarray(test, np.float64)
         return self.model.mahalanobis(_l2(test) if self.l2 else test)
@@ -91,6 +103,7 @@ BASELINES: dict[str, Callable[..., object]] = {
     "knn-l2": lambda k=2: KNNScorer(k=k, l2=True),
     "gaussian": GaussianScorer,
     "gaussian-whiten": lambda: GaussianScorer(l2=True),
+    "patch-knn": PatchKNNScorer,
 }
 
 
@@ -100,21 +113,39 @@ def scorer_settings(scorer) -> dict:
     return dict(settings()) if callable(settings) else {}
 
 
+def scorer_arrays(scorer) -> dict[str, np.ndarray]:
+    """The fitted state of a scorer (``arrays()`` when it has one; empty: the run cannot be used as a detector)."""
+    arrays = getattr(scorer, "arrays", None)
+    return dict(arrays()) if callable(arrays) else {}
+
+
 def register_baseline(name: str, factory: Callable[[], object]) -> None:
     BASELINES[name] = factory
 
 
 def create_baseline(name: str, **options):
-    """A new scorer of baseline ``name``; ``options`` are its factory's keywords (``k`` for the kNN ones)."""
+    """A fresh scorer; ``options`` go to its factory (e.g. ``coreset``/``neighbourhood`` for patch-knn)."""
     if name not in BASELINES:
         raise SanfError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     try:
         return BASELINES[name](**options)
     except TypeError:
-        given = ", ".join(f"--{k}" for k in options)
-        raise SanfError(f"{given} does not apply to the {name} baseline") from None
+        raise SanfError(f"baseline {name!r} takes no options {', '.join(options)}") from None
 
 
-def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray) -> np.ndarray:
-    """Fit baseline ``method`` on the normal training class tokens and score the test class tokens (pure)."""
-    return create_baseline(method).fit(train_cls).score(test_cls)
+def needs_patch(method: str) -> bool:
+    """Whether baseline ``method`` scores patch tokens (so its caller must read them from the cache)."""
+    return bool(getattr(create_baseline(method), "needs_patch", False))
+
+
+def fit_score(scorer, train_cls: np.ndarray, test_cls: np.ndarray, train_patch=None, test_patch=None) -> np.ndarray:
+    """Fit ``scorer`` on the normal training features and score the test features (patch tokens if it needs them)."""
+    if getattr(scorer, "needs_patch", False):
+        return scorer.fit(train_cls, train_patch).score(test_cls, test_patch)
+    return scorer.fit(train_cls).score(test_cls)
+
+
+def score_baseline(method: str, train_cls: np.ndarray, test_cls: np.ndarray, train_patch=None,
+                   test_patch=None) -> np.ndarray:
+    """Fit baseline ``method`` on the normal training features and score the test features (pure)."""
+    return fit_score(create_baseline(method), train_cls, test_cls, train_patch, test_patch)

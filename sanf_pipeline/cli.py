@@ -98,7 +98,8 @@ def _check_run_dir(run_dir: Path) -> None:
                                 "the README: --weights-dir/$SANF_WEIGHTS_DIR first].")
 @click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
 @click.option("--image-size", type=int, help="Input size in pixels (ViT position embeddings are resampled).")
-@click.option("--layer", type=int, help="Take the tokens of this block (0-based, negative from the end).")
+@click.option("--layer", help="Take the tokens of this block (0-based, negative from the end; CNNs: feature stage); "
+              "several, e.g. 8,11 or 2,3: concatenated on one grid in one pass (README).")
 @click.option("--pool", type=int, default=1, show_default=True, help="Average-pool the patch grid KxK.")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), help="Store format [default: zarr].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
@@ -132,14 +133,16 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
         raise SanfError(f"unknown dataset {dataset!r}; choose one of: {', '.join(list_datasets())}")
     if data_root is not None and not data_root.exists():
         raise SanfError(f"dataset root {data_root} does not exist; check --data-root")
+    from .backbones import parse_layers
     from .extract import ExtractConfig, default_cache_path
     from .extract import extract as run_extract
 
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, data_root=str(data_root) if data_root else None, category=category,
         cache=str(cache or default_cache_path(dataset, category)), weights=weights,
-        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size, layer=layer, pool=pool,
-        format=fmt, dtype=dtype, precision=precision, device=device, batch_size=batch_size,
+        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size,
+        layer=parse_layers(layer), pool=pool, format=fmt, dtype=dtype, precision=precision, device=device,
+        batch_size=batch_size,
         num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
         on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,
         overwrite=overwrite, quiet=quiet, model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
@@ -249,14 +252,24 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--max-epochs", type=int, help="Early stopping: the most epochs [default: 30].")
 @click.option("--val-fraction", type=float, help="Early stopping: held-out share of the training rows [0.1].")
 @click.option("--patience", type=int, help="Early stopping: epochs without improvement before stopping [3].")
+@click.option("--keep-initial/--no-keep-initial", default=True, show_default=True,
+              help="Early stopping: keep the untrained flow (epoch 0, the whitened Gaussian) when no epoch beats it "
+                   "on held-out NLL; --no-keep-initial is the paper-faithful rule (best trained epoch).")
+@click.option("--min-epoch-steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="An epoch is at least this many optimiser steps (rows cycled): small sets then train longer "
+                   "between held-out checks.")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Std of Gaussian noise on the normalised main input during training (a regulariser).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fpr", type=float, default=0.01, show_default=True,
+              help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--no-amp", is_flag=True, help="No mixed precision on GPU.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run or one with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, token_pool, main_input,
         normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
-        seed, device, no_amp, overwrite, quiet):
+        keep_initial, min_epoch_steps, noise, seed, fpr, device, no_amp, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
     _check_cache(cache_path, normal_class)
     from .fit_config import FitConfig, training_length
@@ -269,7 +282,8 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
                     spatial_channels=spatial_channels, token_pool=token_pool, main_input=main_input,
                     normalize=normalize, lr=lr,
                     weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
-                    device=device, amp=not no_amp, **length)
+                    device=device, amp=not no_amp, fpr=fpr, keep_initial=keep_initial,
+                    min_epoch_steps=min_epoch_steps, noise=noise, **length)
     run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
     if run.already_finished:
         click.echo(f"run {run.run_dir}: already finished with these settings; nothing to do (--overwrite refits it); "
@@ -279,30 +293,41 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
     how = (f"best epoch {res.best_epoch} of {res.epochs_run} by held-out normal training NLL"
            if cfg.early_stopping else f"{res.epochs_run} epoch(s), fixed")
     resumed = f", resumed after epoch {res.resumed_from}" if res.resumed_from else ""
+    thr = (res.calibration or {}).get("threshold")
+    calib = (f"; threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
+             f"normal images{'' if thr['guaranteed'] else ', too few to guarantee it'})" if thr
+             else "; no threshold (too few images to hold any out)")
     held = f" ({res.n_train} fitted, {res.n_val} held out for early stopping)" if res.n_val else ""
     click.echo(f"run {run.run_dir}: trained on {res.n_train + res.n_val} samples of "
-               f"{run.config['normal_class_name']!r}{held} ({how}{resumed}); model in "
+               f"{run.config['normal_class_name']!r}{held} ({how}{resumed}){calib}; model in "
                f"{run.run_dir / 'model.safetensors'}; next: sanf eval --run {run.run_dir}")
 
 
 @cli.command("eval")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder from `sanf fit`.")
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path),
-              help="Cache to score [default: the one the run was trained on]; must match it.")
+              help="Cache to score [default: the one the run was trained on]; any cache extracted with the run's "
+                   "backbone settings (architecture, weights, image size, layer, pooling, grid; dtype may differ).")
+@click.option("--fpr", type=float, help="Target false-positive rate of the calibrated threshold [default: the run's].")
 @click.option("--score", type=_RegistryChoice(_scores), default="nll", show_default=True,
               help="nll: -log p(x); z2: mean z^2 (the official code).")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: the run folder].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
-    """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, scores, report, plots."""
+def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
+    """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, threshold rates, scores, report, plots."""
     _check_run_dir(run_dir)
     if cache_path is not None:
         _check_cache(cache_path)
     from .jobs import eval_run
 
-    res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device)
+    res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device, fpr=fpr)
     m = res.metrics
+    thr = m.get("threshold")
+    if thr:
+        r = thr["realised"]
+        click.echo(f"threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
+                   f"normal images): FPR {r['fpr']:.4f}, TPR {r['tpr']:.4f}, F1 {r['f1']:.4f} on the test split")
     click.echo(f"{m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, AUPR {m['aupr']:.4f}, "
                f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {score}); "
                f"results in {res.out_dir} (metrics.json, scores.csv, report.md, plots)")
@@ -313,26 +338,33 @@ def eval_cmd(run_dir, cache_path, score, out, device, overwrite):
 @click.option("--normal-class", required=True, help="The normal class, by name or index.")
 @click.option("--method", type=_RegistryChoice(_baselines), default=DEFAULT_BASELINE, show_default=True,
               help="A registered baseline: gaussian (Ledoit-Wolf covariance, Mahalanobis distance on class tokens; "
-                   "the default: the strongest baseline in 3 of the 4 committed tables, benchmarks/quality_cifar10.md "
-                   "and normalization.md), gaussian-whiten (the same on L2-normalised class tokens: the density "
-                   "the flow starts from with --normalize l2+whiten), knn-l2 (k nearest L2-normalised class "
-                   "tokens; best on EfficientNet), knn (raw class tokens; the weakest).")
-@click.option("--k", type=click.IntRange(min=1), help="Neighbours of the kNN baselines [default: 2].")
+                   "the default: the strongest class-token baseline in 3 of the 4 committed tables, "
+                   "benchmarks/quality_cifar10.md and normalization.md), gaussian-whiten (the same on L2-normalised "
+                   "class tokens: the density the flow starts from with --normalize l2+whiten), knn-l2 (k nearest "
+                   "L2-normalised class tokens; best on EfficientNet), knn (raw class tokens; the weakest), "
+                   "patch-knn (PatchCore-style: largest distance of a patch token to the nearest normal one).")
+@click.option("--k", type=click.IntRange(min=1), help="knn, knn-l2: neighbours [default: 2].")
+@click.option("--coreset", type=float, help="patch-knn: fraction of the training patch tokens kept by the greedy "
+              "coreset [default: patchknn.DEFAULT_CORESET, see README].")
+@click.option("--neighbourhood", type=int, help="patch-knn: average each patch token with its KxK grid "
+              "neighbourhood first (odd; 1 = off) [default: patchknn.DEFAULT_NEIGHBOURHOOD].")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
-@click.option("--device", default="auto", show_default=True,
-              help="auto, cpu, cuda, cuda:N, for baselines that run in torch; knn, knn-l2 and the Gaussians run in "
-                   "numpy on the CPU whatever this says.")
+@click.option("--fpr", type=float, default=0.01, show_default=True,
+              help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-@click.option("--quiet", is_flag=True, help="Print nothing on success (the results are in the folder).")
-def baseline(cache_path, normal_class, method, k, out, device, overwrite, quiet):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def baseline(cache_path, normal_class, method, k, coreset, neighbourhood, out, fpr, overwrite, quiet):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
     _check_cache(cache_path, normal_class)
     from .jobs import baseline_run
 
-    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite,
-                       options={"k": k} if k is not None else None, device=device)
-    if quiet:
-        return
+    options = {k_: v for k_, v in (("coreset", coreset), ("neighbourhood", neighbourhood)) if v is not None}
+    if options and method != "patch-knn":
+        raise SanfError(f"--{'/--'.join(options)} apply to --method patch-knn only")
+    if k is not None:
+        options["k"] = k
+    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, options=options, fpr=fpr,
+                       quiet=quiet)
     m = res.metrics
     click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
                f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "
@@ -369,6 +401,16 @@ def _register_sweep_commands() -> None:
 
 
 _register_sweep_commands()
+
+
+def _register_detector_commands() -> None:
+    from .detector_cli import export, score
+
+    cli.add_command(score)
+    cli.add_command(export)
+
+
+_register_detector_commands()
 
 
 def main(argv=None) -> None:

@@ -43,7 +43,7 @@ class ExtractConfig:
     weights: str | None = None
     weights_dir: str | None = None
     image_size: int | None = None
-    layer: int | None = None
+    layer: int | tuple[int, ...] | None = None  # several: concatenated (backbones.py)
     pool: int = 1
     format: str | None = None
     dtype: str = "float16"

@@ -47,13 +47,23 @@ class FitConfig:
     patience: int = 3
     max_epochs: int = 30
     min_delta: float = 0.0
+    # early stopping also scores the untrained flow ("epoch 0"; with l2+whiten the shrinkage Gaussian of the class
+    # tokens) and keeps it when no trained epoch has a lower held-out NLL (benchmarks/flow_industrial_probe.md)
+    keep_initial: bool = True
+    # small training sets: an epoch is at least this many optimiser steps (the rows are cycled), so that held-out
+    # NLL is checked after the flow could move; 1 = one pass over the rows (the paper's epoch)
+    min_epoch_steps: int = 1
+    # std of Gaussian noise added to the normalised main input during training (0 = none)
+    noise: float = 0.0
     # reproducibility and hardware
     seed: int = 0
     device: str = "auto"
     amp: bool = True
     eval_batch_size: int = 256
+    # the detector's default threshold: target false-positive rate on held-out normal images (calibration.py)
+    fpr: float = 0.01
 
-    NOT_SETTINGS = ("device", "eval_batch_size")  # do not change the result; not compared on resume
+    NOT_SETTINGS = ("device", "eval_batch_size", "fpr")  # do not change the model; not compared on resume
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -81,7 +91,7 @@ class FitConfig:
         if self.normalize not in NORMALIZATIONS:
             bad("normalize", self.normalize, f"choose one of {', '.join(NORMALIZATIONS)}")
         for name in ("blocks", "hidden", "heads", "batch_size", "epochs", "patience", "max_epochs",
-                     "eval_batch_size", "token_pool"):
+                     "eval_batch_size", "token_pool", "min_epoch_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(name, v, "must be a positive integer")
@@ -91,14 +101,18 @@ class FitConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 bad(name, v, "must be a finite number > 0")
+        if not (0 <= self.noise < math.inf):
+            bad("noise", self.noise, "must be a finite number >= 0")
         if not (0 <= self.weight_decay < math.inf) or not (0 < self.eps < 1) or self.min_delta < 0:
             bad("weight_decay/eps/min_delta", (self.weight_decay, self.eps, self.min_delta), "out of range")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             bad("betas", self.betas, "two numbers in [0, 1)")
         if self.grad_clip is not None and not (0 < self.grad_clip < math.inf):
             bad("grad_clip", self.grad_clip, "must be > 0 (or None for no clipping)")
-        if self.early_stopping and not (0 < self.val_fraction < 1):
-            bad("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive) with early stopping")
+        if not (0 < self.val_fraction < 1):
+            bad("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive)")
+        if not (0 < self.fpr < 1):
+            bad("fpr", self.fpr, "must be between 0 and 1 (exclusive)")
         return self
 
     @property
@@ -125,8 +139,13 @@ class FitConfig:
             d.pop(k, None)
         if self.token_pool == 1:  # added later: runs fitted before token_pool existed keep their identity
             d.pop("token_pool")
-        if not self.early_stopping:
-            for k in ("val_fraction", "patience", "max_epochs", "min_delta"):
+        # added later: at the values that reproduce the behaviour before they existed, runs keep their identity
+        for k, v in (("min_epoch_steps", 1), ("noise", 0.0), ("keep_initial", False)):
+            if d[k] == v:
+                d.pop(k)
+        if not self.early_stopping:  # val_fraction stays: the same share is held out for calibration
+            d.pop("keep_initial", None)
+            for k in ("patience", "max_epochs", "min_delta"):
                 d.pop(k)
         else:
             d.pop("epochs")

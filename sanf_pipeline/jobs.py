@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import create_baseline, scorer_settings
+from .baselines import create_baseline, fit_score, scorer_arrays, scorer_settings
 from .device import resolve_device
 from .errors import SanfError
 from .evaluate import compute_metrics, guard_results, write_results
@@ -39,7 +39,6 @@ from .runs import (
     MODEL_FILE,
     RESULT_FILES,
     cache_identity,
-    check_cache_matches,
     check_finite,
     default_run_name,
     diff_settings,
@@ -53,6 +52,7 @@ from .runs import (
     read_run_config,
     refuse_foreign_files,
     run_state,
+    save_tensors_atomic,
     start_run_config,
     write_json_atomic,
 )
@@ -231,11 +231,16 @@ def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str,
 def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, score: str = "nll",
                   device: str = "auto", batch_size: int = 256, plots: bool = True, run_dir=None,
                   train_log: list | None = None, extra_metrics: dict | None = None,
-                  scores: np.ndarray | None = None) -> EvalResult:
+                  scores: np.ndarray | None = None, fpr: float | None = None,
+                  normal_class: int | None = None) -> EvalResult:
     """Score ``test`` with a fitted flow (its run ``config``) and write the result files into ``out_dir``.
-    ``scores``: the flow's scores of ``test`` computed by the caller (a stack of flows scored in one pass)."""
+    ``scores``: the flow's scores of ``test`` computed by the caller (a stack of flows scored in one pass);
+    ``normal_class``: the normal class's index in ``test`` when it is another cache than the run's (by name);
+    ``fpr``: target false-positive rate of the calibrated threshold (default: the run's)."""
+    from .calibration import eval_threshold_metrics
+
     check_score(score)
-    normal = int(config["normal_class"])
+    normal = int(config["normal_class"]) if normal_class is None else int(normal_class)
     fc = config.get("flow") or {}
     needs_patch = fc.get("fusion") != "none" or fc.get("main_input") == "spatial"
     if scores is None:
@@ -247,7 +252,7 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
     is_anomaly = test.labels != normal
     metrics = compute_metrics(is_anomaly, scores)
     result = config.get("result") or {}
-    metrics.update(eval_identity(config, test.fingerprint, score))
+    metrics.update(eval_identity(config, test.fingerprint, score, normal))
     metrics.update({
         "normal_class_name": config.get("normal_class_name"), "score_description": SCORE_DESCRIPTIONS[score],
         "epoch_selection": config.get("epoch_selection"), "best_epoch": result.get("best_epoch"),
@@ -256,6 +261,7 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
         "cache": test.cache_path, "flow": config.get("flow"), "fit": config.get("fit", {}), "evaluated": now(),
         **(extra_metrics or {}),
     })
+    metrics.update(eval_threshold_metrics(config.get("calibration"), score, is_anomaly, scores, fpr))
     out_dir = Path(out_dir)
     _mkdir(out_dir)
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, train_log=train_log,
@@ -263,9 +269,10 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
 
 
-def eval_identity(config: dict, fingerprint: str, score: str) -> dict:
+def eval_identity(config: dict, fingerprint: str, score: str, normal_class: int | None = None) -> dict:
     """What must match for earlier results of a flow run to be kept (``metrics.json``)."""
-    return {"method": config.get("method", "sanf-flow"), "score": score, "normal_class": int(config["normal_class"]),
+    normal = int(config["normal_class"]) if normal_class is None else int(normal_class)
+    return {"method": config.get("method", "sanf-flow"), "score": score, "normal_class": normal,
             "cache_fingerprint": fingerprint, "run_id": config.get("run_id")}
 
 
@@ -316,13 +323,21 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
 
 def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plots: bool = True,
                  extra: dict | None = None, extra_metrics: dict | None = None, options: dict | None = None,
-                 device: str = "auto") -> EvalResult:
-    """Fit baseline ``method`` (with its ``options``) on the class tokens of ``train``, score ``test``, write config
-    and result files."""
+                 quiet: bool = True, fpr: float = 0.01) -> EvalResult:
+    """Fit baseline ``method`` on the class tokens of ``train`` (patch tokens for patch-knn), score ``test``, write
+    config, the fitted state (``model.safetensors``, so the run is a detector, when the scorer exposes it) and result
+    files. ``options`` go to the scorer's factory. The threshold is calibrated on the held-out 10% of ``train``
+    scored by the baseline fitted on the other rows (``calibrate_baseline``)."""
+    from .calibration import eval_threshold_metrics
+
     scorer = create_baseline(method, **(options or {}))
-    if hasattr(scorer, "device"):
-        scorer.device = device
-    scores = scorer.fit(train.cls).score(test.class_tokens())
+    if hasattr(scorer, "quiet"):
+        scorer.quiet = quiet
+    if getattr(scorer, "needs_patch", False):
+        test_cls, test_patch = test.read(0, test.n, True)
+        scores = fit_score(scorer, train.cls, test_cls, train.patch, test_patch)
+    else:
+        scores = scorer.fit(train.cls).score(test.class_tokens())
     ci = train.class_index
     is_anomaly = test.labels != ci
     metrics = compute_metrics(is_anomaly, scores)
@@ -332,20 +347,52 @@ def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plot
                     "cache": test.cache_path, "evaluated": now(), "settings": {"method": method,
                                                                                 **scorer_settings(scorer)},
                     **(extra or {}), **(extra_metrics or {})})
+    calibration = calibrate_baseline(method, train.cls, fpr=fpr, train_patch=train.patch, options=options)
+    metrics.update(eval_threshold_metrics(calibration, method, is_anomaly, scores))
     out_dir = Path(out_dir)
-    write_json_atomic(out_dir / CONFIG_FILE, {
-        "format": "sanf-baseline", "format_version": 1, "method": method, "normal_class": ci,
-        "normal_class_name": train.class_name, "cache": test.identity, "created": now(),
-        "versions": package_versions(), **(extra or {})})
+    config = {"format": "sanf-baseline", "format_version": 1, "method": method, "normal_class": ci,
+              "normal_class_name": train.class_name, "cache": test.identity, "created": now(),
+              "versions": package_versions(), "calibration": calibration, **(extra or {})}
+    write_json_atomic(out_dir / CONFIG_FILE, config)
+    arrays = scorer_arrays(scorer)
+    if arrays:
+        save_tensors_atomic(out_dir / MODEL_FILE, {f"baseline.{k}": torch.from_numpy(np.ascontiguousarray(v))
+                                                   for k, v in arrays.items()}, config)
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, plots=plots)
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
 
 
+def calibrate_baseline(method: str, train_cls: np.ndarray, *, fpr: float = 0.01, seed: int = 0,
+                       fraction: float = 0.1, train_patch: np.ndarray | None = None,
+                       options: dict | None = None) -> dict | None:
+    """Held-out scores of a baseline: the slice a flow with ``seed`` would hold out, scored by the baseline fitted
+    on the remaining rows. None when the class is too small to hold any row out."""
+    from .calibration import SLICE_BASELINE, calibration_record
+
+    train_cls = np.asarray(train_cls)
+    n = len(train_cls)
+    n_val = max(1, int(round(fraction * n)))
+    if n - n_val < 2:
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    tr, va = np.sort(order[n_val:]), np.sort(order[:n_val])
+    try:
+        scorer = create_baseline(method, **(options or {}))
+        if hasattr(scorer, "quiet"):
+            scorer.quiet = True
+        patch = np.asarray(train_patch) if getattr(scorer, "needs_patch", False) else None
+        held_out = fit_score(scorer, train_cls[tr], train_cls[va], None if patch is None else patch[tr],
+                             None if patch is None else patch[va])
+    except SanfError:
+        return None  # e.g. kNN with fewer rows than k
+    return calibration_record({method: held_out}, fpr=fpr, slice_desc=SLICE_BASELINE, seed=seed, fraction=fraction)
+
+
 def baseline_identity(method: str, class_index: int, fingerprint: str, options: dict | None = None) -> dict:
-    ident = {"method": method, "score": method, "normal_class": class_index, "cache_fingerprint": fingerprint}
-    if options:  # only when given, so results written before options existed keep their identity
-        ident["options"] = dict(options)
-    return ident
+    out = {"method": method, "score": method, "normal_class": class_index, "cache_fingerprint": fingerprint}
+    if options:
+        out["options"] = dict(options)
+    return out
 
 
 # ------------------------------------------------------------------------- single runs from a cache (the CLI)
@@ -390,10 +437,12 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
 
 
 def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite: bool = False,
-             device: str = "auto", batch_size: int = 256, plots: bool = True) -> EvalResult:
+             device: str = "auto", batch_size: int = 256, plots: bool = True, fpr: float | None = None) -> EvalResult:
     """`sanf eval`: score the whole test split with a finished run (default: of its own cache) and write the result
-    files (default: into the run folder)."""
+    files (default: into the run folder). ``cache`` may be any cache in the run's feature space (``compat.py``);
+    the normal class is found there by name. ``fpr``: target FPR of the calibrated threshold (default: the run's)."""
     from .cache import open_cache
+    from .compat import check_cache_compatible, normal_class_in
 
     check_score(score)
     run_dir = Path(run_dir)
@@ -406,33 +455,36 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
     out_dir = Path(out_dir) if out_dir else run_dir
     log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else None
     with open_cache(cache_path) as c:
-        check_cache_matches(cfg["cache"], c, run_dir)
+        check_cache_compatible(cfg["cache"], c, run_dir)
+        normal = normal_class_in(c, cfg, run_dir)
         refuse_foreign_files(out_dir, RESULT_FILES)  # never replace a user's file (docs/file-safety.md)
-        guard_results(out_dir, eval_identity(cfg, c.fingerprint, score), overwrite)
+        guard_results(out_dir, eval_identity(cfg, c.fingerprint, score, normal), overwrite)
         return eval_flow_job(out_dir, run.flow, run.normalizer, cfg, TestData.from_cache(c, cache_path),
                              score=score, device=str(dev), batch_size=batch_size, plots=plots, run_dir=run_dir,
-                             train_log=log)
+                             train_log=log, fpr=fpr, normal_class=normal)
 
 
 def baseline_run(cache, normal_class, method: str = "gaussian", out_dir=None, *, overwrite: bool = False,
-                 plots: bool = True, options: dict | None = None, device: str = "auto") -> EvalResult:
+                 plots: bool = True, options: dict | None = None, quiet: bool = False,
+                 fpr: float = 0.01) -> EvalResult:
     """`sanf baseline`: fit a baseline on the normal class's training class tokens, score the test split, write
-    the results. ``options``: the scorer's own settings (``{"k": 5}`` for the kNN baselines); ``device``: used by
-    scorers that run in torch (the registered ones run in numpy)."""
+    the results. ``options``: the scorer's own settings (``{"k": 5}`` for the kNN baselines)."""
     from .cache import open_cache
 
-    create_baseline(method, **(options or {}))  # an unknown name or option fails before any reading
+    options = dict(options or {})
+    patch = bool(getattr(create_baseline(method, **options), "needs_patch", False))  # unknown names fail here
     with open_cache(cache) as c:
         ci = c.class_index(normal_class)
-        train = TrainData.from_cache(c, ci, patch=False)
-        cls, _, labels, sample_ids = c.split("test").read_all(patch=False)
-        check_finite(f"the test features in {c.path}", cls)
-        test = TestData.from_arrays(cls, None, labels, sample_ids, num_tokens=c.num_tokens, fingerprint=c.fingerprint,
-                                    cache_path=str(cache), identity=cache_identity(c))
+        train = TrainData.from_cache(c, ci, patch=patch)
+        cls, tokens, labels, sample_ids = c.split("test").read_all(patch=patch)
+        check_finite(f"the test features in {c.path}", cls, tokens)
+        test = TestData.from_arrays(cls, tokens, labels, sample_ids, num_tokens=c.num_tokens,
+                                    fingerprint=c.fingerprint, cache_path=str(cache), identity=cache_identity(c))
     out_dir = Path(out_dir) if out_dir else default_run_name(cache, train.class_name, f"-{method}")
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
-    refuse_foreign_files(out_dir, (CONFIG_FILE, *RESULT_FILES))  # never replace a user's file (docs/file-safety.md)
+    refuse_foreign_files(out_dir, (CONFIG_FILE, MODEL_FILE, *RESULT_FILES))  # never replace a user's file
+    # (docs/file-safety.md)
     guard_results(out_dir, baseline_identity(method, ci, test.fingerprint, options), overwrite)
     _mkdir(out_dir)
-    return baseline_job(out_dir, method, train, test, plots=plots, options=options, device=device)
+    return baseline_job(out_dir, method, train, test, plots=plots, options=options, quiet=quiet, fpr=fpr)

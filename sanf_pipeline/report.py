@@ -144,6 +144,7 @@ def run_report_markdown(metrics: dict, train_log: list[dict] | None = None, plot
             out.append(f"- {label}: {m[key]}")
     if m.get("n_nonfinite_scores"):
         out.append(f"- **{m['n_nonfinite_scores']} non-finite score(s)**, counted as the most anomalous")
+    out += threshold_lines(m)
     settings = m.get("fit") or m.get("settings")
     if settings:
         out += ["", "## Settings", "", "```", *(f"{k}: {v}" for k, v in sorted(settings.items())), "```"]
@@ -159,6 +160,29 @@ def run_report_markdown(metrics: dict, train_log: list[dict] | None = None, plot
         if plots.get("roc"):
             out.append(f"![ROC curve]({plots['roc']})")
     return "\n".join(out).rstrip() + "\n"
+
+
+def threshold_lines(m: dict) -> list[str]:
+    """The report's threshold section: the calibrated threshold and, for comparison, the test-selected one."""
+    thr, best = m.get("threshold"), m.get("f1_optimal_threshold")
+    if not thr and not best:
+        return []
+    rows = []
+    if thr:
+        r = thr["realised"]
+        rows.append({"threshold": f"calibrated, target FPR {thr['target_fpr']:g}", "value": thr["value"],
+                     "FPR": r["fpr"], "TPR": r["tpr"], "precision": r["precision"], "F1": r["f1"],
+                     "selected on": f"{thr['n_calibration']} held-out normal training images"})
+    if best:
+        rows.append({"threshold": "F1-optimal", "value": best["threshold"], "FPR": best["fpr"], "TPR": best["tpr"],
+                     "precision": best["precision"], "F1": best["f1"],
+                     "selected on": "**the test set** (comparison only)"})
+    out = ["", "## Threshold (anomalous = score > value)", "", markdown_table(rows)]
+    if thr and not thr.get("guaranteed", True):
+        out.append(f"- {thr['n_calibration']} held-out images cannot guarantee FPR {thr['target_fpr']:g} (needs "
+                   f">= {thr['min_n_for_target']}); the threshold is their largest score (FPR bound "
+                   f"{thr['fpr_bound']:.3g})")
+    return out
 
 
 def write_run_report(out_dir, metrics: dict, *, train_log: list[dict] | None = None,

@@ -177,11 +177,8 @@ def settings_id(settings: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ cache identity
-CACHE_CHECK_KEYS = ("dim", "num_tokens")
-
-
 def cache_identity(cache) -> dict:
-    """What a run records about the cache it was trained on (provenance + the keys checked at eval time)."""
+    """What a run records about the cache it was trained on (provenance + the keys compat.py checks at eval time)."""
     meta = cache.meta
     bb = meta.get("backbone") or {}
     return {
@@ -197,30 +194,6 @@ def cache_identity(cache) -> dict:
         "dtype": meta.get("dtype"),
         "storage": meta.get("storage"),
     }
-
-
-def _backbone_key(bb: dict) -> dict:
-    bb = bb or {}
-    return {k: bb.get(k) for k in ("arch", "weights_sha256", "image_size", "layer", "pool")}
-
-
-def check_cache_matches(run_cache: dict, cache, run_dir) -> None:
-    """Refuse a cache whose fingerprint, backbone, dimension, token count or classes differ from the run's."""
-    problems = []
-    bb_run, bb_now = _backbone_key(run_cache.get("backbone")), _backbone_key(cache.meta.get("backbone"))
-    for k in bb_run:
-        if bb_run[k] != bb_now[k]:
-            problems.append(f"backbone {k} {bb_run[k]!r} vs {bb_now[k]!r}")
-    for k in CACHE_CHECK_KEYS:
-        if run_cache.get(k) != getattr(cache, k):
-            problems.append(f"{k} {run_cache.get(k)!r} vs {getattr(cache, k)!r}")
-    if run_cache.get("class_names") != cache.class_names:
-        problems.append("class names differ")
-    if run_cache.get("fingerprint") != cache.fingerprint:
-        problems.append(f"fingerprint {run_cache.get('fingerprint')} vs {cache.fingerprint}")
-    if problems:
-        raise SanfError(f"run {run_dir} was trained on another cache than {cache.path} ({'; '.join(problems)}); "
-                        f"evaluate it with the cache it was trained on (--cache), or fit a new run on this cache")
 
 
 # --------------------------------------------------------------------------------------------- run folders
@@ -379,7 +352,8 @@ def finish_run(run_dir, config: dict, result) -> None:
     """Mark ``config`` finished, then write config, training log and model; drop the epoch checkpoint last."""
     run_dir = Path(run_dir)
     config.update({"flow": result.model.config(), "normalizer": result.normalizer.config(),
-                   "result": result.summary(), "status": "finished", "finished": now()})
+                   "result": result.summary(), "status": "finished", "finished": now(),
+                   "calibration": getattr(result, "calibration", None)})
     write_json_atomic(run_dir / CONFIG_FILE, config)
     write_jsonl_atomic(run_dir / LOG_FILE, result.log)
     save_model(run_dir, result.model, result.normalizer, config)

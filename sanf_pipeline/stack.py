@@ -181,7 +181,9 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     amp = amp_dtype(device, c0.amp)
     K = len(members)
 
-    n_val = max(1, int(round(c0.val_fraction * n))) if c0.early_stopping else 0
+    n_val = max(1, int(round(c0.val_fraction * n)))  # as train.prepare_data: held out for calibration also
+    if not c0.early_stopping and n - n_val < 2:
+        n_val = 0
     if n - n_val < 2:
         raise SanfError(f"only {n} training sample(s) of the normal class ({n_val} held out); need at least "
                         f"{n_val + 2}: use --epochs N without early stopping or a class with more samples")
@@ -258,6 +260,7 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     best_epoch = [0] * K
     bad_epochs = [0] * K
     best_state: list[dict | None] = [None] * K
+    initial_val: list[float | None] = [None] * K
     n_tr = n - n_val
     bs = c0.batch_size
     steps = (n_tr + bs - 1) // bs
@@ -270,12 +273,24 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
         flow.load_state_dict({name: t.to("cpu") for name, t in state.items()})
         results[k] = FitResult(model=flow.eval(), normalizer=norms[k], log=logs[k], best_epoch=best_epoch[k],
                                epochs_run=len(logs[k]), stopped_early=stopped, n_train=n_tr, n_val=n_val,
-                               device=str(device), resumed_from=0, epoch_selection=cfgs[k].epoch_selection)
+                               device=str(device), resumed_from=0, epoch_selection=cfgs[k].epoch_selection,
+                               calibration=_calibration(flow, norms[k], members[k], cfgs[k], va_idx[k]),
+                               initial_val_nll=initial_val[k])
 
     def member_state(pos: int) -> dict:
         out = {name: t[pos].detach().clone() for name, t in params.items()}
         out.update({name: t[pos].clone() for name, t in buffers.items()})
         return out
+
+    if n_val and c0.early_stopping and c0.keep_initial:
+        # as fit_flow: the untrained flows compete as epoch 0 (FitConfig.keep_initial)
+        every = torch.arange(K, dtype=torch.long, device=device)
+        init = _stacked_nll(forward, params, buffers, X[every], va_t[every], P, offs[every][:, None],
+                            None if p_mean is None else p_mean[every], None if p_std is None else p_std[every],
+                            c0.eval_batch_size, z_dim, amp=None)
+        for k in range(K):
+            initial_val[k] = best_val[k] = float(init[k])
+            best_state[k] = member_state(k)
 
     with progress_bar(quiet, unit="steps") as bar:
         task = bar.add_task(f"{description} ({K} flows)", total=steps * total_epochs, rate="")
@@ -330,7 +345,7 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
             losses = (loss_sum / n_tr).cpu().numpy()
             bad_at = first_bad.cpu().numpy()
             val = None
-            if n_val:
+            if n_val and c0.early_stopping:
                 val = _stacked_nll(forward, params, buffers, X[act], va_t[act], P, off_act, mean_act, std_act,
                                    c0.eval_batch_size, z_dim, amp=None)
             keep = []
@@ -342,7 +357,7 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
                                            steps, cfgs[k], epoch - 1, None)
                     continue
                 stopped = False
-                if n_val:
+                if val is not None:
                     v = float(val[pos])
                     if not math.isfinite(v):
                         results[k] = _diverged(f"the held-out NLL became {v}", epoch, steps, steps, cfgs[k],
@@ -372,6 +387,22 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
             active = [active[pos] for pos in keep]
         bar.update(task, completed=steps * total_epochs)
     return results  # type: ignore[return-value]
+
+
+def _calibration(flow, norm: Normalizer, member, cfg: FitConfig, va: np.ndarray) -> dict | None:
+    """The held-out normal scores and default threshold of one member, as ``train.fit_flow`` stores them."""
+    from .calibration import SLICE_EARLY, SLICE_FIXED, calibration_record
+    from .scoring import SCORES, score_flow
+
+    if not len(va):
+        return None
+    cls = np.asarray(member.cls, dtype=np.float32)[va]
+    patch = np.asarray(member.patch[va], dtype=np.float32) if cfg.needs_patch else None
+    x, p = norm.transform(cls, patch)
+    held_out = {s: score_flow(flow, torch.from_numpy(x), None if p is None else torch.from_numpy(p), s,
+                              batch_size=cfg.eval_batch_size) for s in SCORES}
+    return calibration_record(held_out, fpr=cfg.fpr, slice_desc=SLICE_EARLY if cfg.early_stopping else SLICE_FIXED,
+                              seed=cfg.seed, fraction=cfg.val_fraction)
 
 
 def _compact(params, buffers, opt, keep: list[int], make_opt):

@@ -35,7 +35,8 @@ def _default_out(cache: Path) -> Path:
 @click.option("--set", "fixed", multiple=True, metavar="KEY=VALUE",
               help="A fixed fit setting for every flow run (repeatable), e.g. --set epochs=1 --set hidden=512.")
 @click.option("--methods", default="flow", show_default=True,
-              help="Comma list of flow and registered baselines (knn, knn-l2, gaussian, ...; once per class).")
+              help="Comma list of flow and registered baselines (knn, knn-l2, gaussian, patch-knn, ...; once per "
+                   "class).")
 @click.option("--seeds", default="0", show_default=True, help="Comma list of flow seeds, e.g. 0,1,2.")
 @click.option("--score", type=_RegistryChoice(_scores), default="nll", show_default=True, help="Flow score.")
 @click.option("--workers", type=int, help="Parallel runs [default: the CPU cores; 1 on a GPU].")

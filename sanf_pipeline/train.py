@@ -52,7 +52,7 @@ from .runs import (
     settings_id,
     write_jsonl_atomic,
 )
-from .scoring import score_flow
+from .scoring import SCORES, score_flow
 
 
 @dataclass
@@ -68,13 +68,16 @@ class FitResult:
     device: str
     resumed_from: int = 0
     epoch_selection: str = ""
+    calibration: dict | None = None  # held-out normal scores + default threshold (calibration.py)
+    initial_val_nll: float | None = None  # held-out NLL of the untrained flow (epoch 0), with keep_initial
 
     def summary(self) -> dict:
         last = self.log[-1] if self.log else {}
         best = next((r for r in self.log if r["epoch"] == self.best_epoch), {})
         return {"best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "stopped_early": self.stopped_early,
                 "n_train": self.n_train, "n_val": self.n_val, "final_train_loss": last.get("train_loss"),
-                "best_val_nll": best.get("val_nll"), "epoch_selection": self.epoch_selection,
+                "best_val_nll": best.get("val_nll", self.initial_val_nll if self.best_epoch == 0 else None),
+                "initial_val_nll": self.initial_val_nll, "epoch_selection": self.epoch_selection,
                 "resumed_from_epoch": self.resumed_from}
 
 
@@ -146,7 +149,8 @@ class PreparedData:
 
 def prepare_data(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConfig,
                  device: torch.device) -> PreparedData:
-    """Check the arrays, hold out ``val_fraction`` of the rows (early stopping), fit the normaliser on the rest."""
+    """Check the arrays, hold out ``val_fraction`` of the rows (early stopping's slice; with a fixed length the same
+    share, kept for calibrating the threshold only), fit the normaliser on the rest."""
     train_cls = np.asarray(train_cls, dtype=np.float32)
     if train_cls.ndim != 2:
         raise SanfError(f"class features must be (n, d), got shape {train_cls.shape}")
@@ -160,7 +164,9 @@ def prepare_data(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: Fit
         train_patch = None
     check_finite("the training features", train_cls, train_patch)
     n = len(train_cls)
-    n_val = max(1, int(round(cfg.val_fraction * n))) if cfg.early_stopping else 0
+    n_val = max(1, int(round(cfg.val_fraction * n)))
+    if not cfg.early_stopping and n - n_val < 2:
+        n_val = 0  # too few rows to hold any out: no calibrated threshold
     if n - n_val < 2:
         raise SanfError(f"only {n} training sample(s) of the normal class ({n_val} held out); need at least "
                         f"{n_val + 2}: use --epochs N without early stopping or a class with more samples")
@@ -212,6 +218,12 @@ class EarlyStopping:
     best_val: float = math.inf
     bad_epochs: int = 0
     best_state: dict | None = None
+    initial_val: float | None = None
+
+    def start(self, val: float, flow: torch.nn.Module) -> None:
+        """Score the untrained flow as "epoch 0": it is kept unless a trained epoch beats it (keep_initial)."""
+        self.initial_val = self.best_val = val
+        self.best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
 
     @property
     def stopped(self) -> bool:
@@ -228,12 +240,13 @@ class EarlyStopping:
 
     def state(self) -> dict:
         return {"best_epoch": self.best_epoch, "best_val": None if math.isinf(self.best_val) else self.best_val,
-                "bad_epochs": self.bad_epochs}
+                "bad_epochs": self.bad_epochs, "initial_val": self.initial_val}
 
     def load(self, meta: dict, best_state: dict | None) -> None:
         self.best_epoch, self.bad_epochs = int(meta["best_epoch"]), int(meta["bad_epochs"])
         self.best_val = math.inf if meta.get("best_val") is None else float(meta["best_val"])
         self.best_state = best_state or None
+        self.initial_val = meta.get("initial_val")
 
 
 # --------------------------------------------------------------------------------------------------- resume
@@ -278,16 +291,28 @@ class _Checkpoint:
 # devices where the step loop checks the loss on the host each step (free on CPU; on a GPU it would stall the queue)
 HOST_CHECK_DEVICES = ("cpu",)
 
+
+def epoch_steps(n_train: int, cfg: FitConfig) -> int:
+    """Optimiser steps of one epoch: one pass over the rows, or ``min_epoch_steps`` if that is more."""
+    return max((n_train + cfg.batch_size - 1) // cfg.batch_size, cfg.min_epoch_steps)
+
+
 def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: int, amp, diverged, progress) -> dict:
     """One pass over the training rows in the seeded order of ``epoch``; returns the epoch's log row."""
     from .flow import log_likelihood
 
     device = data.x_tr.device
     n_tr = data.n_train
-    steps = (n_tr + cfg.batch_size - 1) // cfg.batch_size
+    steps = epoch_steps(n_tr, cfg)
     flow.train()
     t0 = time.perf_counter()
-    perm = torch.randperm(n_tr, generator=_epoch_generator(cfg.seed, epoch)).to(device)
+    gen = _epoch_generator(cfg.seed, epoch)
+    # enough passes over the rows for `steps` batches (one pass unless min_epoch_steps asks for more)
+    # (a short last batch, as one pass has, unless the epoch is longer than one pass)
+    one_pass = steps == (n_tr + cfg.batch_size - 1) // cfg.batch_size
+    passes = 1 if one_pass else -(-steps * cfg.batch_size // n_tr)
+    perm = torch.cat([torch.randperm(n_tr, generator=gen) for _ in range(passes)]).to(device)
+    noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(epoch) + 500_000_001)
     # on a GPU the step loop never waits for the device: the loss is summed there and the first non-finite step is
     # kept there, both read once per epoch (on CPU a per-step check costs nothing)
     host_checks = device.type in HOST_CHECK_DEVICES
@@ -297,6 +322,11 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
         idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         xb = data.x_tr[idx]
         pb = None if data.p_tr is None else data.p_tr[idx]
+        if cfg.noise:  # on what the flow transforms: the class feature, or the tokens (spatial layout)
+            if cfg.main_input == "spatial":
+                pb = pb + cfg.noise * torch.randn(pb.shape, generator=noise_gen).to(device)
+            else:
+                xb = xb + cfg.noise * torch.randn(xb.shape, generator=noise_gen).to(device)
         with autocast(device, amp):
             z, logdet = flow(xb, pb)
         loss = (-log_likelihood(z, logdet)).mean() / z.shape[-1]
@@ -322,13 +352,14 @@ def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: i
         if not host_checks:
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
         loss_sum += loss.detach().double() * len(idx)
-        seen = step * cfg.batch_size + len(idx)
+        seen = min(step * cfg.batch_size + len(idx), len(perm))
         progress(float(loss.detach()) if host_checks else None, seen / max(time.perf_counter() - t0, 1e-9))
     if int(first_bad) > 0:
         raise diverged("the loss or its gradient became non-finite", int(first_bad))
     loss_sum = float(loss_sum)
     seconds = time.perf_counter() - t0
-    return {"epoch": epoch, "train_loss": loss_sum / n_tr, "val_nll": None, "samples_per_s": n_tr / seconds,
+    seen = min(steps * cfg.batch_size, len(perm))
+    return {"epoch": epoch, "train_loss": loss_sum / seen, "val_nll": None, "samples_per_s": seen / seconds,
             "seconds": seconds, "lr": cfg.lr}
 
 
@@ -371,7 +402,12 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
         ckpt = _Checkpoint(run_dir, settings_id({"settings": cfg.settings(), "data": data.digest}))
     start_epoch, log = ckpt.load(flow, opt, scaler, stopping) if ckpt is not None else (0, [])
     resumed_from = last_good = start_epoch
-    steps = (data.n_train + cfg.batch_size - 1) // cfg.batch_size
+    if cfg.early_stopping and cfg.keep_initial and start_epoch == 0:
+        # the untrained flow competes too: a few hundred images can leave every trained epoch worse on held-out
+        # rows than the starting density (benchmarks/flow_industrial_probe.md)
+        stopping.start(float(score_flow(flow, data.x_va, data.p_va, "nll", batch_size=cfg.eval_batch_size).mean()
+                             / flow.z_dim), flow)
+    steps = epoch_steps(data.n_train, cfg)
     total_epochs = cfg.total_epochs
 
     epoch_seconds: list[float] = []  # measured in this process: the time left is estimated from these only
@@ -392,7 +428,7 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
 
             row = _train_epoch(flow, opt, scaler, data, cfg, epoch, amp, diverged, progress)
             val = None
-            if data.n_val:
+            if data.n_val and cfg.early_stopping:
                 # held-out NLL in full precision (also under AMP): it decides the epoch
                 val = float(score_flow(flow, data.x_va, data.p_va, "nll", batch_size=cfg.eval_batch_size).mean()
                             / flow.z_dim)
@@ -414,8 +450,16 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
 
     if cfg.early_stopping and stopping.best_state is not None:
         flow.load_state_dict(stopping.best_state)
+    calibration = None
+    if data.n_val:
+        from .calibration import SLICE_EARLY, SLICE_FIXED, calibration_record
+
+        held_out = {s: score_flow(flow, data.x_va, data.p_va, s, batch_size=cfg.eval_batch_size) for s in SCORES}
+        calibration = calibration_record(held_out, fpr=cfg.fpr, slice_desc=SLICE_EARLY if cfg.early_stopping
+                                         else SLICE_FIXED, seed=cfg.seed, fraction=cfg.val_fraction)
     flow.eval().to("cpu")
     return FitResult(model=flow, normalizer=data.normalizer, log=log, best_epoch=stopping.best_epoch,
                      epochs_run=len(log), stopped_early=bool(stopping.stopped), n_train=data.n_train,
                      n_val=data.n_val, device=str(device), resumed_from=resumed_from,
-                     epoch_selection=cfg.epoch_selection)
+                     epoch_selection=cfg.epoch_selection, calibration=calibration,
+                     initial_val_nll=stopping.initial_val)

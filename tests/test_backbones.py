@@ -143,6 +143,54 @@ def test_layer_equals_timm_forward_intermediates(tmp_path, layer):
         assert not torch.allclose(patch, full[:, 5:])
 
 
+@pytest.mark.parametrize("layers", [(0, 2), (2, 0), (-1, 1)])
+def test_several_vit_layers_are_concatenated_in_one_pass(tmp_path, layers):
+    ref = tiny_timm(REG, seed=3)
+    f = save_weights(ref, tmp_path / "w.safetensors")
+    bb = create_backbone(REG, weights=f, image_size=56, layer=",".join(map(str, layers)), model_kwargs=TINY)
+    want = [n % 3 for n in layers]
+    assert bb.layer == want and len(bb.model.blocks) == max(want) + 1
+    assert bb.dim == 2 * 32 and bb.provenance()["layer_dims"] == [32, 32]
+    x = _x()
+    with torch.inference_mode():
+        cls, patch = bb(x)
+        outs = ref.forward_intermediates(x, indices=want, norm=True, return_prefix_tokens=True, output_fmt="NLC",
+                                         intermediates_only=True)
+    torch.testing.assert_close(patch, torch.cat([p for p, _ in outs], dim=2))
+    torch.testing.assert_close(cls, torch.cat([c[:, 0] for _, c in outs], dim=1))
+
+
+def test_several_cnn_stages_on_the_finest_grid():
+    bb = create_backbone("tf_efficientnet_lite0", weights="random", image_size=64, layer=[2, 3])
+    assert bb.layer == [2, 3] and bb.layer_dims == [40, 112] and bb.dim == 152 and bb.grid == (8, 8)
+    pooled = create_backbone("tf_efficientnet_lite0", weights="random", image_size=64, layer="2,3", pool=2)
+    x = _x(64)
+    with torch.inference_mode():
+        cls, patch = bb(x)
+        a, b = bb.model.forward_intermediates(x, indices=[2, 3], intermediates_only=True)
+        cls_p, patch_p = pooled(x)
+    assert a.shape[2:] == (8, 8) and b.shape[2:] == (4, 4)
+    up = F.interpolate(b, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(patch, torch.cat([a, up], 1).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(cls, torch.cat([a.mean((2, 3)), b.mean((2, 3))], 1))
+    torch.testing.assert_close(cls_p, cls)
+    torch.testing.assert_close(patch_p, pool_tokens(patch, (8, 8), 2))
+
+
+@pytest.mark.parametrize("value,want", [(None, None), ("8", 8), ("8,11", (8, 11)), ([3], 3), ((2, 3), (2, 3))])
+def test_parse_layers(value, want):
+    assert B.parse_layers(value) == want
+
+
+def test_bad_layers():
+    with pytest.raises(SanfError, match="integers separated by commas"):
+        B.parse_layers("8;11")
+    with pytest.raises(SanfError, match="twice"):
+        create_backbone(VIT, weights="random", image_size=56, layer="2,-1", model_kwargs=TINY)
+    with pytest.raises(SanfError, match="out of range"):
+        create_backbone(VIT, weights="random", image_size=56, layer="0,3", model_kwargs=TINY)
+
+
 def test_layer_out_of_range():
     with pytest.raises(SanfError, match="out of range"):
         create_backbone(VIT, weights="random", image_size=56, layer=3, model_kwargs=TINY)

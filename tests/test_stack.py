@@ -56,6 +56,12 @@ def test_stack_equals_separate_runs(name, one_torch_thread):
         ref = fit_flow(m.cls, m.patch, m.cfg)
         assert r.best_epoch == ref.best_epoch and r.epochs_run == ref.epochs_run
         assert r.stopped_early == ref.stopped_early and (r.n_train, r.n_val) == (ref.n_train, ref.n_val)
+        # the held-out normal scores behind the threshold (issue 11), as fit_flow computes them
+        assert r.calibration["n"] == ref.calibration["n"] > 0
+        np.testing.assert_allclose(r.calibration["scores"]["nll"], ref.calibration["scores"]["nll"], rtol=1e-4)
+        assert (r.initial_val_nll is None) == (ref.initial_val_nll is None)  # keep_initial: epoch 0 scored in both
+        if ref.initial_val_nll is not None:
+            assert abs(r.initial_val_nll - ref.initial_val_nll) <= TOL
         sd, rsd = r.model.state_dict(), ref.model.state_dict()
         assert sd.keys() == rsd.keys()
         for k in sd:

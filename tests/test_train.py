@@ -111,7 +111,8 @@ def test_early_stopping_keeps_best_epoch(arrays):
     res = fit_flow(cls, patch, cfg)
     vals = [r["val_nll"] for r in res.log]
     assert all(v is not None for v in vals) and res.n_val == 10 and res.n_train == 30
-    assert res.best_epoch == 1 + int(np.argmin(vals))
+    # epoch 0 is the untrained flow (keep_initial), kept only when no trained epoch beats it
+    assert res.best_epoch == int(np.argmin([res.initial_val_nll, *vals]))
     assert res.stopped_early and res.epochs_run < cfg.max_epochs  # lr 2e-2 overfits 30 rows within a few epochs
     assert res.epochs_run - res.best_epoch == cfg.patience
     # the returned model is the best epoch's: its held-out NLL is the logged minimum
@@ -119,7 +120,7 @@ def test_early_stopping_keeps_best_epoch(arrays):
     va = np.sort(order[:res.n_val])
     x, p = res.normalizer.transform(cls[va], patch[va])
     nll = score_flow(res.model, torch.from_numpy(x), torch.from_numpy(p)).mean() / cls.shape[1]
-    assert nll == pytest.approx(min(vals), rel=1e-5)
+    assert nll == pytest.approx(min(res.initial_val_nll, *vals), rel=1e-5)
 
 
 def test_stopping_rule():
@@ -140,11 +141,12 @@ def test_stopping_rule():
     assert fixed.best_epoch == 3 and not fixed.stopped and fixed.best_state is None
 
 
-def test_fixed_epochs_uses_all_rows(arrays):
+def test_fixed_epochs_hold_out_the_calibration_slice(arrays):
+    """A fixed length trains on 90% and keeps the same 10% as early stopping would, for calibration only."""
     cls, patch, *_ = arrays
     res = fit_flow(cls, patch, FitConfig(**{**TINY, "early_stopping": False, "epochs": 2}))
-    assert res.n_train == len(cls) and res.n_val == 0 and res.epochs_run == 2 and res.best_epoch == 2
-    assert all(r["val_nll"] is None for r in res.log)
+    assert res.n_train == len(cls) - 4 and res.n_val == 4 and res.epochs_run == 2 and res.best_epoch == 2
+    assert all(r["val_nll"] is None for r in res.log) and res.calibration["n"] == 4
 
 
 def test_bad_settings_refused(arrays):
@@ -275,3 +277,55 @@ def test_variants_fit_save_load_and_eval(cache, tmp_path, over):
     from sklearn.metrics import roc_auc_score
 
     assert res.metrics["auroc"] == pytest.approx(roc_auc_score(labels != 0, direct), abs=1e-12)
+
+
+def test_min_epoch_steps_and_input_noise_are_seeded_and_change_training(arrays):
+    cls, patch, *_ = arrays
+    base = fit_flow(cls, patch, FitConfig(**TINY))
+    longer = FitConfig(**{**TINY, "min_epoch_steps": 7, "noise": 0.2})
+    a = fit_flow(cls, patch, longer)
+    b = fit_flow(cls, patch, longer)
+    assert _state_equal(a.model, b.model)  # the row cycling and the noise come from seeded generators
+    assert not _state_equal(a.model, base.model)
+    # the old values drop out of the settings, so runs fitted before these fields existed keep their identity
+    assert "min_epoch_steps" not in FitConfig().settings() and "noise" not in FitConfig().settings()
+    assert longer.settings()["min_epoch_steps"] == 7 and longer.settings()["noise"] == 0.2
+    with pytest.raises(SanfError, match="noise"):
+        fit_flow(cls, patch, FitConfig(**TINY, noise=-1.0))
+
+
+def test_min_epoch_steps_counts_optimizer_steps(arrays, monkeypatch):
+    cls, patch, *_ = arrays
+    steps = []
+    real = torch.optim.Adam.step
+
+    def counting(self, *a, **k):
+        steps.append(1)
+        return real(self, *a, **k)
+    monkeypatch.setattr(torch.optim.Adam, "step", counting)
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 2, "min_epoch_steps": 9})
+    fit_flow(cls, patch, cfg)
+    assert len(steps) == 2 * max(-(-len(cls) // cfg.batch_size), 9)
+
+
+@pytest.mark.parametrize("keep_initial", [True, False])
+def test_early_stopping_can_keep_the_untrained_flow(keep_initial):
+    # Gaussian data: the whitened start is already the true density, so training 30 rows can only over-fit
+    rng = np.random.default_rng(0)
+    cls, patch = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(40, 4, 8)).astype(np.float32)
+    cfg = FitConfig(hidden=64, blocks=2, batch_size=8, lr=2e-2, device="cpu", max_epochs=4, patience=2,
+                    val_fraction=0.25, seed=0, keep_initial=keep_initial)
+    res = fit_flow(cls, patch, cfg)
+    vals = [r["val_nll"] for r in res.log]
+    va = np.sort(np.random.default_rng(cfg.seed).permutation(len(cls))[:res.n_val])
+    x, p = res.normalizer.transform(cls[va], patch[va])
+    nll = score_flow(res.model, torch.from_numpy(x), torch.from_numpy(p)).mean() / cls.shape[1]
+    if keep_initial:
+        assert res.initial_val_nll < min(vals) and res.best_epoch == 0  # the premise of this test case
+        assert nll == pytest.approx(res.initial_val_nll, rel=1e-6)
+        assert res.summary()["best_val_nll"] == res.initial_val_nll
+        assert "keep_initial" in cfg.settings()
+    else:
+        assert res.initial_val_nll is None and res.best_epoch == 1 + int(np.argmin(vals))
+        assert nll == pytest.approx(min(vals), rel=1e-5)
+        assert "keep_initial" not in cfg.settings()  # same identity as runs fitted before the field existed

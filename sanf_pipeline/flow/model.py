@@ -217,6 +217,22 @@ class SANFlow(nn.Module):
             h, logdet = h.reshape(h.shape[0], -1), logdet.sum(dim=-1)
         return h, logdet
 
+    def token_log_likelihood(self, x: torch.Tensor | None, patch: torch.Tensor) -> torch.Tensor:
+        """Spatial layout only: ``log p`` of every patch token given its image's class feature, ``(B, T)``.
+
+        The image's ``log_likelihood(*forward(x, patch))`` is the sum of these over its tokens (the couplings
+        act per token). Scoring an image by its least likely token instead of the sum keeps a defect that
+        covers a few tokens from being averaged away by the many normal ones.
+        """
+        if self.main_input != "spatial":
+            raise ValueError("token_log_likelihood needs main_input='spatial' (the flow over the patch tokens)")
+        h, ctx = self._main_and_context(x, patch)
+        logdet = h.new_zeros(h.shape[:-1])
+        for layer, frame in zip(self.layers, self._context_frames(ctx), strict=True):
+            h, ld = layer(h, frame)
+            logdet = logdet + ld
+        return log_likelihood(h, logdet)
+
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Invert ``forward`` given the input that conditioned it.
 

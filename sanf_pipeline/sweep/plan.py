@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +228,11 @@ class RunSpec:
 
     @property
     def needs_patch(self) -> bool:
-        return self.is_flow and self.fit_config().needs_patch
+        if not self.is_flow:
+            from ..baselines import needs_patch
+
+            return needs_patch(self.method)
+        return self.fit_config().needs_patch
 
     def fit_config(self, device: str | None = None):
         from ..fit_config import FitConfig
@@ -270,6 +275,8 @@ def plan_sweep(cache, classes="all", grid=None, methods=(FLOW,), seeds=(0,), fix
     """The runs of a sweep, in execution order (class-major). ``cache``: a path, an open cache or class names."""
     names = _class_names(cache)
     class_idx = resolve_classes(names, classes)
+    if classes is None or (isinstance(classes, str) and classes.strip().lower() == "all"):
+        class_idx = _with_training_data(cache, names, class_idx)
     if not class_idx:
         raise SanfError("no classes selected")
     grid = parse_grid(grid)
@@ -312,6 +319,24 @@ def plan_sweep(cache, classes="all", grid=None, methods=(FLOW,), seeds=(0,), fix
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise SanfError(f"two planned runs share the id {dup[0]!r}; class names or grid values collide")
     return specs
+
+
+def _with_training_data(cache, names: list[str], class_idx: list[int]) -> list[int]:
+    """Drop the classes without training samples (an MVTec cache's defect classes) from ``--classes all``."""
+    if isinstance(cache, (list, tuple)):
+        return class_idx
+    from ..cache import open_cache
+
+    if hasattr(cache, "split"):
+        counts = cache.split("train").class_counts()
+    else:
+        with open_cache(cache) as c:
+            counts = c.split("train").class_counts()
+    empty = [i for i in class_idx if counts[i] == 0]
+    if empty:
+        print(f"note: skipping {len(empty)} class(es) without training images: "
+              f"{', '.join(names[i] for i in empty)}", file=sys.stderr)
+    return [i for i in class_idx if counts[i] > 0]
 
 
 def _class_names(cache) -> list[str]:

@@ -96,7 +96,11 @@ def stackable(spec: RunSpec, runs_dir: Path) -> bool:
     from ..runs import CHECKPOINT_FILE, MODEL_FILE
 
     rd = runs_dir / spec.run_id
-    return spec.is_flow and not (rd / CHECKPOINT_FILE).exists() and not (rd / MODEL_FILE).exists()
+    if not spec.is_flow or (rd / CHECKPOINT_FILE).exists() or (rd / MODEL_FILE).exists():
+        return False
+    fit = spec.fit or {}
+    # the stacked loop runs one pass per epoch without input noise; such runs train one by one
+    return fit.get("min_epoch_steps", 1) == 1 and not fit.get("noise", 0.0)
 
 
 def stack_size_for(todo: list[RunSpec], ctx: dict, cache, stack) -> int:

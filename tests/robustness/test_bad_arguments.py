@@ -113,7 +113,7 @@ def test_eval_with_mismatched_cache_refused(pets_cache, tmp_path):
     other = write_synthetic_cache(tmp_path / "other", n_classes=3, n_train=4, n_test=4, dim=8, num_tokens=4,
                                   class_names=["cat", "dog", "frog"])
     r = sanf("eval", "--run", out, "--cache", other)
-    assert_user_error(r, "trained on another cache", "dim 16 vs 8")
+    assert_user_error(r, "not compatible", "token width differs (run 16, cache 8)")
 
 
 # ---------------------------------------------------------------------------------------- the cache itself
@@ -203,12 +203,15 @@ def test_info_and_verify_refuse_non_caches(tmp_path, bad):
 # --------------------------------------------------------------------------------------- run vs cache
 def test_run_cache_mismatch_refused(tiny_run, tmp_path):
     other_dim = write_synthetic_cache(tmp_path / "d8", n_classes=3, n_train=10, n_test=5, dim=8, num_tokens=4)
-    with pytest.raises(SanfError, match="another cache.*dim 16 vs 8"):
+    with pytest.raises(SanfError, match="not compatible.*token width differs"):
         eval_run(tiny_run, cache=other_dim)
+    other_tokens = write_synthetic_cache(tmp_path / "t2", n_classes=3, n_train=10, n_test=5, dim=16, num_tokens=9)
+    with pytest.raises(SanfError, match="not compatible.*token count differs"):
+        eval_run(tiny_run, cache=other_tokens)
+    # other images in the same feature space (issue 11): scored, not refused for their fingerprint
     other_data = write_synthetic_cache(tmp_path / "s2", n_classes=3, n_train=40, n_test=20, dim=16, num_tokens=4,
-                                       separation=1.0, seed=2)
-    with pytest.raises(SanfError, match="fingerprint"):
-        eval_run(tiny_run, cache=other_data)
+                                       separation=1.0, seed=2, class_names=["cat", "dog", "frog"])
+    assert eval_run(tiny_run, cache=other_data, out_dir=tmp_path / "e").metrics["n_test"] == 60
 
 
 def test_missing_and_incomplete_runs_refused(tmp_path, pets_cache):

@@ -18,15 +18,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def interrupt_at(monkeypatch, n: int) -> None:
     """Ctrl-C arrives during the n-th backbone batch (batches of 4, shards of 8 in extract_args)."""
-    real, calls = E._forward, [0]
+    real, calls = E._Forward.launch, [0]
 
-    def forward(*args, **kwargs):
+    def launch(self, x):
         calls[0] += 1
         if calls[0] == n:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, x)
 
-    monkeypatch.setattr(E, "_forward", forward)
+    monkeypatch.setattr(E._Forward, "launch", launch)
 
 
 def done_rows(cache) -> int:

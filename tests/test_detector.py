@@ -1,0 +1,255 @@
+"""A trained run as a detector (detector.py, detector_cli.py, export.py): `sanf score` gives `sanf eval`'s scores
+for the same images (real DINOv2 weights from ../shared, fp32, CPU), a copied run folder finds its weights by the
+usual order and checks their sha256, ONNX agrees with PyTorch on real images for ViT and CNN backbones and every
+fusion mode, and bad input is one line with exit code 2 and nothing overwritten."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import DINOV2_WEIGHTS, SHARED, TINY_FLOW, assert_user_error, extract_config, unpack_cifar_slice
+
+from sanf_pipeline.cli import cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+EFFNET_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+
+
+def sanf(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def read_csv(path) -> dict[str, dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {r["path"]: r for r in csv.DictReader(fh)}
+
+
+def _fit_eval(cache, out, normal, **fit):
+    from sanf_pipeline.jobs import eval_run, fit_run
+    from sanf_pipeline.train import FitConfig
+
+    fit_run(cache, normal, FitConfig(**{**TINY_FLOW, "max_epochs": 2, **fit}), out, quiet=True)
+    eval_run(out, plots=False, device="cpu")
+    return Path(out)
+
+
+def _eval_scores(run_dir, data_root) -> dict[str, float]:
+    from sanf_pipeline.evaluate import read_scores_csv
+
+    ev = read_scores_csv(Path(run_dir) / "scores.csv")
+    return {str(Path(data_root) / sid): s for sid, s in zip(ev["sample_id"], ev["score"], strict=True)}
+
+
+# ---------------------------------------------------------------------------------- tiny random ViT (fast)
+@pytest.fixture(scope="module")
+def tiny(folder_dataset, tmp_path_factory):
+    from sanf_pipeline.extract import extract
+
+    root = tmp_path_factory.mktemp("tiny")
+    extract(extract_config(folder_dataset, root / "cache", dtype="float32"))
+    return {"data": folder_dataset, "cache": root / "cache", "run": _fit_eval(root / "cache", root / "run", "a")}
+
+
+def test_detector_api_equals_eval(tiny):
+    from sanf_pipeline import Detector
+
+    det = Detector.load(tiny["run"], device="cpu")
+    res = det.score([tiny["data"] / "test"], batch_size=3, num_workers=0)
+    want = _eval_scores(tiny["run"], tiny["data"])
+    assert len(res.paths) == 15 and not res.skipped
+    np.testing.assert_allclose(res.scores, [want[p] for p in res.paths], rtol=1e-5)
+    thr = det.threshold["value"]
+    assert (res.anomalous == (res.scores > thr)).all()
+    cal = np.asarray(det.config["calibration"]["scores"]["nll"])
+    assert res.percentiles.tolist() == [100.0 * (cal <= s).mean() for s in res.scores]
+
+
+@pytest.mark.parametrize("method", ["knn-l2", "gaussian"])
+def test_baseline_runs_are_detectors(tiny, tmp_path, method):
+    from sanf_pipeline import Detector
+    from sanf_pipeline.jobs import baseline_run
+
+    res = baseline_run(tiny["cache"], "a", method, tmp_path / method, plots=False, fpr=0.5)
+    cal = json.loads((tmp_path / method / "config.json").read_text())["calibration"]
+    assert cal["n"] == 1 and res.metrics["threshold"]["n_calibration"] == 1 and "f1_optimal_threshold" in res.metrics
+    det = Detector.load(tmp_path / method, device="cpu")
+    out = det.score([tiny["data"] / "test"], num_workers=0)
+    want = _eval_scores(tmp_path / method, tiny["data"])
+    # atol: the tiny random ViT's L2-normalised class tokens are ~1e-6 apart, where float64 cancellation shows
+    np.testing.assert_allclose(out.scores, [want[p] for p in out.paths], rtol=1e-5, atol=1e-9)
+    assert det.threshold["value"] == pytest.approx(cal["scores"][method][0])
+
+
+def test_score_cli_files_folders_globs(tiny, tmp_path):
+    data = tiny["data"]
+    out, js = tmp_path / "s.csv", tmp_path / "s.json"
+    r = sanf("score", "--run", tiny["run"], data / "test" / "a", str(data / "test" / "b" / "00[01].png"),
+             data / "test" / "c" / "004.png", "--out", out, "--json", js, "--num-workers", "0", "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = read_csv(out)
+    assert len(rows) == 5 + 2 + 1 and "8 scored" in r.stdout and "0 skipped" in r.stdout
+    doc = json.loads(js.read_text())
+    assert doc["n_scored"] == 8 and doc["threshold"]["n_calibration"] == 1
+    want = _eval_scores(tiny["run"], data)
+    for p, row in rows.items():
+        assert float(row["score"]) == pytest.approx(want[p], rel=1e-5)
+        assert int(row["anomalous"]) == int(float(row["score"]) > doc["threshold"]["value"])
+    # CSV on stdout, summary on stderr
+    r = sanf("score", "--run", tiny["run"], data / "test" / "a", "--num-workers", "0", "--quiet")
+    assert r.exit_code == 0 and r.stdout.startswith("path,score,anomalous,percentile") and "5 scored" in r.stderr
+
+
+def test_score_bad_input(tiny, tmp_path):
+    run, data = tiny["run"], tiny["data"]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(data / "test" / "a" / "000.png", imgs / "good.png")
+    (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "s.csv"
+    out.write_text("path,score,anomalous,percentile\nold\n")
+    r = sanf("score", "--run", run, imgs, "--out", out, "--on-error", "fail", "--num-workers", "0", "--quiet")
+    assert_user_error(r, "broken.png")
+    assert out.read_text() == "path,score,anomalous,percentile\nold\n"  # nothing overwritten
+    r = sanf("score", "--run", run, imgs, "--out", out, "--num-workers", "0", "--quiet")
+    assert r.exit_code == 0 and "1 scored" in r.stdout and "1 skipped" in r.stdout
+    assert "skipped" in r.stderr and "broken.png" in r.stderr and list(read_csv(out)) == [str(imgs / "good.png")]
+    (tmp_path / "empty").mkdir()
+    assert_user_error(sanf("score", "--run", run, tmp_path / "empty"), "holds no images")
+    assert_user_error(sanf("score", "--run", run, tmp_path / "nope.png"), "does not exist")
+    assert_user_error(sanf("score", "--run", run, str(tmp_path / "*.jpg")), "matches no files")
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes")
+    assert_user_error(sanf("score", "--run", run, imgs, "--out", mine), "not a sanf scores file")
+    assert mine.read_text() == "my notes"
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(run / "config.json", half / "config.json")
+    assert_user_error(sanf("score", "--run", half, imgs), "incomplete")
+    assert_user_error(sanf("export", "--run", half, "--out", tmp_path / "m.onnx"), "incomplete")
+
+
+def test_eval_refuses_a_cache_of_another_backbone(tiny, tmp_path, folder_dataset):
+    from sanf_pipeline.extract import extract
+
+    other = tmp_path / "c28"
+    extract(extract_config(folder_dataset, other, image_size=28, limit_per_class=2))
+    r = sanf("eval", "--run", tiny["run"], "--cache", other, "--out", tmp_path / "e")
+    assert_user_error(r, "not compatible", "image size differs")
+    assert not (tmp_path / "e").exists()
+
+
+def test_torchscript_export(tiny, tmp_path):
+    from sanf_pipeline import Detector
+
+    out = tmp_path / "m.pt"
+    r = sanf("export", "--run", tiny["run"], "--format", "torchscript", "--out", out)
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "m.pt.json").read_text())
+    assert side["threshold"]["value"] is not None and side["preprocessing"]["input_size"] == [3, 56, 56]
+    det = Detector.load(tiny["run"], device="cpu")
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(str(out))(x).numpy(), det.model(x).numpy(), rtol=1e-5)
+    assert_user_error(sanf("export", "--run", tiny["run"], "--format", "torchscript", "--out", out), "exists")
+
+
+# ------------------------------------------------------------------------ real weights from ../shared (slow)
+def _real_cache(root: Path, data: Path, backbone: str, weights: Path, **kw) -> Path:
+    from sanf_pipeline.extract import ExtractConfig, extract
+
+    cache = root / f"cache-{backbone}"
+    extract(ExtractConfig(backbone=backbone, dataset="folder", data_root=str(data), cache=str(cache),
+                          weights=str(weights), image_size=56, dtype="float32", batch_size=8, num_workers=0,
+                          quiet=True, **kw))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    if not DINOV2_WEIGHTS.is_file():
+        pytest.skip(f"real DINOv2 weights not found at {DINOV2_WEIGHTS}")
+    root = tmp_path_factory.mktemp("real")
+    data = unpack_cifar_slice(root / "data", per_class=12)
+    # extract with a copy of the weights that is gone afterwards: the run must find them by the usual order
+    wcopy = root / "w" / DINOV2_WEIGHTS.name
+    wcopy.parent.mkdir()
+    shutil.copy(DINOV2_WEIGHTS, wcopy)
+    cache = _real_cache(root, data, "vit_small_patch14_dinov2", wcopy, layer=8)
+    shutil.rmtree(wcopy.parent)
+    return {"root": root, "data": data, "cache": cache}
+
+
+@pytest.mark.slow
+def test_score_equals_eval_on_real_weights(real, tmp_path, monkeypatch):
+    run = _fit_eval(real["cache"], tmp_path / "run", "airplane", max_epochs=3)
+    moved = tmp_path / "elsewhere" / "run"  # the run folder copied to another machine
+    shutil.copytree(run, moved)
+    out = tmp_path / "s.csv"
+    test = real["data"] / "test"
+    args = ["score", "--run", moved, test, "--out", out, "--device", "cpu", "--num-workers", "0", "--quiet"]
+    from sanf_pipeline import backbones
+
+    def offline(model_name, kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(backbones, "_create_from_hub", offline)
+    assert_user_error(sanf(*args, env={"SANF_WEIGHTS_DIR": str(tmp_path)}), "no weights", "offline")
+    r = sanf(*args, env={"SANF_WEIGHTS_DIR": str(DINOV2_WEIGHTS.parent)})
+    assert r.exit_code == 0, r.output
+    rows = read_csv(out)
+    want = _eval_scores(run, real["data"])
+    assert len(rows) == 24 == len(want)
+    got = np.array([float(rows[p]["score"]) for p in want])
+    np.testing.assert_allclose(got, list(want.values()), rtol=1e-4)
+    # a weights file with another hash: one line naming both hashes, before anything is written
+    from conftest import save_weights, tiny_timm
+
+    other = save_weights(tiny_timm(), tmp_path / "vit_small_patch14_dinov2.other.safetensors")
+    out.write_text("path,score,anomalous,percentile\n")
+    r = sanf(*args, "--weights", other)
+    line = assert_user_error(r, "sha256", json.loads((run / "config.json").read_text())["cache"]["backbone"]
+                             ["weights"]["sha256"])
+    from sanf_pipeline.backbones import file_sha256
+
+    assert file_sha256(other) in line and out.read_text() == "path,score,anomalous,percentile\n"
+
+
+def _real_images(data: Path, n: int = 6) -> torch.Tensor:
+    from sanf_pipeline import Detector  # noqa: F401
+    from sanf_pipeline.data.folder import list_image_files
+    from sanf_pipeline.data.images import decode_image
+
+    return [decode_image(p) for p in list_image_files(data / "test")[:: max(1, 24 // n)][:n]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backbone", "fusion"), [("vit", "none"), ("vit", "gap"), ("vit", "learnable"),
+                                                  ("vit", "semantic"), ("cnn", "semantic")])
+def test_onnx_matches_pytorch_on_real_images(real, tmp_path, backbone, fusion):
+    pytest.importorskip("onnxruntime")
+    from sanf_pipeline import Detector
+    from sanf_pipeline.export import check_onnx
+
+    if backbone == "cnn":
+        if not EFFNET_WEIGHTS.is_file():
+            pytest.skip(f"EfficientNet-Lite0 weights not found at {EFFNET_WEIGHTS}")
+        cache = _real_cache(tmp_path, real["data"], "tf_efficientnet_lite0", EFFNET_WEIGHTS)
+    else:
+        cache = real["cache"]
+    run = _fit_eval(cache, tmp_path / "run", "airplane", fusion=fusion)
+    out = tmp_path / "m.onnx"
+    r = sanf("export", "--run", run, "--out", out, env={"SANF_WEIGHTS_DIR": str(DINOV2_WEIGHTS.parent)})
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert side["opset"] == 17 and side["threshold"]["n_calibration"] == 1
+    det = Detector.load(run, device="cpu", weights_dir=DINOV2_WEIGHTS.parent)
+    images = torch.stack([det.preprocess(im) for im in _real_images(real["data"])])
+    assert check_onnx(det, out, images) < 1e-3
+    assert check_onnx(det, out, images[:1]) < 1e-3  # the batch axis is dynamic
