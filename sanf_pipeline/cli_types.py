@@ -38,6 +38,7 @@ BUILTIN = {
     "_main_inputs": ("semantic", "spatial"),
     "_normalizations": ("none", "l2", "standardize", "l2+standardize", "l2+whiten"),
     "_scores": ("nll", "z2"),
+    "_baselines": ("knn", "knn-l2", "gaussian", "gaussian-whiten", "patch-knn"),
 }
 
 

@@ -108,11 +108,11 @@ def test_gaussian_whiten_is_the_flows_starting_density():
     np.testing.assert_allclose(nll - 0.5 * scores, np.full(len(scores), 0.5 * d * np.log(2 * np.pi)), rtol=1e-4)
 
 
-def test_baseline_k_device_quiet(pets_cache, tmp_path):
+def test_baseline_k_and_quiet(pets_cache, tmp_path):
     out = tmp_path / "b"
     r = run("baseline", "--cache", pets_cache, "--normal-class", "dog", "--method", "knn", "--k", "5", "--out", out,
-            "--device", "cpu", "--quiet")
-    assert r.exit_code == 0 and r.stdout == "", r.output
+            "--quiet")
+    assert r.exit_code == 0 and r.stderr == "", r.output  # --quiet: no progress output
     m = json.loads((out / "metrics.json").read_text())
     assert m["settings"]["k"] == 5 and m["options"] == {"k": 5}
     # another k is another result: never silently kept
@@ -120,7 +120,7 @@ def test_baseline_k_device_quiet(pets_cache, tmp_path):
     assert_user_error(r, "--overwrite")
     r = run("baseline", "--cache", pets_cache, "--normal-class", "dog", "--method", "gaussian", "--k", "3",
             "--out", tmp_path / "g")
-    assert_user_error(r, "--k does not apply to the gaussian baseline")
+    assert_user_error(r, "gaussian", "takes no options k")
 
 
 # ------------------------------------------------------------------------------- item 9: models a sweep keeps
@@ -245,7 +245,7 @@ def test_help_texts():
     assert set(GRID_KEYS) == {f.name for f in dataclasses.fields(FitConfig)} - set(NOT_GRID)
     helps = {name: run(*name.split(), "--help").output for name in ("sweep", "baseline", "report", "demo", "extract")}
     assert "normalize, patience" in " ".join(helps["sweep"].split()) and "--keep-models" in helps["sweep"]
-    for option in ("--k ", "--device", "--quiet"):
+    for option in ("--k ", "--quiet"):
         assert option in helps["baseline"], option
     assert "--out" in helps["report"]
     demo_device = next(p for p in cli.commands["demo"].params if p.name == "device")
