@@ -268,16 +268,9 @@ class _Items(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from .data.images import decode_image
-        from .errors import BadImageError
+        from .data.images import decode_image, load_or_reason
 
-        try:
-            return self.preprocess(decode_image(self.paths[i])), ""
-        except BadImageError as exc:
-            reason = exc.reason
-        except Exception as exc:  # any decoder failure on a user's file is a bad image, not a crash
-            reason = f"{type(exc).__name__}: {exc}"
-        return None, reason or "unreadable"
+        return load_or_reason(lambda: self.preprocess(decode_image(self.paths[i])))
 
 
 class _Collate:

@@ -21,8 +21,9 @@ import torch
 from .cache import BackgroundShardWriter, CacheSpec, CacheWriter, SplitListing
 from .cache.schema import DTYPES, FORMATS, shard_geometry
 from .cache.writer import check_cache_location
+from .data.images import load_or_reason
 from .device import PRECISIONS, autocast, precision_dtype, resolve_device
-from .errors import BadImageError, Interrupted, SanfError
+from .errors import Interrupted, SanfError
 from .progress import progress_bar
 from .runs import package_versions
 
@@ -117,13 +118,7 @@ class _ExtractionItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        try:
-            return self.preprocess.to_uint8(self.dataset.load(i), keep_smaller=self.keep_smaller), ""
-        except BadImageError as exc:
-            reason = exc.reason
-        except Exception as exc:  # any decoder failure on a user's file is a bad image, not a crash
-            reason = f"{type(exc).__name__}: {exc}"
-        return None, reason or "unreadable"
+        return load_or_reason(lambda: self.preprocess.to_uint8(self.dataset.load(i), keep_smaller=self.keep_smaller))
 
 
 class _Collate:

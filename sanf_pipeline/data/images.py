@@ -21,10 +21,14 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+T = TypeVar("T")
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
@@ -45,6 +49,20 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S")
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when the file name has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def load_or_reason(load: Callable[[], T]) -> tuple[T | None, str]:
+    """``(load(), "")``, or ``(None, reason)`` when the image behind ``load`` is bad: the one rule extraction and
+    scoring share for a file that cannot be turned into model input (it is skipped and listed, never a crash)."""
+    from ..errors import BadImageError
+
+    try:
+        return load(), ""
+    except BadImageError as exc:
+        reason = exc.reason
+    except Exception as exc:  # any decoder failure on a user's file is a bad image, not a crash
+        reason = f"{type(exc).__name__}: {exc}"
+    return None, reason or "unreadable"
 
 
 def decode_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:
