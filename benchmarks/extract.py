@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
+from bench_table import command_line, markdown_rows, print_rows  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
@@ -116,14 +119,12 @@ def main(argv=None) -> int:
             ("read one class block", f"{len(cls)} samples, {block_mb:.1f} MiB in {read_s * 1000:.1f} ms = "
                                      f"{block_mb / read_s:.0f} MiB/s"),
         ]
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"{k:<{width}}  {v}")
+        print_rows(rows)
         if args.markdown:
-            cmd = "python benchmarks/extract.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            cmd = command_line("extract.py", argv)
             with open(args.markdown, "a") as fh:
-                fh.write(f"\n### {time.strftime('%Y-%m-%d')}: `{cmd}`\n\n| measure | value |\n|---|---|\n")
-                fh.writelines(f"| {k} | {v} |\n" for k, v in rows)
+                fh.write(f"\n### {time.strftime('%Y-%m-%d')}: `{cmd}`\n\n")
+                fh.write("\n".join(markdown_rows(rows, ("measure", "value"))) + "\n")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

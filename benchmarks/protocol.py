@@ -25,6 +25,9 @@ import time
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
+from bench_table import command_line, markdown_rows, print_rows  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.zip"
 
@@ -207,15 +210,13 @@ def main(argv=None) -> int:
                 times["grid"] = time.perf_counter() - t
             rows.append(("grid on one cache", f"{len(g.specs)} flow runs in {times['grid']:.1f} s; stack "
                                               f"{g.timings.get('stack_size', 1)}{_gib(peak_grid)}"))
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"{k:<{width}}  {v}")
+        print_rows(rows)
         print(json.dumps({"times_s": times, "bare_img_s": bare, "extract_img_s": loop_rate}, default=str))
         if args.markdown:
-            cmd = "python benchmarks/protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            cmd = command_line("protocol.py", argv)
             with open(args.markdown, "w") as fh:
-                fh.write(f"### {time.strftime('%Y-%m-%d')}: `{cmd}`\n\n| stage | result |\n|---|---|\n")
-                fh.writelines(f"| {k} | {v} |\n" for k, v in rows)
+                fh.write(f"### {time.strftime('%Y-%m-%d')}: `{cmd}`\n\n")
+                fh.write("\n".join(markdown_rows(rows, ("stage", "result"))) + "\n")
         return 0
     finally:
         if not args.keep and marker.exists():

@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
+from bench_table import command_line, markdown_rows, print_rows  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FACTS_IMG_PER_S = 36.0  # FACTS.md: DINOv2 ViT-S/14 at 112 px on this project's 2-core CPU machines
 
@@ -238,17 +241,13 @@ def main(argv=None) -> int:
         ("**(3) share of sweep time reading the cache**",
          f"**{100 * read_share:.2f}%** ({res.timings['read_s']:.2f} s of {t_sweep:.1f} s; goal < 5%)"),
         ("(3) per-run time split (mean)", f"fit {np.mean([r['fit_s'] for r in res.computed]):.1f} s, score "
-                                          f"{np.mean([r['score_s'] for r in res.computed]):.1f} s, write+plots "
-                                          f"{np.mean([r['write_s'] for r in res.computed]):.1f} s"),
+                                          f"+ write+plots {np.mean([r['score_write_s'] for r in res.computed]):.1f} s"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_rows(rows)
     if args.markdown:
-        cmd = "python benchmarks/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command_line("sweep.py", argv)
         lines = ["# Stage-two sweep benchmark", "", "Command (from the repository root):", "", "```",
-                 cmd.strip(), "```", "", "| measure | result |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in rows]
+                 cmd.strip(), "```", "", *markdown_rows(rows)]
         lines += ["", f"Per-run wall times in the sweep (s): {', '.join(f'{s:.1f}' for s in per_run)}.", ""]
         lines += [NOTES]
         args.markdown.write_text("\n".join(lines))
