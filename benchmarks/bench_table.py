@@ -17,5 +17,14 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
+def dated_section(script: str, argv: list[str] | None, rows: list[tuple[str, str]],
+                  header: tuple[str, str] = ("measure", "result")) -> str:
+    """A markdown section: today's date and the command as its title, then the rows as a table."""
+    import time
+
+    return (f"### {time.strftime('%Y-%m-%d')}: `{command_line(script, argv)}`\n\n"
+            + "\n".join(markdown_rows(rows, header)) + "\n")
+
+
 def markdown_rows(rows: list[tuple[str, str]], header: tuple[str, str] = ("measure", "result")) -> list[str]:
     return [f"| {header[0]} | {header[1]} |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
-from bench_table import command_line, markdown_rows, print_rows  # noqa: E402
+from bench_table import dated_section, print_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -121,10 +121,8 @@ def main(argv=None) -> int:
         ]
         print_rows(rows)
         if args.markdown:
-            cmd = command_line("extract.py", argv)
             with open(args.markdown, "a") as fh:
-                fh.write(f"\n### {time.strftime('%Y-%m-%d')}: `{cmd}`\n\n")
-                fh.write("\n".join(markdown_rows(rows, ("measure", "value"))) + "\n")
+                fh.write("\n" + dated_section("extract.py", argv, rows, ("measure", "value")))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

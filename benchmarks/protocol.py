@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
-from bench_table import command_line, markdown_rows, print_rows  # noqa: E402
+from bench_table import dated_section, print_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.zip"
@@ -213,10 +213,8 @@ def main(argv=None) -> int:
         print_rows(rows)
         print(json.dumps({"times_s": times, "bare_img_s": bare, "extract_img_s": loop_rate}, default=str))
         if args.markdown:
-            cmd = command_line("protocol.py", argv)
             with open(args.markdown, "w") as fh:
-                fh.write(f"### {time.strftime('%Y-%m-%d')}: `{cmd}`\n\n")
-                fh.write("\n".join(markdown_rows(rows, ("stage", "result"))) + "\n")
+                fh.write(dated_section("protocol.py", argv, rows, ("stage", "result")))
         return 0
     finally:
         if not args.keep and marker.exists():
