@@ -19,8 +19,9 @@ table. Every run is resumable: rerunning re-uses finished runs. ``--markdown FIL
 
 Flow variants (the hook for comparing default sets): ``--variant NAME=KEY=V;KEY=V`` (repeatable) adds a flow
 sweep with those fixed ``sanf fit`` settings (``sanf sweep --set``); ``--variant defaults=`` is the plain
-``sanf fit`` defaults of the checkout it runs in; with no ``--variant`` the script compares it with
-``paper=keep_initial=false`` (the rule before ``--keep-initial``). E.g.
+``sanf fit`` defaults of the checkout it runs in (since issue 12 the combined score: flow NLL + patch part); with no
+``--variant`` the script compares it with the flow alone, ``flow-only=patch_score=none``, and the paper's rule,
+``paper=keep_initial=false;patch_score=none``. E.g.
 ``--variant "paper=lr=5e-5;hidden=1024" --variant defaults=``.
 """
 
@@ -83,7 +84,8 @@ def ensure_cache(path: Path, args, layer, pool: int = 1) -> float:
 
 
 # the current sanf fit defaults, and the paper-faithful training-length rule they replaced (best *trained* epoch)
-DEFAULT_VARIANTS = ["defaults=", "paper=keep_initial=false"]
+# the default detector (flow + patch part, combined score), the flow alone, and the paper's rule (best trained epoch)
+DEFAULT_VARIANTS = ["defaults=", "flow-only=patch_score=none", "paper=keep_initial=false;patch_score=none"]
 
 
 def parse_variants(items) -> list[tuple[str, dict]]:
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="flow seeds of the first fusion mode")
     p.add_argument("--other-seeds", help="flow seeds of the other fusion modes [default: --seeds]")
     p.add_argument("--variant", action="append", metavar="NAME=KEY=V;KEY=V",
-                   help="a flow-setting variant (repeatable; default: defaults= and paper=keep_initial=false)")
+                   help="a flow-setting variant (repeatable; default: DEFAULT_VARIANTS)")
     p.add_argument("--no-flow", action="store_true", help="baselines only")
     p.add_argument("--coreset", type=float, help="patch-knn coreset fraction [default: patchknn.DEFAULT_CORESET]")
     p.add_argument("--neighbourhood", type=int, help="patch-knn neighbourhood [default: patchknn's]")

@@ -122,12 +122,13 @@ def f1_optimal_threshold(is_anomaly, scores) -> dict:
 
 
 def calibration_record(scores_by_kind: dict[str, np.ndarray], *, fpr: float = DEFAULT_FPR, slice_desc: str,
-                       seed: int | None = None, fraction: float | None = None) -> dict:
-    """What a run stores: the held-out normal scores per score kind and the default threshold (for ``nll``,
-    or the first kind given)."""
+                       seed: int | None = None, fraction: float | None = None, main: str | None = None) -> dict:
+    """What a run stores: the held-out normal scores per score kind and the default threshold (for ``main``,
+    default ``nll``, or the first kind given)."""
     fpr = check_fpr(fpr)
     stored = {k: [float(x) for x in np.asarray(v, np.float64).ravel()] for k, v in scores_by_kind.items()}
-    main = "nll" if "nll" in stored else next(iter(stored))
+    if main is None:
+        main = "nll" if "nll" in stored else next(iter(stored))
     return {"scores": stored, "n": len(stored[main]), "slice": slice_desc, "seed": seed, "fraction": fraction,
             "target_fpr": fpr, "threshold": conformal_threshold(stored[main], fpr), "threshold_score": main}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .cli_types import (
+    SCORE_HELP,
     _baselines,
     _fusions,
     _main_inputs,
@@ -260,6 +261,14 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
                    "between held-out checks.")
 @click.option("--noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Std of Gaussian noise on the normalised main input during training (a regulariser).")
+@click.option("--patch-score", type=click.Choice(["patch-knn", "none"]), default="patch-knn", show_default=True,
+              help="patch-knn: the run also keeps a patch-knn memory bank of its training rows and scores by default "
+                   "with the flow NLL plus the patch distance, each standardised on the held-out normal images "
+                   "(README, 'The combined score'); none: the paper's flow NLL alone.")
+@click.option("--patch-coreset", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="The patch part's coreset fraction (as sanf baseline --method patch-knn --coreset).")
+@click.option("--patch-neighbourhood", type=click.IntRange(min=1), default=3, show_default=True,
+              help="The patch part's KxK neighbourhood averaging (odd; 1 = off).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fpr", type=float, default=0.01, show_default=True,
               help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
@@ -269,7 +278,8 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, token_pool, main_input,
         normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
-        keep_initial, min_epoch_steps, noise, seed, fpr, device, no_amp, overwrite, quiet):
+        keep_initial, min_epoch_steps, noise, patch_score, patch_coreset, patch_neighbourhood, seed, fpr, device,
+        no_amp, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
     _check_cache(cache_path, normal_class)
     from .fit_config import FitConfig, training_length
@@ -283,7 +293,8 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
                     normalize=normalize, lr=lr,
                     weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
                     device=device, amp=not no_amp, fpr=fpr, keep_initial=keep_initial,
-                    min_epoch_steps=min_epoch_steps, noise=noise, **length)
+                    min_epoch_steps=min_epoch_steps, noise=noise, patch_score=patch_score,
+                    patch_coreset=patch_coreset, patch_neighbourhood=patch_neighbourhood, **length)
     run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
     if run.already_finished:
         click.echo(f"run {run.run_dir}: already finished with these settings; nothing to do (--overwrite refits it); "
@@ -294,7 +305,8 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
            if cfg.early_stopping else f"{res.epochs_run} epoch(s), fixed")
     resumed = f", resumed after epoch {res.resumed_from}" if res.resumed_from else ""
     thr = (res.calibration or {}).get("threshold")
-    calib = (f"; threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
+    calib = (f"; threshold {thr['value']:.4g} on the {res.calibration.get('threshold_score')} score (target FPR "
+             f"{thr['target_fpr']:g}, {thr['n_calibration']} held-out "
              f"normal images{'' if thr['guaranteed'] else ', too few to guarantee it'})" if thr
              else "; no threshold (too few images to hold any out)")
     held = f" ({res.n_train} fitted, {res.n_val} held out for early stopping)" if res.n_val else ""
@@ -309,8 +321,7 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
               help="Cache to score [default: the one the run was trained on]; any cache extracted with the run's "
                    "backbone settings (architecture, weights, image size, layer, pooling, grid; dtype may differ).")
 @click.option("--fpr", type=float, help="Target false-positive rate of the calibrated threshold [default: the run's].")
-@click.option("--score", type=_RegistryChoice(_scores), default="nll", show_default=True,
-              help="nll: -log p(x); z2: mean z^2 (the official code).")
+@click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True, help=SCORE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: the run folder].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
@@ -329,7 +340,7 @@ def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
         click.echo(f"threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
                    f"normal images): FPR {r['fpr']:.4f}, TPR {r['tpr']:.4f}, F1 {r['f1']:.4f} on the test split")
     click.echo(f"{m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, AUPR {m['aupr']:.4f}, "
-               f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {score}); "
+               f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {m['score']}); "
                f"results in {res.out_dir} (metrics.json, scores.csv, report.md, plots)")
 
 

@@ -31,13 +31,18 @@ class _RegistryChoice(click.Choice):
         pass
 
 
+SCORE_HELP = ("auto: the run's default (combined when it has a patch part, else nll); combined: flow NLL + patch-knn "
+              "distance, each standardised on held-out normal images; nll: -log p(x) of the flow; z2: mean z^2 (the "
+              "official code); patch: the patch part alone.")
+
+
 # the built-in registry names (what the registries hold without plug-ins), accepted without importing torch
 BUILTIN = {
     "_fusions": ("none", "gap", "learnable", "semantic"),
     "_spatial_channels": ("half", "full"),
     "_main_inputs": ("semantic", "spatial"),
     "_normalizations": ("none", "l2", "standardize", "l2+standardize", "l2+whiten"),
-    "_scores": ("nll", "z2"),
+    "_scores": ("auto", "combined", "nll", "z2", "patch"),
     "_baselines": ("knn", "knn-l2", "gaussian", "gaussian-whiten", "patch-knn"),
 }
 
@@ -73,6 +78,6 @@ def _baselines():
 
 
 def _scores():
-    from .scoring import SCORES
+    from .combined import RUN_SCORES
 
-    return SCORES
+    return RUN_SCORES

@@ -34,7 +34,7 @@ from torch import nn
 
 from .errors import SanfError
 
-SCORE_KINDS = ("nll", "z2")
+SCORE_KINDS = ("nll", "z2")  # the flow's own scores (FlowHead); a run's patch kinds: CombinedHead
 
 
 # -------------------------------------------------------------------------------------------- torch modules
@@ -125,6 +125,61 @@ class GaussianHead(nn.Module):
         return ((d @ self.precision) * d).sum(-1).to(torch.float32)
 
 
+class PatchKNNHead(nn.Module):
+    """``patchknn.PatchKNNScorer`` as a module: the run's token pooling, the KxK neighbourhood average, then the
+    largest distance of any patch token to its nearest memory-bank token (float32, as the scorer computes)."""
+
+    def __init__(self, bank: torch.Tensor, neighbourhood: int, token_pool: int = 1, image_block: int = 8):
+        super().__init__()
+        self.neighbourhood, self.token_pool, self.image_block = int(neighbourhood), int(token_pool), int(image_block)
+        self.register_buffer("bank", bank.to(torch.float32))
+        self.register_buffer("bank_sq", (self.bank * self.bank).sum(1))
+
+    def _grid(self, patch: torch.Tensor) -> torch.Tensor:
+        b, t, d = patch.shape
+        h = int(round(math.sqrt(t)))
+        fmap = patch.to(torch.float32).transpose(1, 2).reshape(b, d, h, h)
+        if self.token_pool > 1:
+            fmap = F.avg_pool2d(fmap, self.token_pool)
+        if self.neighbourhood > 1:
+            k = self.neighbourhood
+            fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
+        return fmap.flatten(2).transpose(1, 2)
+
+    def _max_min_distance(self, q: torch.Tensor) -> torch.Tensor:
+        d2 = (q * q).sum(-1, keepdim=True) + self.bank_sq - 2.0 * q @ self.bank.T
+        return d2.amin(-1).clamp_min(0.0).sqrt().amax(-1)
+
+    def forward(self, cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        q = self._grid(patch)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or len(q) <= self.image_block:
+            return self._max_min_distance(q)
+        # eager: a few images at a time keep the tokens x bank distances small
+        return torch.cat([self._max_min_distance(q[i:i + self.image_block])
+                          for i in range(0, len(q), self.image_block)])
+
+
+class CombinedHead(nn.Module):
+    """A flow run with its patch part (``combined.py``): ``combined`` (standardised NLL + standardised patch
+    distance, float64 sum) or ``patch`` (the distance alone)."""
+
+    def __init__(self, flow_head: FlowHead, patch_head: PatchKNNHead, part_config: dict, score: str = "combined"):
+        super().__init__()
+        if score not in ("combined", "patch"):
+            raise SanfError(f"a combined head scores combined or patch, not {score!r}")
+        self.flow_head, self.patch_head, self.score = flow_head, patch_head, score
+        st = part_config["standardise"]
+        self.register_buffer("stats", torch.tensor([*st["nll"], *st["patch"]], dtype=torch.float64))
+
+    def forward(self, cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        p = self.patch_head(cls, patch)
+        if self.score == "patch":
+            return p
+        m = self.stats
+        nll = self.flow_head(cls, patch).to(torch.float64)
+        return ((nll - m[0]) / m[1] + (p.to(torch.float64) - m[2]) / m[3]).to(torch.float32)
+
+
 def baseline_head(tensors: dict[str, torch.Tensor]) -> nn.Module:
     if "baseline.train" in tensors:
         return KNNHead(tensors["baseline.train"], int(tensors["baseline.k"]), bool(int(tensors["baseline.l2"])))
@@ -133,9 +188,10 @@ def baseline_head(tensors: dict[str, torch.Tensor]) -> nn.Module:
     raise SanfError("the baseline run's model file holds no known baseline; rerun `sanf baseline`")
 
 
-def _load_head(run_dir, score: str) -> tuple[nn.Module, dict]:
-    """The scoring head of a finished flow or baseline run, and the run's config."""
-    from .jobs import load_run
+def _load_head(run_dir, score: str) -> tuple[nn.Module, dict, str]:
+    """The scoring head of a finished flow or baseline run, the run's config and the score kind it computes."""
+    from .combined import PATCH_KINDS, resolve_score
+    from .jobs import flow_score_kind, load_run
     from .runs import CONFIG_FILE, MODEL_FILE, load_tensors, read_json_file
 
     run_dir = Path(run_dir)
@@ -146,9 +202,15 @@ def _load_head(run_dir, score: str) -> tuple[nn.Module, dict]:
             raise SanfError(f"baseline run {run_dir} has no {MODEL_FILE} (written by sanf versions with detectors); "
                             f"rerun `sanf baseline` with --overwrite")
         tensors, _ = load_tensors(run_dir / MODEL_FILE)
-        return baseline_head(tensors), cfg
+        return baseline_head(tensors), cfg, cfg.get("method")  # a baseline has one score, named by its method
     run = load_run(run_dir, device="cpu")
-    return FlowHead(run.flow, run.normalizer, score=score, needs_patch=run.needs_patch), run.config
+    kind = resolve_score(score, run.config, run_dir)
+    flow_head = FlowHead(run.flow, run.normalizer, score=flow_score_kind(kind), needs_patch=run.needs_patch)
+    if kind not in PATCH_KINDS:
+        return flow_head, run.config, kind
+    part = run.patch_score
+    patch_head = PatchKNNHead(part.scorer.bank.cpu(), part.scorer.neighbourhood, part.token_pool)
+    return CombinedHead(flow_head, patch_head, part.config(), kind), run.config, kind
 
 
 class DetectorModel(nn.Module):
@@ -317,15 +379,13 @@ class Detector:
         self.calibration_scores = np.asarray(cal if cal else [], np.float64)
 
     @classmethod
-    def load(cls, run_dir, *, weights=None, weights_dir=None, device: str = "auto", score: str = "nll",
+    def load(cls, run_dir, *, weights=None, weights_dir=None, device: str = "auto", score: str = "auto",
              fpr: float | None = None, amp: bool = True) -> Detector:
         from .calibration import run_threshold
         from .device import amp_dtype, resolve_device
 
         dev = resolve_device(device)
-        head, cfg = _load_head(run_dir, score)
-        if cfg.get("format") == "sanf-baseline":
-            score = cfg.get("method")  # a baseline has one score, stored under its method's name
+        head, cfg, score = _load_head(run_dir, score)
         ident = cfg.get("cache") or {}
         bb = build_backbone(ident.get("backbone") or {}, weights=weights, weights_dir=weights_dir, device=str(dev))
         dtype = {"float16": torch.float16, "float32": torch.float32}.get(str(ident.get("dtype")), torch.float32)
@@ -398,5 +458,5 @@ class Detector:
                            skipped=skipped, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["Detector", "DetectorModel", "FlowHead", "GaussianHead", "KNNHead", "ScoreResult", "TorchNormalizer",
-           "build_backbone", "expand_inputs"]
+__all__ = ["CombinedHead", "Detector", "DetectorModel", "FlowHead", "GaussianHead", "KNNHead", "PatchKNNHead",
+           "ScoreResult", "TorchNormalizer", "build_backbone", "expand_inputs"]

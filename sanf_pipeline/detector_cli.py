@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .cli_types import SCORE_HELP, _RegistryChoice, _scores
 from .errors import SanfError
 
 CSV_HEADER = ["path", "score", "anomalous", "percentile"]
@@ -24,8 +25,8 @@ def _detector_options(f):
         click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files "
                                                                              "[$SANF_WEIGHTS_DIR]."),
         click.option("--fpr", type=float, help="Target false-positive rate of the threshold [default: the run's]."),
-        click.option("--score", type=click.Choice(["nll", "z2"]), default="nll", show_default=True,
-                     help="nll: -log p(x); z2: mean z^2 (the official code)."),
+        click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True,
+                     help=SCORE_HELP + " Baseline runs have one score."),
     ]):
         f = opt(f)
     return f
@@ -92,8 +93,8 @@ def score(run_dir, weights, weights_dir, fpr, score, inputs, out, json_out, on_e
     if out is not None:
         write_text_atomic(out, text)
     if json_out is not None:
-        doc = json.dumps({"format": "sanf-scores", "run": str(run_dir), "score": score, "threshold": res.threshold,
-                          "results": rows, "skipped": res.skipped, "n_scored": len(rows),
+        doc = json.dumps({"format": "sanf-scores", "run": str(run_dir), "score": det.score_kind,
+                          "threshold": res.threshold, "results": rows, "skipped": res.skipped, "n_scored": len(rows),
                           "n_flagged": int(res.anomalous.sum()), "n_skipped": len(res.skipped)}, indent=1)
         if str(json_out) == "-":
             click.echo(doc)

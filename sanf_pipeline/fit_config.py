@@ -11,11 +11,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
+
 from .errors import SanfError
 from .features import NORMALIZATIONS
 
 EPOCH_SELECTION_FIXED = "fixed final epoch (no epoch selection), never test AUROC"
 EPOCH_SELECTION_EARLY = "early stopping on held-out normal training NLL, never test AUROC"
+# what a flow run adds to its NLL (combined.py): a patch-knn memory bank of the run's own training rows, or nothing
+# (the paper's flow alone)
+PATCH_SCORES = ("patch-knn", "none")
 
 @dataclass
 class FitConfig:
@@ -60,6 +65,12 @@ class FitConfig:
     device: str = "auto"
     amp: bool = True
     eval_batch_size: int = 256
+    # the combined score (combined.py): the run also keeps a patch-knn memory bank of its training rows' patch
+    # tokens, and its default score is the flow NLL plus the patch distance, each standardised on the held-out
+    # normal slice ("none": the paper's flow NLL alone; benchmarks/combined_probe.md)
+    patch_score: str = "patch-knn"
+    patch_coreset: float = 0.1
+    patch_neighbourhood: int = 3
     # the detector's default threshold: target false-positive rate on held-out normal images (calibration.py)
     fpr: float = 0.01
 
@@ -88,6 +99,13 @@ class FitConfig:
             bad("spatial_channels", self.spatial_channels, f"choose one of {', '.join(SPATIAL_CHANNELS)}")
         if self.main_input not in MAIN_INPUTS:
             bad("main_input", self.main_input, f"choose one of {', '.join(MAIN_INPUTS)}")
+        if self.patch_score not in PATCH_SCORES:
+            bad("patch_score", self.patch_score, f"choose one of {', '.join(PATCH_SCORES)}")
+        if not (isinstance(self.patch_coreset, (int, float)) and 0 < self.patch_coreset <= 1):
+            bad("patch_coreset", self.patch_coreset, "must be in (0, 1]")
+        if (isinstance(self.patch_neighbourhood, bool) or not isinstance(self.patch_neighbourhood, int)
+                or self.patch_neighbourhood < 1 or self.patch_neighbourhood % 2 == 0):
+            bad("patch_neighbourhood", self.patch_neighbourhood, "must be an odd positive integer (1, 3, 5, ...)")
         if self.normalize not in NORMALIZATIONS:
             bad("normalize", self.normalize, f"choose one of {', '.join(NORMALIZATIONS)}")
         for name in ("blocks", "hidden", "heads", "batch_size", "epochs", "patience", "max_epochs",
@@ -116,8 +134,27 @@ class FitConfig:
         return self
 
     @property
-    def needs_patch(self) -> bool:
+    def flow_needs_patch(self) -> bool:
+        """The flow itself takes patch tokens (a fusion, or the spatial main input)."""
         return self.fusion != "none" or self.main_input == "spatial"
+
+    @property
+    def needs_patch(self) -> bool:
+        """The run reads patch tokens: for the flow, or for its patch score."""
+        return self.flow_needs_patch or self.patch_score != "none"
+
+    def held_out_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(fitted rows, held-out rows) of ``n`` training rows, sorted: the seed's permutation, its first
+        ``val_fraction`` held out (early stopping's slice; with a fixed length the same share, for calibration
+        only, or none when fewer than 2 rows would remain). Raises when too few rows remain to fit."""
+        n_val = max(1, int(round(self.val_fraction * n)))
+        if not self.early_stopping and n - n_val < 2:
+            n_val = 0
+        if n - n_val < 2:
+            raise SanfError(f"only {n} training sample(s) of the normal class ({n_val} held out); need at least "
+                            f"{n_val + 2}: use --epochs N without early stopping or a class with more samples")
+        order = np.random.default_rng(self.seed).permutation(n) if n_val else np.arange(n)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
 
     @property
     def total_epochs(self) -> int:
@@ -140,9 +177,12 @@ class FitConfig:
         if self.token_pool == 1:  # added later: runs fitted before token_pool existed keep their identity
             d.pop("token_pool")
         # added later: at the values that reproduce the behaviour before they existed, runs keep their identity
-        for k, v in (("min_epoch_steps", 1), ("noise", 0.0), ("keep_initial", False)):
+        for k, v in (("min_epoch_steps", 1), ("noise", 0.0), ("keep_initial", False), ("patch_score", "none")):
             if d[k] == v:
                 d.pop(k)
+        if self.patch_score == "none":
+            d.pop("patch_coreset")
+            d.pop("patch_neighbourhood")
         if not self.early_stopping:  # val_fraction stays: the same share is held out for calibration
             d.pop("keep_initial", None)
             for k in ("patience", "max_epochs", "min_delta"):

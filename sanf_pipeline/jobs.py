@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .baselines import create_baseline, fit_score, scorer_arrays, scorer_settings
+from .combined import PATCH_KINDS, PatchScore, add_patch_score, resolve_score
 from .device import resolve_device
 from .errors import SanfError
 from .evaluate import compute_metrics, guard_results, write_results
@@ -56,7 +57,7 @@ from .runs import (
     start_run_config,
     write_json_atomic,
 )
-from .scoring import SCORE_DESCRIPTIONS, block_rows, check_score, score_blocks
+from .scoring import SCORE_DESCRIPTIONS, block_rows, score_blocks
 from .train import FitConfig, FitResult, fit_flow
 
 BASELINE_EPOCH_SELECTION = "not applicable (no training epochs; fitted on normal training data only)"
@@ -164,11 +165,12 @@ class LoadedRun:
     flow: torch.nn.Module
     normalizer: object
     extra: dict = field(default_factory=dict)
+    patch_score: PatchScore | None = None  # the run's patch part (combined.py), None for the flow alone
 
     @property
     def needs_patch(self) -> bool:
-        flow = self.config["flow"]
-        return flow.get("fusion") != "none" or flow.get("main_input") == "spatial"
+        """The flow takes patch tokens."""
+        return flow_needs_patch(self.config)
 
 
 def load_run(run_dir, device: str = "cpu") -> LoadedRun:
@@ -200,8 +202,16 @@ def load_run(run_dir, device: str = "cpu") -> LoadedRun:
         raise SanfError(f"{model_path} does not match its flow configuration ({str(exc).splitlines()[0]}); "
                         f"it is damaged, refit the run") from None
     normalizer = Normalizer.from_state(meta.get("normalizer") or {}, tensors)
+    part = config.get("patch_score")
+    patch_score = PatchScore.from_state(part, tensors, device=str(device)) if part else None
     flow.eval().to(device)
-    return LoadedRun(run_dir=run_dir, config=config, flow=flow, normalizer=normalizer)
+    return LoadedRun(run_dir=run_dir, config=config, flow=flow, normalizer=normalizer, patch_score=patch_score)
+
+
+def flow_needs_patch(config: dict) -> bool:
+    """Whether the flow of a run ``config`` takes patch tokens (a fusion, or the spatial main input)."""
+    fc = config.get("flow") or {}
+    return fc.get("fusion") != "none" or fc.get("main_input") == "spatial"
 
 
 def fit_settings(cfg: FitConfig, fingerprint: str, class_index: int) -> dict:
@@ -222,35 +232,37 @@ def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str,
     if resumed:
         config["resumed"] = now()
         write_json_atomic(run_dir / CONFIG_FILE, config)
-    result = fit_flow(train.cls, train.patch if cfg.needs_patch else None, cfg, run_dir=run_dir, quiet=quiet,
+    result = fit_flow(train.cls, train.patch if cfg.flow_needs_patch else None, cfg, run_dir=run_dir, quiet=quiet,
                       callback=callback, description=f"fit {train.class_name}")
+    add_patch_score(result, cfg, train.cls, train.patch, quiet=quiet)
     finish_run(run_dir, config, result)
     return config, result
 
 
-def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, score: str = "nll",
+def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, score: str = "auto",
                   device: str = "auto", batch_size: int = 256, plots: bool = True, run_dir=None,
                   train_log: list | None = None, extra_metrics: dict | None = None,
                   scores: np.ndarray | None = None, fpr: float | None = None,
-                  normal_class: int | None = None) -> EvalResult:
-    """Score ``test`` with a fitted flow (its run ``config``) and write the result files into ``out_dir``.
-    ``scores``: the flow's scores of ``test`` computed by the caller (a stack of flows scored in one pass);
-    ``normal_class``: the normal class's index in ``test`` when it is another cache than the run's (by name);
-    ``fpr``: target false-positive rate of the calibrated threshold (default: the run's)."""
+                  normal_class: int | None = None, patch_score: PatchScore | None = None) -> EvalResult:
+    """Score ``test`` with a fitted flow (its run ``config``; ``patch_score``: the run's patch part) and write the
+    result files into ``out_dir``. ``score``: a kind of ``combined.RUN_SCORES`` (``auto``: the run's default).
+    ``scores``: the flow's own scores of ``test`` (``flow_score_kind``) computed by the caller (a stack of flows
+    scored in one pass); ``normal_class``: the normal class's index in ``test`` when it is another cache than the
+    run's (by name); ``fpr``: target false-positive rate of the calibrated threshold (default: the run's)."""
     from .calibration import eval_threshold_metrics
 
-    check_score(score)
+    requested, score = score, resolve_score(score, config, run_dir or out_dir)
+    if score in PATCH_KINDS and patch_score is None:
+        raise SanfError(f"the {score} score needs the run's patch part; load the run with jobs.load_run")
     normal = int(config["normal_class"]) if normal_class is None else int(normal_class)
-    fc = config.get("flow") or {}
-    needs_patch = fc.get("fusion") != "none" or fc.get("main_input") == "spatial"
-    if scores is None:
-        flow.to(resolve_device(device))
-        try:
-            scores = score_blocks(flow, normalizer, test.blocks(needs_patch), score, batch_size=batch_size)
-        finally:
-            flow.to("cpu")
+    if scores is None or score in PATCH_KINDS:
+        scores, parts = _score_test(flow, normalizer, patch_score, config, test, score, scores, device, batch_size)
+    else:
+        parts = {}
     is_anomaly = test.labels != normal
     metrics = compute_metrics(is_anomaly, scores)
+    if parts:  # what each part of the combined score alone would have scored (the same runs, no refit)
+        metrics["auroc_parts"] = {k: compute_metrics(is_anomaly, v)["auroc"] for k, v in parts.items()}
     result = config.get("result") or {}
     metrics.update(eval_identity(config, test.fingerprint, score, normal))
     metrics.update({
@@ -259,6 +271,7 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
         "epochs_run": result.get("epochs_run"), "n_train": config.get("n_train_total"), "n_val": result.get("n_val"),
         "n_nonfinite_scores": int((~np.isfinite(scores)).sum()), "run": str(run_dir or out_dir),
         "cache": test.cache_path, "flow": config.get("flow"), "fit": config.get("fit", {}), "evaluated": now(),
+        "patch_score": config.get("patch_score"), "score_requested": requested,
         **(extra_metrics or {}),
     })
     metrics.update(eval_threshold_metrics(config.get("calibration"), score, is_anomaly, scores, fpr))
@@ -267,6 +280,42 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, train_log=train_log,
                           plots=plots)
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
+
+
+def _score_test(flow, normalizer, patch_score, config: dict, test: TestData, kind: str, flow_scores, device,
+                batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The run's ``kind`` scores of ``test``, block by block (one read of each block for both parts), and for
+    ``combined`` its two parts (``nll``, ``patch``)."""
+    flow_patch = flow_needs_patch(config)
+    with_patch = flow_patch or kind in PATCH_KINDS
+    out: list[np.ndarray] = []
+    parts: dict[str, list[np.ndarray]] = {"nll": [], "patch": []}
+    start = 0
+    flow.to(resolve_device(device))
+    try:
+        for cls, patch in test.blocks(with_patch):
+            if flow_scores is None:
+                fs = score_blocks(flow, normalizer, [(cls, patch if flow_patch else None)], flow_score_kind(kind),
+                                  batch_size=batch_size)
+            else:
+                fs = np.asarray(flow_scores[start:start + len(cls)], np.float64)
+            start += len(cls)
+            if kind not in PATCH_KINDS:
+                out.append(fs)
+                continue
+            ps = patch_score.patch_scores(patch)
+            parts["nll"].append(fs)
+            parts["patch"].append(ps)
+            out.append(ps if kind == "patch" else patch_score.combine(fs, ps))
+    finally:
+        flow.to("cpu")
+    joined = {k: np.concatenate(v) for k, v in parts.items() if v and kind == "combined"}
+    return (np.concatenate(out) if out else np.zeros(0)), joined
+
+
+def flow_score_kind(kind: str) -> str:
+    """The flow's own score behind a run score kind (``nll`` for the patch kinds)."""
+    return "nll" if kind in PATCH_KINDS else kind
 
 
 def eval_identity(config: dict, fingerprint: str, score: str, normal_class: int | None = None) -> dict:
@@ -290,7 +339,7 @@ def _reusable_model(run_dir: Path, settings: dict):
     return loaded
 
 
-def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache_info: dict, score: str = "nll",
+def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache_info: dict, score: str = "auto",
              plots: bool = True, extra_config: dict | None = None, extra_metrics: dict | None = None) -> dict:
     """A whole flow run into ``run_dir``: fit (or reuse a model fitted there, or resume its checkpoint), score,
     write every file. Returns timings and the AUROC (the caller's log record)."""
@@ -299,7 +348,7 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
     settings = fit_settings(cfg, test.fingerprint, train.class_index)
     loaded = _reusable_model(run_dir, settings)
     if loaded is not None:
-        flow, normalizer, config = loaded.flow, loaded.normalizer, loaded.config
+        flow, normalizer, config, part = loaded.flow, loaded.normalizer, loaded.config, loaded.patch_score
         log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else []
     else:
         (run_dir / MODEL_FILE).unlink(missing_ok=True)
@@ -311,10 +360,11 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
                 created = None
         config, result = fit_flow_job(run_dir, cfg, train, fingerprint=test.fingerprint, cache_info=cache_info,
                                       created=created, extra=extra_config)
-        flow, normalizer, log = result.model, result.normalizer, result.log
+        flow, normalizer, log, part = result.model, result.normalizer, result.log, result.patch_score
     t_fit = time.perf_counter() - t0
     res = eval_flow_job(run_dir, flow, normalizer, config, test, score=score, device=cfg.device,
-                        batch_size=cfg.eval_batch_size, plots=plots, train_log=log, extra_metrics=extra_metrics)
+                        batch_size=cfg.eval_batch_size, plots=plots, train_log=log, extra_metrics=extra_metrics,
+                        patch_score=part)
     summary = config.get("result") or {}
     seen = 0 if loaded is not None else int(summary.get("n_train") or 0) * int(summary.get("epochs_run") or 0)
     return {"auroc": res.metrics["auroc"], "fit_s": t_fit, "score_write_s": time.perf_counter() - t0 - t_fit,
@@ -436,7 +486,7 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
     return FitRun(run_dir=run_dir, config=config, result=result, resumed=mode == "resume")
 
 
-def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite: bool = False,
+def eval_run(run_dir, cache=None, score: str = "auto", *, out_dir=None, overwrite: bool = False,
              device: str = "auto", batch_size: int = 256, plots: bool = True, fpr: float | None = None) -> EvalResult:
     """`sanf eval`: score the whole test split with a finished run (default: of its own cache) and write the result
     files (default: into the run folder). ``cache`` may be any cache in the run's feature space (``compat.py``);
@@ -444,11 +494,11 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
     from .cache import open_cache
     from .compat import check_cache_compatible, normal_class_in
 
-    check_score(score)
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     run = load_run(run_dir, device=str(dev))
     cfg = run.config
+    kind = resolve_score(score, cfg, run_dir)
     cache_path = Path(cache) if cache is not None else Path(cfg["cache"]["path"])
     if cache is None and not cache_path.exists():
         raise SanfError(f"the cache this run was trained on ({cache_path}) is not there; pass --cache PATH")
@@ -458,10 +508,10 @@ def eval_run(run_dir, cache=None, score: str = "nll", *, out_dir=None, overwrite
         check_cache_compatible(cfg["cache"], c, run_dir)
         normal = normal_class_in(c, cfg, run_dir)
         refuse_foreign_files(out_dir, RESULT_FILES)  # never replace a user's file (docs/file-safety.md)
-        guard_results(out_dir, eval_identity(cfg, c.fingerprint, score, normal), overwrite)
+        guard_results(out_dir, eval_identity(cfg, c.fingerprint, kind, normal), overwrite)
         return eval_flow_job(out_dir, run.flow, run.normalizer, cfg, TestData.from_cache(c, cache_path),
                              score=score, device=str(dev), batch_size=batch_size, plots=plots, run_dir=run_dir,
-                             train_log=log, fpr=fpr, normal_class=normal)
+                             train_log=log, fpr=fpr, normal_class=normal, patch_score=run.patch_score)
 
 
 def baseline_run(cache, normal_class, method: str = "gaussian", out_dir=None, *, overwrite: bool = False,

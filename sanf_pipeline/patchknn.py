@@ -150,7 +150,10 @@ def nearest_distances(query: torch.Tensor, bank: torch.Tensor, *, block_elems: i
 
 
 def _tensor(x: np.ndarray, device: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    if not a.flags.writeable:  # a sweep's shared-memory block: copy this slice rather than alias read-only memory
+        a = a.copy()
+    return torch.from_numpy(a).to(device)
 
 
 class PatchKNNScorer:

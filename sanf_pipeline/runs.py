@@ -351,19 +351,23 @@ def start_run_config(run_dir, cfg, settings: dict, *, class_index: int, class_na
 def finish_run(run_dir, config: dict, result) -> None:
     """Mark ``config`` finished, then write config, training log and model; drop the epoch checkpoint last."""
     run_dir = Path(run_dir)
+    part = getattr(result, "patch_score", None)
     config.update({"flow": result.model.config(), "normalizer": result.normalizer.config(),
                    "result": result.summary(), "status": "finished", "finished": now(),
-                   "calibration": getattr(result, "calibration", None)})
+                   "calibration": getattr(result, "calibration", None),
+                   "patch_score": None if part is None else part.config()})
     write_json_atomic(run_dir / CONFIG_FILE, config)
     write_jsonl_atomic(run_dir / LOG_FILE, result.log)
-    save_model(run_dir, result.model, result.normalizer, config)
+    save_model(run_dir, result.model, result.normalizer, config, extra=None if part is None else part.tensors())
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
-def save_model(run_dir, flow, normalizer, config: dict) -> Path:
-    """``model.safetensors``: flow state + normaliser statistics; the run config as JSON metadata."""
+def save_model(run_dir, flow, normalizer, config: dict, extra: dict | None = None) -> Path:
+    """``model.safetensors``: flow state + normaliser statistics (+ ``extra`` tensors: the run's patch score);
+    the run config as JSON metadata."""
     tensors = {f"flow.{k}": v for k, v in flow.state_dict().items()}
     tensors.update(normalizer.state_dict())
+    tensors.update(extra or {})
     path = Path(run_dir) / MODEL_FILE
     save_tensors_atomic(path, tensors, config)
     return path

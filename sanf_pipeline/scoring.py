@@ -19,6 +19,11 @@ SCORES = ("nll", "z2")
 SCORE_DESCRIPTIONS = {
     "nll": "negative log-likelihood of the flow (nats), higher = more anomalous",
     "z2": "mean of z^2 over the latent dimensions (official code), higher = more anomalous",
+    # a flow run's scores with its patch part (combined.py)
+    "combined": "flow NLL plus patch-knn distance, each standardised on held-out normal images (combined.py), "
+                "higher = more anomalous",
+    "patch": "the run's patch part alone: largest distance of any patch token to its nearest normal training "
+             "patch token, higher = more anomalous",
 }
 EVAL_BLOCK_BYTES = 256 * 2**20
 

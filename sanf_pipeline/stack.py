@@ -181,24 +181,17 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     amp = amp_dtype(device, c0.amp)
     K = len(members)
 
-    n_val = max(1, int(round(c0.val_fraction * n)))  # as train.prepare_data: held out for calibration also
-    if not c0.early_stopping and n - n_val < 2:
-        n_val = 0
-    if n - n_val < 2:
-        raise SanfError(f"only {n} training sample(s) of the normal class ({n_val} held out); need at least "
-                        f"{n_val + 2}: use --epochs N without early stopping or a class with more samples")
     pool = _PatchPool(device, torch.bfloat16 if amp == torch.bfloat16 else torch.float32)
     norms, tr_idx, va_idx, x_all, offsets = [], [], [], [], []
     for m, cfg in zip(members, cfgs, strict=True):
         cls = np.asarray(m.cls, dtype=np.float32)
         patch = None
-        if cfg.needs_patch:
+        if cfg.flow_needs_patch:
             if m.patch is None:
                 raise SanfError(f"fusion={cfg.fusion!r} / main_input={cfg.main_input!r} needs the patch tokens")
             patch = m.patch
         check_finite("the training features", cls)
-        order = np.random.default_rng(cfg.seed).permutation(n) if n_val else np.arange(n)
-        tr, va = np.sort(order[n_val:]), np.sort(order[:n_val])
+        tr, va = cfg.held_out_split(n)  # as train.prepare_data: held out for calibration also
         norm = Normalizer.fit(cfg.normalize, cls[tr], None, token_pool=cfg.token_pool)
         offsets.append(0 if patch is None else pool.add(m.data_key if m.data_key is not None else id(patch),
                                                           norm, patch))
@@ -261,6 +254,7 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     bad_epochs = [0] * K
     best_state: list[dict | None] = [None] * K
     initial_val: list[float | None] = [None] * K
+    n_val = len(va_idx[0])
     n_tr = n - n_val
     bs = c0.batch_size
     steps = (n_tr + bs - 1) // bs
@@ -397,7 +391,7 @@ def _calibration(flow, norm: Normalizer, member, cfg: FitConfig, va: np.ndarray)
     if not len(va):
         return None
     cls = np.asarray(member.cls, dtype=np.float32)[va]
-    patch = np.asarray(member.patch[va], dtype=np.float32) if cfg.needs_patch else None
+    patch = np.asarray(member.patch[va], dtype=np.float32) if cfg.flow_needs_patch else None
     x, p = norm.transform(cls, patch)
     held_out = {s: score_flow(flow, torch.from_numpy(x), None if p is None else torch.from_numpy(p), s,
                               batch_size=cfg.eval_batch_size) for s in SCORES}

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import click
 
-from .cli_types import _RegistryChoice, _scores
+from .cli_types import SCORE_HELP, _RegistryChoice, _scores
 from .errors import SanfError
 
 # FitConfig's fields minus seed and device, spelled out so that `sanf sweep --help` need not import torch;
 # tests/test_usability.py checks the list against FitConfig
 GRID_KEYS = ("amp", "attn_dim", "batch_size", "betas", "blocks", "clamp", "early_stopping", "epochs", "eps",
              "eval_batch_size", "fpr", "fusion", "grad_clip", "heads", "hidden", "keep_initial", "lr", "main_input",
-             "max_epochs", "min_delta", "min_epoch_steps", "noise", "normalize", "patience", "spatial_channels",
-             "token_pool", "val_fraction", "weight_decay")
+             "max_epochs", "min_delta", "min_epoch_steps", "noise", "normalize", "patch_coreset", "patch_neighbourhood",
+             "patch_score", "patience", "spatial_channels", "token_pool", "val_fraction", "weight_decay")
 
 
 def _default_out(cache: Path) -> Path:
@@ -39,7 +39,7 @@ def _default_out(cache: Path) -> Path:
               help="Comma list of flow and registered baselines (knn, knn-l2, gaussian, patch-knn, ...; once per "
                    "class).")
 @click.option("--seeds", default="0", show_default=True, help="Comma list of flow seeds, e.g. 0,1,2.")
-@click.option("--score", type=_RegistryChoice(_scores), default="nll", show_default=True, help="Flow score.")
+@click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True, help=SCORE_HELP)
 @click.option("--workers", type=int, help="Parallel runs [default: the CPU cores; 1 on a GPU].")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local processes, or Ray tasks (optional extra sanf[ray]).")

@@ -70,6 +70,7 @@ class FitResult:
     epoch_selection: str = ""
     calibration: dict | None = None  # held-out normal scores + default threshold (calibration.py)
     initial_val_nll: float | None = None  # held-out NLL of the untrained flow (epoch 0), with keep_initial
+    patch_score: object | None = None  # the run's patch part (combined.PatchScore), added after the fit
 
     def summary(self) -> dict:
         last = self.log[-1] if self.log else {}
@@ -154,7 +155,7 @@ def prepare_data(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: Fit
     train_cls = np.asarray(train_cls, dtype=np.float32)
     if train_cls.ndim != 2:
         raise SanfError(f"class features must be (n, d), got shape {train_cls.shape}")
-    if cfg.needs_patch:
+    if cfg.flow_needs_patch:
         if train_patch is None:
             raise SanfError(f"fusion={cfg.fusion!r} / main_input={cfg.main_input!r} needs the patch tokens")
         train_patch = np.asarray(train_patch, dtype=np.float32)
@@ -163,15 +164,7 @@ def prepare_data(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: Fit
     else:
         train_patch = None
     check_finite("the training features", train_cls, train_patch)
-    n = len(train_cls)
-    n_val = max(1, int(round(cfg.val_fraction * n)))
-    if not cfg.early_stopping and n - n_val < 2:
-        n_val = 0  # too few rows to hold any out: no calibrated threshold
-    if n - n_val < 2:
-        raise SanfError(f"only {n} training sample(s) of the normal class ({n_val} held out); need at least "
-                        f"{n_val + 2}: use --epochs N without early stopping or a class with more samples")
-    order = np.random.default_rng(cfg.seed).permutation(n) if n_val else np.arange(n)
-    tr_idx, va_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
+    tr_idx, va_idx = cfg.held_out_split(len(train_cls))
     normalizer = Normalizer.fit(cfg.normalize, train_cls[tr_idx], None if train_patch is None else
                                 train_patch[tr_idx], token_pool=cfg.token_pool)
     x_all, p_all = normalizer.transform(train_cls, train_patch)
@@ -385,7 +378,7 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
              description: str = "fit") -> FitResult:
     """Fit a flow on the normal class's training features (in memory).
 
-    ``train_cls (n, d)``, ``train_patch (n, T, d)`` or None when ``cfg.needs_patch`` is False. With ``run_dir``
+    ``train_cls (n, d)``, ``train_patch (n, T, d)`` or None when ``cfg.flow_needs_patch`` is False. With ``run_dir``
     every completed epoch is checkpointed there (``checkpoint.safetensors``, replaced atomically) and an
     existing checkpoint of the same settings and data is resumed. ``callback(epoch, log_row, model)`` runs after
     each epoch's checkpoint (for monitoring; it must not change the model). Returns the model (in eval mode, on

@@ -17,7 +17,8 @@ LAYERS = [
     ["progress", "device", "tokens"],  # foundation: progress bars, device and autocast policy, token pooling
     ["data", "cache", "flow", "patchknn", "packaged_weights"],  # readers, stores, nn.Modules, patch-knn, weights in pip
     ["weights", "features", "runs", "scoring", "baselines", "calibration"],  # models, files, scorers built on them
-    ["backbones", "fit_config", "report", "compat"],  # timm backbones; fit settings; tables and plots
+    ["backbones", "fit_config", "report", "compat", "combined"],  # timm backbones; fit settings; tables and plots;
+    # a flow run's patch score
     ["extract", "train", "evaluate"],  # stage one; fitting a flow; metrics and result files
     ["jobs", "stack"],  # the run jobs: every flow and baseline run; many flows trained at once
     ["sweep", "detector", "export"],  # many runs from one cache

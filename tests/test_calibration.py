@@ -123,7 +123,8 @@ def test_eval_reports_threshold_rates(pets_cache, tmp_path):
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     thr = m["threshold"]
     assert thr["n_calibration"] == 4 and thr["target_fpr"] == 0.2
-    assert thr["value"] == pytest.approx(sorted(run.config["calibration"]["scores"]["nll"])[3])  # ceil(5 * .8) = 4
+    assert m["score"] == "combined" == run.config["calibration"]["threshold_score"]
+    assert thr["value"] == pytest.approx(sorted(run.config["calibration"]["scores"]["combined"])[3])  # ceil(5*.8)=4
     assert thr["realised"] == threshold_metrics(res.is_anomaly, res.scores, thr["value"])
     assert m["f1_optimal_threshold"]["f1"] >= thr["realised"]["f1"]
     report = (tmp_path / "r" / "report.md").read_text()

@@ -75,7 +75,7 @@ def test_eval_run_writes_all_result_files(run_dir, cache):
     for key in ("auroc", "aupr", "tpr_at_5_fpr", "normal_class", "normal_class_name", "n_test", "n_anomalous",
                 "score", "method", "epoch_selection"):
         assert key in m, key
-    assert m["n_test"] == 60 and m["n_anomalous"] == 40 and m["normal_class"] == 0 and m["score"] == "nll"
+    assert m["n_test"] == 60 and m["n_anomalous"] == 40 and m["normal_class"] == 0 and m["score"] == "combined"
     assert "never test AUROC" in m["epoch_selection"] and m["auroc"] > 0.8
     rows = read_scores_csv(run_dir / "scores.csv")
     assert len(rows["sample_id"]) == 60 and rows["is_anomaly"].sum() == 40
@@ -92,10 +92,10 @@ def test_eval_run_writes_all_result_files(run_dir, cache):
 
 def test_eval_z2_needs_other_out_or_overwrite(run_dir, tmp_path):
     eval_run(run_dir, plots=False)
-    with pytest.raises(SanfError, match="earlier results.*score 'nll' -> 'z2'"):
+    with pytest.raises(SanfError, match="earlier results.*score 'combined' -> 'z2'"):
         eval_run(run_dir, score="z2")
     res = eval_run(run_dir, score="z2", out_dir=tmp_path / "z2", plots=False)
     assert res.metrics["score"] == "z2" and res.metrics["auroc"] > 0.8
-    assert json.loads((run_dir / "metrics.json").read_text())["score"] == "nll"
+    assert json.loads((run_dir / "metrics.json").read_text())["score"] == "combined"
 
 

@@ -74,7 +74,7 @@ def test_stack_equals_separate_runs(name, one_torch_thread):
         models.append(r.model)
         norms.append(r.normalizer)
         # test NLLs and AUROC against the separate run scored as the sweep scores it
-        x, p = ref.normalizer.transform(test_cls, test_patch if m.cfg.needs_patch else None)
+        x, p = ref.normalizer.transform(test_cls, test_patch if m.cfg.flow_needs_patch else None)
         ref_scores.append(score_flow(ref.model, torch.from_numpy(x), None if p is None else torch.from_numpy(p)))
     scores = score_stack(models, norms, test_cls, test_patch, device="cpu")
     assert scores.shape == (4, len(test_cls))

@@ -267,12 +267,12 @@ def test_variants_fit_save_load_and_eval(cache, tmp_path, over):
     run = fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)
     flow_keys = {k: v for k, v in over.items() if k not in ("normalize", "token_pool")}
     assert run.config["flow"] == {**run.config["flow"], **flow_keys}
-    assert run.config["flow"]["num_tokens"] == (4 // cfg.token_pool ** 2 if cfg.needs_patch else 1)
-    res = eval_run(run.run_dir, plots=False)
+    assert run.config["flow"]["num_tokens"] == (4 // cfg.token_pool ** 2 if cfg.flow_needs_patch else 1)
+    res = eval_run(run.run_dir, score="nll", plots=False)
     assert np.isfinite(res.scores).all()
     tc, tp, labels, _ = open_cache(cache).split("test").read_all()
     x, p = run.result.normalizer.transform(tc, tp)
-    direct = score_flow(run.result.model, torch.from_numpy(x), torch.from_numpy(p) if cfg.needs_patch else None)
+    direct = score_flow(run.result.model, torch.from_numpy(x), torch.from_numpy(p) if cfg.flow_needs_patch else None)
     assert np.allclose(direct, res.scores)  # save -> load reproduces the model and the normaliser
     from sklearn.metrics import roc_auc_score
 

@@ -244,7 +244,7 @@ def test_help_texts():
 
     assert set(GRID_KEYS) == {f.name for f in dataclasses.fields(FitConfig)} - set(NOT_GRID)
     helps = {name: run(*name.split(), "--help").output for name in ("sweep", "baseline", "report", "demo", "extract")}
-    assert "normalize, patience" in " ".join(helps["sweep"].split()) and "--keep-models" in helps["sweep"]
+    assert "normalize, patch_coreset" in " ".join(helps["sweep"].split()) and "--keep-models" in helps["sweep"]
     for option in ("--k ", "--quiet"):
         assert option in helps["baseline"], option
     assert "--out" in helps["report"]

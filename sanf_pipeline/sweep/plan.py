@@ -399,7 +399,11 @@ def is_finished(run_dir: Path, spec: RunSpec, fingerprint: str, score: str) -> b
     except SanfError:
         return False
     want = _result_identity(spec, {"score": score, "fingerprint": fingerprint})
-    if not isinstance(m, dict) or any(m.get(k) != v for k, v in want.items()):
+    if not isinstance(m, dict):
+        return False
+    if spec.is_flow:  # a flow's "auto" score is resolved per run; metrics.json keeps what was asked for
+        m = {**m, "score": m.get("score_requested", m.get("score"))}
+    if any(m.get(k) != v for k, v in want.items()):
         return False
     if spec.is_flow:
         return (m.get("sweep") or {}).get("settings") == spec.fit_config().settings()

@@ -191,7 +191,7 @@ def _is_gpu(device: str) -> bool:
 
 
 def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,), fixed=None, workers: int | None = None,
-              executor: str = "local", *, device: str = "auto", score: str = "nll", plots: bool = True,
+              executor: str = "local", *, device: str = "auto", score: str = "auto", plots: bool = True,
               overwrite: bool = False, quiet: bool = True, threads: int | None = None, start_method: str | None = None,
               ray_address: str | None = None, ray_cpus_per_task: float = 1.0, ray_gpus_per_task: float = 0.0,
               ray_init_kwargs: dict | None = None, stack: int | str = "auto", keep_models: bool = False) -> SweepResult:
@@ -199,15 +199,15 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
     ``keep_models``: keep each flow run's ``model.safetensors`` once its results are written (by default it is
     deleted: a sweep's product is its scores and metrics, and models cost tens to hundreds of MB a run)."""
     from ..cache import open_cache
+    from ..combined import RUN_SCORES
     from ..progress import progress_bar
     from ..runs import cache_identity
-    from ..scoring import SCORES
 
     t_start = time.perf_counter()
     if executor not in EXECUTORS:
         raise SanfError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if score not in SCORES:
-        raise SanfError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if score not in RUN_SCORES:
+        raise SanfError(f"unknown score {score!r}; choose one of {', '.join(RUN_SCORES)}")
     if executor == "ray":
         import importlib.util
 

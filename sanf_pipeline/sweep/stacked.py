@@ -123,7 +123,8 @@ def stack_size_for(todo: list[RunSpec], ctx: dict, cache, stack) -> int:
 
 
 def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: int, on_done) -> None:
-    from ..jobs import TestData, eval_flow_job, fit_settings
+    from ..combined import add_patch_score, resolve_score
+    from ..jobs import TestData, eval_flow_job, fit_settings, flow_score_kind
     from ..runs import finish_run, now, start_run_config
     from ..stack import StackMember, fit_stack, score_stack, stack_key
     from .executors import _clean_tmp, _drop_model, _model_extras, _run_serial, _sweep_extras, _torch_threads
@@ -165,7 +166,7 @@ def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: 
                     rd, cfgs[i], fit_settings(cfgs[i], ctx["fingerprint"], s.class_index), class_index=s.class_index,
                     class_name=s.class_name, n_train=len(b["cls"]), cache_identity=ctx["cache_identity"],
                     created=now(), extra={"sweep": _sweep_extras(s, ctx), **_model_extras(ctx)}))
-                members.append(StackMember(cfgs[i], b["cls"], b.get("patch") if cfgs[i].needs_patch else None,
+                members.append(StackMember(cfgs[i], b["cls"], b.get("patch") if cfgs[i].flow_needs_patch else None,
                                            data_key=s.class_index))
             results = fit_stack(members, description=f"stack of {len(members)}")
             t_fit = time.perf_counter() - t0
@@ -175,13 +176,16 @@ def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: 
                     on_done(s, {"run_id": s.run_id, "error": str(r), "seconds": t_fit / len(specs),
                                 "pid": os.getpid(), "stack": len(specs)})
                 else:
+                    b = blocks[(s.class_index, cfg0.needs_patch)]
+                    add_patch_score(r, cfgs[i], b["cls"], b.get("patch"))
                     finish_run(runs_dir / s.run_id, config, r)
                     done.append((s, config, r, cfgs[i]))
             if not done:
                 continue
             t1 = time.perf_counter()
+            kind = flow_score_kind(resolve_score(ctx["score"], done[0][1]))
             scores = score_stack([r.model for *_, r, _ in done], [r.normalizer for *_, r, _ in done], test["cls"],
-                                 test.get("patch") if cfg0.needs_patch else None, ctx["score"],
+                                 test.get("patch") if cfg0.flow_needs_patch else None, kind,
                                  batch_size=cfg0.eval_batch_size, device=cfg0.device)
             t_score = (time.perf_counter() - t1) / len(done)
             for k, (s, config, r, cfg) in enumerate(done):
@@ -189,6 +193,7 @@ def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: 
                 info = _sweep_extras(s, ctx)
                 res = eval_flow_job(runs_dir / s.run_id, r.model, r.normalizer, config, test_data,
                                     score=ctx["score"], plots=ctx["plots"], train_log=r.log, scores=scores[k],
+                                    patch_score=r.patch_score,
                                     extra_metrics={"sweep_run_id": s.run_id,
                                                    "sweep": {**info, "settings": cfg.settings()}})
                 _drop_model(runs_dir / s.run_id, ctx)

@@ -1,0 +1,128 @@
+"""The combined score (combined.py): the patch part is fitted on the flow's own rows, the standardisation comes
+from the held-out slice, eval / the detector head / the stacked sweep all compute the same numbers, and
+``--patch-score none`` is the paper's flow alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_FLOW, three_class_synthetic_cache
+from sklearn.metrics import roc_auc_score
+
+from sanf_pipeline.cache import open_cache
+from sanf_pipeline.combined import RUN_SCORES, PatchScore, resolve_score
+from sanf_pipeline.detector import PatchKNNHead
+from sanf_pipeline.errors import SanfError
+from sanf_pipeline.features import pool_square_grid
+from sanf_pipeline.fit_config import FitConfig
+from sanf_pipeline.jobs import eval_run, fit_run, load_run
+from sanf_pipeline.patchknn import PatchKNNScorer
+
+TINY = {**TINY_FLOW, "max_epochs": 2, "patience": 1}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return three_class_synthetic_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def combined_run(cache, tmp_path_factory):
+    return fit_run(cache, 1, FitConfig(**TINY), tmp_path_factory.mktemp("r") / "run", quiet=True)
+
+
+def test_default_run_keeps_a_patch_part_fitted_on_the_flows_own_rows(cache, combined_run):
+    cfg = FitConfig(**TINY)
+    config = combined_run.config
+    part = config["patch_score"]
+    assert part["method"] == "patch-knn" and part["settings"]["coreset"] == cfg.patch_coreset
+    cal = config["calibration"]
+    assert cal["threshold_score"] == "combined" and set(cal["scores"]) >= {"nll", "z2", "patch", "combined"}
+    # reference: patch-knn fitted directly on the rows the flow trained on, scoring the rows it held out
+    cls, patch = open_cache(cache).split("train").read_class(1)
+    tr, va = cfg.held_out_split(len(cls))
+    ref = PatchKNNScorer(cfg.patch_coreset, cfg.patch_neighbourhood, seed=cfg.seed, device="cpu").fit(None, patch[tr])
+    held_out = ref.score(None, patch[va])
+    assert np.allclose(cal["scores"]["patch"], held_out, rtol=1e-6)
+    nll = np.asarray(cal["scores"]["nll"])
+    assert part["standardise"]["nll"] == pytest.approx([nll.mean(), nll.std(ddof=1)])
+    assert part["standardise"]["patch"] == pytest.approx([held_out.mean(), held_out.std(ddof=1)])
+    z = (nll - nll.mean()) / nll.std(ddof=1) + (held_out - held_out.mean()) / held_out.std(ddof=1)
+    assert np.allclose(cal["scores"]["combined"], z)
+    assert np.mean(cal["scores"]["combined"]) == pytest.approx(0.0, abs=1e-9)  # both parts centred on the slice
+
+
+@pytest.mark.parametrize("kind", ["combined", "patch", "nll"])
+def test_eval_scores_equal_the_parts_computed_by_hand(cache, combined_run, kind, tmp_path):
+    run = load_run(combined_run.run_dir)
+    auto = eval_run(combined_run.run_dir, plots=False, out_dir=tmp_path / "auto")
+    assert auto.metrics["score"] == "combined" and auto.metrics["score_requested"] == "auto"
+    res = eval_run(combined_run.run_dir, score=kind, plots=False, out_dir=tmp_path / kind)
+    nll = eval_run(combined_run.run_dir, score="nll", plots=False, out_dir=tmp_path / "n").scores
+    _, tp, labels, _ = open_cache(cache).split("test").read_all()
+    patch = run.patch_score.scorer.score(None, tp)
+    (mn, sn), (mp, sp) = run.patch_score.nll_stats, run.patch_score.patch_stats
+    want = {"combined": (nll - mn) / sn + (patch - mp) / sp, "patch": patch, "nll": nll}[kind]
+    assert np.allclose(res.scores, want, rtol=1e-6, atol=1e-6)
+    assert res.metrics["score"] == kind
+    if kind == "combined":
+        assert np.array_equal(res.scores, auto.scores)
+        y = labels != 1
+        assert res.metrics["auroc_parts"] == pytest.approx({"nll": roc_auc_score(y, nll),
+                                                            "patch": roc_auc_score(y, patch)})
+        thr = res.metrics["threshold"]
+        assert thr["n_calibration"] == len(run.config["calibration"]["scores"]["combined"])
+
+
+def test_patch_score_none_is_the_flow_alone(cache, tmp_path):
+    run = fit_run(cache, 1, FitConfig(**TINY, patch_score="none"), tmp_path / "paper", quiet=True)
+    assert run.config["patch_score"] is None
+    assert set(run.config["calibration"]["scores"]) == {"nll", "z2"}
+    assert "patch_score" not in run.config["settings"]["fit"]  # the paper flow keeps its run id
+    res = eval_run(run.run_dir, plots=False)
+    assert res.metrics["score"] == "nll"
+    with pytest.raises(SanfError, match="no patch score"):
+        eval_run(run.run_dir, score="combined", plots=False, out_dir=tmp_path / "x")
+
+
+def test_resolve_score_names_every_kind():
+    assert set(RUN_SCORES) == {"auto", "combined", "nll", "z2", "patch"}
+    with_part, without = {"patch_score": {"method": "patch-knn"}}, {"patch_score": None}
+    assert resolve_score("auto", with_part) == "combined" and resolve_score("auto", without) == "nll"
+    assert resolve_score("z2", with_part) == "z2"
+    with pytest.raises(SanfError, match="unknown score"):
+        resolve_score("mahalanobis", with_part)
+
+
+@pytest.mark.parametrize("pool,neigh", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_patch_knn_head_equals_the_scorer(pool, neigh):
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(12, 16, 8)).astype(np.float32)
+    test = rng.normal(size=(11, 16, 8)).astype(np.float32) * 1.5
+    p_train = pool_square_grid(train, pool) if pool > 1 else train
+    p_test = pool_square_grid(test, pool) if pool > 1 else test
+    scorer = PatchKNNScorer(0.5, neigh, device="cpu").fit(None, p_train)
+    head = PatchKNNHead(scorer.bank, neigh, pool, image_block=4)
+    got = head(None, torch.from_numpy(test)).double().numpy()
+    assert np.allclose(got, scorer.score(None, p_test), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_part_round_trips_through_the_run_folder(combined_run):
+    run = load_run(combined_run.run_dir)
+    part = combined_run.result.patch_score
+    assert torch.equal(run.patch_score.scorer.bank, part.scorer.bank)
+    assert run.patch_score.nll_stats == pytest.approx(part.nll_stats)
+    cfg = json.loads((combined_run.run_dir / "config.json").read_text())
+    with pytest.raises(SanfError, match="patch score is incomplete"):
+        PatchScore.from_state({**cfg["patch_score"], "standardise": {}}, {})
+
+
+def test_fit_config_checks_the_patch_settings():
+    for bad in ({"patch_score": "patchcore"}, {"patch_coreset": 0.0}, {"patch_neighbourhood": 2}):
+        with pytest.raises(SanfError):
+            FitConfig(**bad).validate()
