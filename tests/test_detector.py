@@ -71,6 +71,39 @@ def test_detector_api_equals_eval(tiny):
     assert res.percentiles.tolist() == [100.0 * (cal <= s).mean() for s in res.scores]
 
 
+@pytest.mark.parametrize("kind", ["combined", "patch", "z2"])
+def test_combined_run_detector_equals_eval(tiny, tmp_path, kind):
+    """A run with its patch part (3 of 10 rows held out, so it can standardise): the detector and TorchScript give
+    eval's scores for every score kind, and the default is the combined score."""
+    from sanf_pipeline import Detector
+    from sanf_pipeline.jobs import eval_run
+
+    run = _fit_eval(tiny["cache"], tmp_path / "run", "a", val_fraction=0.3)
+    config = json.loads((run / "config.json").read_text())
+    assert config["patch_score"]["method"] == "patch-knn" and config["calibration"]["threshold_score"] == "combined"
+    assert Detector.load(run, device="cpu").score_kind == "combined"
+    eval_run(run, score=kind, out_dir=tmp_path / kind, plots=False, device="cpu")
+    want = _eval_scores(tmp_path / kind, tiny["data"])
+    det = Detector.load(run, device="cpu", score=kind)
+    res = det.score([tiny["data"] / "test"], batch_size=4, num_workers=0)
+    np.testing.assert_allclose(res.scores, [want[p] for p in res.paths], rtol=1e-5, atol=1e-6)
+    cal = np.asarray(config["calibration"]["scores"][kind])
+    np.testing.assert_allclose(res.percentiles, [100.0 * (cal <= s).mean() for s in res.scores])
+    out = tmp_path / "m.pt"
+    assert sanf("export", "--run", run, "--score", kind, "--format", "torchscript", "--out", out).exit_code == 0
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(str(out))(x).numpy(), det.model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_flow_alone_run_refuses_patch_scores(tiny, tmp_path):
+    from sanf_pipeline import Detector
+
+    run = _fit_eval(tiny["cache"], tmp_path / "run", "a", val_fraction=0.3, patch_score="none")
+    assert Detector.load(run, device="cpu").score_kind == "nll"
+    assert_user_error(sanf("score", "--run", run, "--score", "combined", tiny["data"] / "test"), "no patch score")
+
+
 @pytest.mark.parametrize("method", ["knn-l2", "gaussian"])
 def test_baseline_runs_are_detectors(tiny, tmp_path, method):
     from sanf_pipeline import Detector
@@ -231,8 +264,11 @@ def _real_images(data: Path, n: int = 6) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("backbone", "fusion"), [("vit", "none"), ("vit", "gap"), ("vit", "learnable"),
-                                                  ("vit", "semantic"), ("cnn", "semantic")])
+                                                  ("vit", "semantic"), ("cnn", "semantic"), ("vit", "combined"),
+                                                  ("cnn", "combined")])
 def test_onnx_matches_pytorch_on_real_images(real, tmp_path, backbone, fusion):
+    """fusion "combined": the default fusion with 3 of 12 rows held out, so the run has its patch part and the
+    exported model computes the combined score (flow + patch-knn head)."""
     pytest.importorskip("onnxruntime")
     from sanf_pipeline import Detector
     from sanf_pipeline.export import check_onnx
@@ -243,12 +279,15 @@ def test_onnx_matches_pytorch_on_real_images(real, tmp_path, backbone, fusion):
         cache = _real_cache(tmp_path, real["data"], "tf_efficientnet_lite0", EFFNET_WEIGHTS)
     else:
         cache = real["cache"]
-    run = _fit_eval(cache, tmp_path / "run", "airplane", fusion=fusion)
+    combined = fusion == "combined"
+    fit = {"val_fraction": 0.25} if combined else {"fusion": fusion}
+    run = _fit_eval(cache, tmp_path / "run", "airplane", **fit)
     out = tmp_path / "m.onnx"
     r = sanf("export", "--run", run, "--out", out, env={"SANF_WEIGHTS_DIR": str(DINOV2_WEIGHTS.parent)})
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "m.onnx.json").read_text())
-    assert side["opset"] == 17 and side["threshold"]["n_calibration"] == 1
+    assert side["opset"] == 17 and side["threshold"]["n_calibration"] == (3 if combined else 1)
+    assert side["score"] == ("combined" if combined else "nll")
     det = Detector.load(run, device="cpu", weights_dir=DINOV2_WEIGHTS.parent)
     images = torch.stack([det.preprocess(im) for im in _real_images(real["data"])])
     assert check_onnx(det, out, images) < 1e-3
