@@ -302,3 +302,9 @@ def three_class_synthetic_cache(tmp_path_factory) -> Path:
 
     return write_synthetic_cache(tmp_path_factory.mktemp("c") / "syn", n_classes=3, n_train=40, n_test=20, dim=16,
                                  num_tokens=4, separation=1.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def three_class_cache(tmp_path_factory) -> Path:
+    """``three_class_synthetic_cache`` as a module-scoped fixture."""
+    return three_class_synthetic_cache(tmp_path_factory)

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FLOW, three_class_synthetic_cache
+from conftest import TINY_FLOW
 from sklearn.metrics import roc_auc_score
 
 from sanf_pipeline.cache import open_cache
@@ -21,14 +21,13 @@ from sanf_pipeline.fit_config import FitConfig
 from sanf_pipeline.jobs import eval_run, fit_run, load_run
 from sanf_pipeline.patchknn import PatchKNNScorer
 
-TINY = {**TINY_FLOW, "max_epochs": 2, "patience": 1}
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+TINY = {**TINY_FLOW, "max_epochs": 2, "patience": 1}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return three_class_synthetic_cache(tmp_path_factory)
+def cache(three_class_cache):  # tests/conftest.py
+    return three_class_cache
 
 
 @pytest.fixture(scope="module")
