@@ -168,6 +168,9 @@ def test_stacked_sweep_equals_the_serial_sweep(tmp_path_factory, one_torch_threa
         a, b = (out / d / "runs" / spec.run_id for d in ("serial", "stacked"))
         ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
         assert abs(ma["auroc"] - mb["auroc"]) <= TOL and ma.get("best_epoch") == mb.get("best_epoch")
+        if spec.is_flow:  # the default flow run has its patch part in both executors (combined.py)
+            assert ma["score"] == mb["score"] == "combined" and abs(ma["auroc_parts"]["patch"] -
+                                                                     mb["auroc_parts"]["patch"]) <= TOL
         sa, sb = ([float(r["score"]) for r in csv.DictReader(open(d / "scores.csv"))] for d in (a, b))
         assert np.abs(np.subtract(sa, sb)).max() <= TOL
         assert {p.name for p in a.iterdir()} == {p.name for p in b.iterdir()}
