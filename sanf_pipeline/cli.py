@@ -339,8 +339,9 @@ def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
         r = thr["realised"]
         click.echo(f"threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
                    f"normal images): FPR {r['fpr']:.4f}, TPR {r['tpr']:.4f}, F1 {r['f1']:.4f} on the test split")
+    parts = "".join(f", {k} part alone AUROC {v:.4f}" for k, v in (m.get("auroc_parts") or {}).items())
     click.echo(f"{m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, AUPR {m['aupr']:.4f}, "
-               f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {m['score']}); "
+               f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {m['score']}{parts}); "
                f"results in {res.out_dir} (metrics.json, scores.csv, report.md, plots)")
 
 
