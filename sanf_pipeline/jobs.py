@@ -294,7 +294,9 @@ def _score_test(flow, normalizer, patch_score, config: dict, test: TestData, kin
     flow.to(resolve_device(device))
     try:
         for cls, patch in test.blocks(with_patch):
-            if flow_scores is None:
+            if kind == "patch":  # the patch part alone: no flow pass
+                fs = None
+            elif flow_scores is None:
                 fs = score_blocks(flow, normalizer, [(cls, patch if flow_patch else None)], flow_score_kind(kind),
                                   batch_size=batch_size)
             else:
@@ -304,12 +306,15 @@ def _score_test(flow, normalizer, patch_score, config: dict, test: TestData, kin
                 out.append(fs)
                 continue
             ps = patch_score.patch_scores(patch)
+            if kind == "patch":
+                out.append(ps)
+                continue
             parts["nll"].append(fs)
             parts["patch"].append(ps)
-            out.append(ps if kind == "patch" else patch_score.combine(fs, ps))
+            out.append(patch_score.combine(fs, ps))
     finally:
         flow.to("cpu")
-    joined = {k: np.concatenate(v) for k, v in parts.items() if v and kind == "combined"}
+    joined = {k: np.concatenate(v) for k, v in parts.items() if v}
     return (np.concatenate(out) if out else np.zeros(0)), joined
 
 
