@@ -82,6 +82,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int)
     ap.add_argument("--markdown")
     ap.add_argument("--report-only", action="store_true", help="tables of finished runs; run nothing")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="let a changed plan (e.g. more seeds) replace a sweep's plan; finished identical runs stay")
     args = ap.parse_args(argv)
     baselines = (*BASELINES, "patch-knn") if args.patch_knn else BASELINES
     rows, walls = [], {}
@@ -92,7 +94,8 @@ def main(argv=None) -> None:
         if not args.report_only:
             t0 = time.perf_counter()
             run_sweep(path, sweep_dir, classes=classes or "all", methods=("flow", *baselines), seeds=args.seeds,
-                      fixed=args.fixed or None, workers=args.workers, plots=False, quiet=True)
+                      fixed=args.fixed or None, workers=args.workers, plots=False, quiet=True,
+                      overwrite=args.overwrite)
             walls[name] = time.perf_counter() - t0
         rows.append(table_row(name, _runs(sweep_dir), baselines))
         print(json.dumps(rows[-1]), flush=True)
