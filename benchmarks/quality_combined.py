@@ -107,7 +107,9 @@ def main(argv=None) -> None:
         took = ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) or "rendered from finished runs"
         with open(args.markdown, "a") as f:
             f.write(f"\n### {time.strftime('%Y-%m-%d')}: `{command_line('quality_combined.py', argv)}`\n\n"
-                    f"Flow seeds {args.seeds}; fixed flow settings {args.fixed or 'none'}; wall ({took}).\n\n"
+                    + (f"Flow seeds {args.seeds}; fixed flow settings {args.fixed or 'none'}; wall ({took}).\n\n"
+                       if not args.report_only else "Rendered from the finished runs in the sweeps (their seeds and "
+                       "fixed settings as the commands that ran them gave).\n\n")
                     + "\n".join(lines) + "\n")
 
 
