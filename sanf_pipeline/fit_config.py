@@ -67,7 +67,7 @@ class FitConfig:
     eval_batch_size: int = 256
     # the combined score (combined.py): the run also keeps a patch-knn memory bank of its training rows' patch
     # tokens, and its default score is the flow NLL plus the patch distance, each standardised on the held-out
-    # normal slice ("none": the paper's flow NLL alone; benchmarks/combined_probe.md)
+    # normal slice ("none": the paper's flow NLL alone; benchmarks/quality_combined.md)
     patch_score: str = "patch-knn"
     patch_coreset: float = 0.1
     patch_neighbourhood: int = 3
