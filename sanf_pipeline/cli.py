@@ -274,12 +274,15 @@ _FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", toke
               help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--no-amp", is_flag=True, help="No mixed precision on GPU.")
+@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS",
+              help="Checkpoint a completed epoch once this many seconds have passed since the last checkpoint "
+                   "(0: every epoch); a killed fit resumes from it with bit-identical results.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run or one with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, token_pool, main_input,
         normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
         keep_initial, min_epoch_steps, noise, patch_score, patch_coreset, patch_neighbourhood, seed, fpr, device,
-        no_amp, overwrite, quiet):
+        no_amp, checkpoint_every, overwrite, quiet):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
     _check_cache(cache_path, normal_class)
     from .fit_config import FitConfig, training_length
@@ -294,7 +297,8 @@ def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spa
                     weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
                     device=device, amp=not no_amp, fpr=fpr, keep_initial=keep_initial,
                     min_epoch_steps=min_epoch_steps, noise=noise, patch_score=patch_score,
-                    patch_coreset=patch_coreset, patch_neighbourhood=patch_neighbourhood, **length)
+                    patch_coreset=patch_coreset, patch_neighbourhood=patch_neighbourhood,
+                    checkpoint_every=checkpoint_every, **length)
     run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
     if run.already_finished:
         click.echo(f"run {run.run_dir}: already finished with these settings; nothing to do (--overwrite refits it); "

@@ -65,6 +65,11 @@ class FitConfig:
     device: str = "auto"
     amp: bool = True
     eval_batch_size: int = 256
+    # seconds of training between epoch checkpoints (0 = after every epoch): a checkpoint holds the model, Adam's
+    # two moments and the best epoch's state (~600 MB for the default flow on 1280-d tokens), and writing it after
+    # every few-second epoch of a small set cost 40% of the fit (benchmarks/flow_speed.md); a crash loses at most
+    # this much training, and the resumed fit is bit-identical either way
+    checkpoint_every: float = 60.0
     # the combined score (combined.py): the run also keeps a patch-knn memory bank of its training rows' patch
     # tokens, and its default score is the flow NLL plus the patch distance, each standardised on the held-out
     # normal slice ("none": the paper's flow NLL alone; benchmarks/quality_combined.md)
@@ -74,7 +79,8 @@ class FitConfig:
     # the detector's default threshold: target false-positive rate on held-out normal images (calibration.py)
     fpr: float = 0.01
 
-    NOT_SETTINGS = ("device", "eval_batch_size", "fpr")  # do not change the model; not compared on resume
+    # do not change the model; not compared on resume
+    NOT_SETTINGS = ("device", "eval_batch_size", "fpr", "checkpoint_every")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -129,6 +135,9 @@ class FitConfig:
             bad("grad_clip", self.grad_clip, "must be > 0 (or None for no clipping)")
         if not (0 < self.val_fraction < 1):
             bad("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive)")
+        if isinstance(self.checkpoint_every, bool) or not (isinstance(self.checkpoint_every, (int, float))
+                                                           and 0 <= self.checkpoint_every < math.inf):
+            bad("checkpoint_every", self.checkpoint_every, "must be a finite number of seconds >= 0")
         if not (0 < self.fpr < 1):
             bad("fpr", self.fpr, "must be between 0 and 1 (exclusive)")
         return self

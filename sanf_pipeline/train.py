@@ -1,10 +1,10 @@
 """Fitting a SANF flow on one normal class: optimiser, epochs or early stopping, checkpoints, resume, seeds.
 
-``fit_flow(train_cls, train_patch, cfg)`` works on in-memory arrays; with ``run_dir`` it also checkpoints every
-completed epoch there and resumes from it. It reads as four steps, each a function of its own: data preparation
-(``prepare_data``: held-out slice, normaliser, tensors), resume (``_Checkpoint``), the epoch loop (``_train_epoch``)
-and the stopping rule (``EarlyStopping``). The run folder around it (config, model, results) is written by the jobs
-(``jobs.py``: ``fit_run`` is `sanf fit`).
+``fit_flow(train_cls, train_patch, cfg)`` works on in-memory arrays; with ``run_dir`` it also checkpoints
+completed epochs there (at most every ``cfg.checkpoint_every`` seconds) and resumes from the last one. It reads as
+four steps, each a function of its own: data preparation (``prepare_data``: held-out slice, normaliser, tensors),
+resume (``_Checkpoint``), the epoch loop (``_train_epoch``) and the stopping rule (``EarlyStopping``). The run
+folder around it (config, model, results) is written by the jobs (``jobs.py``: ``fit_run`` is `sanf fit`).
 
 Loss: the mean over the batch of the negative log-likelihood divided by the dimension of ``z`` (nats per
 dimension, as in DifferNet/CS-Flow and the official code; the gradient-norm clip of 1.0 applies to this
@@ -117,7 +117,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 def _diverged(what, epoch, step, steps, cfg, last_good, run_dir) -> SanfError:
     kept = (f"the checkpoint of epoch {last_good} is kept in {run_dir}" if run_dir and last_good
-            else "no epoch had completed")
+            else "no checkpoint had been written" if run_dir else "nothing was saved (no run folder)")
     return SanfError(
         f"training diverged: {what} at epoch {epoch}, step {step}/{steps}; {kept}; retry with a lower --lr "
         f"(now {cfg.lr:g}), a lower --clamp (now {cfg.clamp:g}) or --normalize l2+standardize (now {cfg.normalize}),"
@@ -243,6 +243,9 @@ class EarlyStopping:
 
 
 # --------------------------------------------------------------------------------------------------- resume
+_clock = time.monotonic  # the checkpoint interval's clock (a test advances it by epochs)
+
+
 class _Checkpoint:
     """``checkpoint.safetensors`` in the run folder: model, optimiser, RNG and stopping state after an epoch."""
 
@@ -250,6 +253,8 @@ class _Checkpoint:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / CHECKPOINT_FILE
         self.checkpoint_id = checkpoint_id
+        self.saved_at = _clock()
+        self.saved_epoch = 0
 
     def load(self, flow, opt, scaler, stopping: EarlyStopping) -> tuple[int, list[dict]]:
         """Restore an earlier checkpoint of the same settings and data; returns (its epoch, its log)."""
@@ -266,7 +271,17 @@ class _Checkpoint:
         if scaler is not None and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         stopping.load(meta, {k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
-        return int(meta["epoch"]), list(meta["log"])
+        self.saved_epoch = int(meta["epoch"])
+        return self.saved_epoch, list(meta["log"])
+
+    def after_epoch(self, epoch: int, flow, opt, scaler, stopping: EarlyStopping, log: list[dict],
+                    every_s: float) -> None:
+        """The training log after every epoch (a few KB, for whoever watches the run); the checkpoint once
+        ``every_s`` seconds have passed since the last one (or since this process started fitting)."""
+        if _clock() - self.saved_at >= every_s:
+            self.save(epoch, flow, opt, scaler, stopping, log)
+        else:
+            write_jsonl_atomic(self.run_dir / LOG_FILE, log)
 
     def save(self, epoch: int, flow, opt, scaler, stopping: EarlyStopping, log: list[dict]) -> None:
         tensors = {f"model.{k}": v for k, v in flow.state_dict().items()}
@@ -278,6 +293,7 @@ class _Checkpoint:
                 **stopping.state(), "scaler": scaler.state_dict() if scaler is not None else None, "saved": now()}
         save_tensors_atomic(self.path, tensors, meta)
         write_jsonl_atomic(self.run_dir / LOG_FILE, log)
+        self.saved_at, self.saved_epoch = _clock(), epoch
 
 
 # ----------------------------------------------------------------------------------------------- epoch loop
@@ -379,10 +395,11 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
     """Fit a flow on the normal class's training features (in memory).
 
     ``train_cls (n, d)``, ``train_patch (n, T, d)`` or None when ``cfg.flow_needs_patch`` is False. With ``run_dir``
-    every completed epoch is checkpointed there (``checkpoint.safetensors``, replaced atomically) and an
-    existing checkpoint of the same settings and data is resumed. ``callback(epoch, log_row, model)`` runs after
-    each epoch's checkpoint (for monitoring; it must not change the model). Returns the model (in eval mode, on
-    CPU) of the final epoch, or of the best epoch with early stopping.
+    a completed epoch is checkpointed there (``checkpoint.safetensors``, replaced atomically) once
+    ``cfg.checkpoint_every`` seconds have passed since the last checkpoint (0: every epoch), the training log after
+    every epoch, and an existing checkpoint of the same settings and data is resumed. ``callback(epoch, log_row,
+    model)`` runs after each epoch's checkpoint decision (for monitoring; it must not change the model). Returns
+    the model (in eval mode, on CPU) of the final epoch, or of the best epoch with early stopping.
     """
     cfg = (cfg or FitConfig()).validate()
     device = resolve_device(cfg.device)
@@ -432,10 +449,10 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
             row["best_epoch"] = stopping.best_epoch
             log.append(row)
             if ckpt is not None:
-                ckpt.save(epoch, flow, opt, scaler, stopping, log)
+                ckpt.after_epoch(epoch, flow, opt, scaler, stopping, log, cfg.checkpoint_every)
             epoch_seconds.append(time.perf_counter() - t_epoch)
             bar.update(task, left=time_left(epoch_seconds, epoch, cfg, stopping))
-            last_good = epoch
+            last_good = ckpt.saved_epoch if ckpt is not None else epoch
             if callback is not None:
                 callback(epoch, row, flow)
         if stopping.stopped:

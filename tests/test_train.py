@@ -212,7 +212,8 @@ class _Stop(KeyboardInterrupt):
 
 @pytest.mark.parametrize("early", [False, True])
 def test_resume_after_interrupt_matches_uninterrupted(cache, tmp_path, early):
-    cfg = FitConfig(**{**TINY, "early_stopping": early, "epochs": 4, "max_epochs": 4, "patience": 4})
+    cfg = FitConfig(**{**TINY, "early_stopping": early, "epochs": 4, "max_epochs": 4, "patience": 4,
+                       "checkpoint_every": 0})
     full = fit_run(cache, 2, cfg, tmp_path / "full", quiet=True)
 
     def interrupt(epoch, row, model):
@@ -234,6 +235,52 @@ def test_resume_after_interrupt_matches_uninterrupted(cache, tmp_path, early):
     a = eval_run(full.run_dir, plots=False).metrics
     b = eval_run(resumed.run_dir, plots=False).metrics
     assert (a["auroc"], a["aupr"], a["tpr_at_5_fpr"]) == (b["auroc"], b["aupr"], b["tpr_at_5_fpr"])
+
+
+def test_checkpoint_interval_is_measured_in_seconds_since_the_last_checkpoint(cache, tmp_path, monkeypatch):
+    import sanf_pipeline.train as train_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(train_mod, "_clock", lambda: clock[0])
+    saved: list[int] = []
+    real_save = train_mod._Checkpoint.save
+
+    def save(self, epoch, *args):
+        saved.append(epoch)
+        return real_save(self, epoch, *args)
+
+    monkeypatch.setattr(train_mod._Checkpoint, "save", save)
+
+    def tick(epoch, row, model):  # every epoch takes 25 s; the checkpoint decision comes before this
+        clock[0] = 25.0 * epoch
+
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 8, "checkpoint_every": 60})
+    run = fit_run(cache, 2, cfg, tmp_path / "r", quiet=True, callback=tick)
+    # the decision after epoch e sees 25 (e - 1) s: 75 s >= 60 at epoch 4, then 150 - 75 >= 60 at epoch 7
+    assert saved == [4, 7]
+    assert len(run.result.log) == 8 and len(read_jsonl(tmp_path / "r" / LOG_FILE)) == 8
+    assert not (tmp_path / "r" / CHECKPOINT_FILE).exists()  # dropped when the model was written
+    with pytest.raises(SanfError, match="checkpoint_every"):
+        FitConfig(checkpoint_every=-1).validate()
+    # not part of a run's identity: another interval resumes the same run
+    assert FitConfig(checkpoint_every=0).settings() == FitConfig().settings()
+
+
+def test_interrupt_before_the_first_checkpoint_keeps_the_log_and_refits_identically(cache, tmp_path):
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 3, "checkpoint_every": 1e9})
+    full = fit_run(cache, 1, cfg, tmp_path / "full", quiet=True)
+
+    def interrupt(epoch, row, model):
+        if epoch == 2:
+            raise _Stop()
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_run(cache, 1, cfg, tmp_path / "cut", quiet=True, callback=interrupt)
+    assert not (tmp_path / "cut" / CHECKPOINT_FILE).exists() and not (tmp_path / "cut" / MODEL_FILE).exists()
+    assert len(read_jsonl(tmp_path / "cut" / LOG_FILE)) == 2  # progress stays visible between checkpoints
+    again = fit_run(cache, 1, cfg, tmp_path / "cut", quiet=True)
+    assert again.result.resumed_from == 0 and len(again.result.log) == 3
+    assert _state_equal(full.result.model, again.result.model)
 
 
 def test_token_pool_averages_square_windows_and_travels_with_the_run():

@@ -27,8 +27,10 @@ def sanf(*args):
 
 
 def fit_args(cache, out) -> list[str]:
+    # a checkpoint after every epoch (the default waits 60 s between them): these tests kill and fail the writes
+    # of each epoch's checkpoint
     return ["fit", "--cache", str(cache), "--normal-class", "class0", "--out", str(out), "--hidden", "16",
-            "--epochs", str(EPOCHS), "--device", "cpu", "--quiet"]
+            "--epochs", str(EPOCHS), "--device", "cpu", "--quiet", "--checkpoint-every", "0"]
 
 
 def start_fit(cache, out) -> subprocess.Popen:

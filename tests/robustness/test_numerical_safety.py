@@ -90,7 +90,8 @@ def test_nan_loss_stops_with_epoch_step_and_keeps_checkpoint(cache, tmp_path, mo
 
     if not host_checks:  # the GPU's step loop: no host sync per step, the first bad step is reported after the epoch
         monkeypatch.setattr(train, "HOST_CHECK_DEVICES", ())
-    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 3})  # 40 rows / 16 = 3 steps per epoch
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 3,  # 40 rows / 16 = 3 steps per epoch
+                       "checkpoint_every": 0})
     _nan_after(monkeypatch, 4)  # epoch 1: 3 steps; epoch 2, step 2 diverges
     with pytest.raises(SanfError) as err:
         fit_run(cache, 0, cfg, tmp_path / "r", quiet=True)

@@ -29,8 +29,8 @@ SUMMARY = (SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD)
 def sweep_args(cache, out, *extra) -> list[str]:
     return ["sweep", "--cache", str(cache), "--out", str(out), "--grid", "fusion=none,semantic", "--methods",
             "flow,knn", "--seeds", "0", "--set", "hidden=16", "--set", "blocks=2", "--set", f"epochs={EPOCHS}",
-            "--set", "early_stopping=false", "--set", "batch_size=16", "--device", "cpu", "--no-plots", "--quiet",
-            *extra]
+            "--set", "early_stopping=false", "--set", "batch_size=16", "--set", "checkpoint_every=0", "--device", "cpu",
+            "--no-plots", "--quiet", *extra]
 
 
 def finished(out: Path) -> dict[str, int]:
