@@ -65,10 +65,11 @@ class FitConfig:
     device: str = "auto"
     amp: bool = True
     eval_batch_size: int = 256
-    # seconds of training between epoch checkpoints (0 = after every epoch): a checkpoint holds the model, Adam's
-    # two moments and the best epoch's state (~600 MB for the default flow on 1280-d tokens), and writing it after
-    # every few-second epoch of a small set cost 40% of the fit (benchmarks/flow_speed.md); a crash loses at most
-    # this much training, and the resumed fit is bit-identical either way
+    # seconds of training between epoch checkpoints (0 = after every epoch; checked when an epoch ends): a
+    # checkpoint holds the model, Adam's two moments and the best epoch's state (627 MB for the default flow on
+    # 1280-d tokens), and writing it after every few-second epoch of a small set made the fit 1.21-1.68x slower
+    # (benchmarks/checkpoint_cost.md); a crash loses at most this much training plus one epoch, and the resumed fit
+    # is bit-identical either way
     checkpoint_every: float = 60.0
     # the combined score (combined.py): the run also keeps a patch-knn memory bank of its training rows' patch
     # tokens, and its default score is the flow NLL plus the patch distance, each standardised on the held-out

@@ -223,7 +223,8 @@ def fit_settings(cfg: FitConfig, fingerprint: str, class_index: int) -> dict:
 def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str, cache_info: dict,
                  created: str | None = None, resumed: bool = False, extra: dict | None = None, quiet: bool = True,
                  callback=None) -> tuple[dict, FitResult]:
-    """Fit a flow on ``train`` into ``run_dir``: config first, an epoch checkpoint per epoch, model last."""
+    """Fit a flow on ``train`` into ``run_dir``: config first, epoch checkpoints (``cfg.checkpoint_every``), model
+    last."""
     run_dir = Path(run_dir)
     settings = fit_settings(cfg, fingerprint, train.class_index)
     config = start_run_config(run_dir, cfg, settings, class_index=train.class_index, class_name=train.class_name,
@@ -358,9 +359,10 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
     else:
         (run_dir / MODEL_FILE).unlink(missing_ok=True)
         created = None
-        if (run_dir / CONFIG_FILE).exists() and (run_dir / CHECKPOINT_FILE).exists():  # an unfinished fit
+        if (run_dir / CONFIG_FILE).exists():  # an unfinished fit (killed before or after its first checkpoint)
             try:
-                created = read_json_file(run_dir / CONFIG_FILE).get("created")
+                old = read_json_file(run_dir / CONFIG_FILE)
+                created = old.get("created") if old.get("status") == "running" else None
             except (SanfError, AttributeError):
                 created = None
         config, result = fit_flow_job(run_dir, cfg, train, fingerprint=test.fingerprint, cache_info=cache_info,

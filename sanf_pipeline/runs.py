@@ -7,7 +7,8 @@ A run folder (``runs/<name>/``)::
                              again in the safetensors metadata (key ``sanf``); written last: it marks a finished run
     train_log.jsonl          one JSON object per completed epoch
     checkpoint.safetensors   while a fit is unfinished: model + optimiser state + RNG state after the last
-                             completed epoch (JSON state in the metadata); removed when the fit finishes
+                             checkpointed epoch (``FitConfig.checkpoint_every``; train_log.jsonl may be ahead of
+                             it); JSON state in the metadata; removed when the fit finishes
     metrics.json, scores.csv, report.md, *.png   written by ``sanf eval`` (``jobs.py``, files: ``evaluate.py``)
 
 This module writes and reads these files; it never builds a model (``jobs.load_run`` rebuilds a run's flow).
@@ -326,6 +327,7 @@ def fit_as_run(cfg) -> dict:
     from .device import amp_dtype, resolve_device
 
     d = cfg.to_dict()
+    d.pop("checkpoint_every")  # how often the fit was saved, not how it trained: a sweep and `sanf fit` agree
     for k in (("val_fraction", "patience", "max_epochs", "min_delta") if not cfg.early_stopping else ("epochs",)):
         d.pop(k, None)
     d["amp"] = amp_dtype(resolve_device(cfg.device), cfg.amp) is not None

@@ -21,8 +21,8 @@ Determinism: the weights are initialised under ``torch.manual_seed(seed)`` insid
 (the caller's RNG is left alone); the held-out slice comes from ``numpy.random.default_rng(seed)``; the batch
 order of epoch ``e`` from a ``torch.Generator`` seeded with ``(seed, e)``. So on CPU the same seed, data and
 number of torch threads give bit-identical weights (a different thread count changes the last bits of the float
-sums), and a resumed run needs only the model and optimiser state of its last completed
-epoch to continue exactly as an uninterrupted one (the global RNG state is saved too, for safety).
+sums), and a resumed run needs only the model and optimiser state of the epoch it was last checkpointed after
+to continue exactly as an uninterrupted one (the global RNG state is saved too, for safety).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .device import amp_dtype, autocast, resolve_device
-from .errors import SanfError
+from .errors import Interrupted, SanfError
 from .features import Normalizer
 from .fit_config import FitConfig
 from .progress import progress_bar
@@ -283,6 +283,16 @@ class _Checkpoint:
         else:
             write_jsonl_atomic(self.run_dir / LOG_FILE, log)
 
+    def kept_after_interrupt(self, epochs_done: int, every_s: float) -> str:
+        """What an interrupted fit keeps, in one line (the CLI prints it after "interrupted; ")."""
+        if not self.saved_epoch:
+            return (f"no epoch checkpoint was written yet in {self.run_dir} (--checkpoint-every {every_s:g} s); "
+                    f"the same command starts the fit again")
+        redo = f" (epochs {self.saved_epoch + 1}-{epochs_done} are trained again)" if epochs_done > self.saved_epoch \
+            else ""
+        return (f"the checkpoint of epoch {self.saved_epoch} is kept in {self.run_dir}; the same command resumes "
+                f"from it{redo}")
+
     def save(self, epoch: int, flow, opt, scaler, stopping: EarlyStopping, log: list[dict]) -> None:
         tensors = {f"model.{k}": v for k, v in flow.state_dict().items()}
         tensors.update(_optimizer_tensors(opt))
@@ -421,42 +431,48 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
     total_epochs = cfg.total_epochs
 
     epoch_seconds: list[float] = []  # measured in this process: the time left is estimated from these only
-    with progress_bar(quiet, unit="samples", measured_eta=True) as bar:
-        task = bar.add_task(description, total=steps * total_epochs, completed=steps * start_epoch, rate="", left="")
-        for epoch in range(start_epoch + 1, total_epochs + 1):
+    try:
+        with progress_bar(quiet, unit="samples", measured_eta=True) as bar:
+            task = bar.add_task(description, total=steps * total_epochs, completed=steps * start_epoch, rate="",
+                                left="")
+            for epoch in range(start_epoch + 1, total_epochs + 1):
+                if stopping.stopped:
+                    break
+                t_epoch = time.perf_counter()
+
+                def diverged(what, step, epoch=epoch, last_good=last_good):
+                    return _diverged(what, epoch, step, steps, cfg, last_good, run_dir)
+
+                def progress(loss_value, rate, epoch=epoch):
+                    shown = "" if loss_value is None else f" loss {loss_value:.4f}"
+                    bar.update(task, advance=1, rate=f"{rate:.0f} samples/s",
+                               description=f"{description} epoch {epoch}/{total_epochs}{shown}")
+
+                row = _train_epoch(flow, opt, scaler, data, cfg, epoch, amp, diverged, progress)
+                val = None
+                if data.n_val and cfg.early_stopping:
+                    # held-out NLL in full precision (also under AMP): it decides the epoch
+                    val = float(score_flow(flow, data.x_va, data.p_va, "nll", batch_size=cfg.eval_batch_size).mean()
+                                / flow.z_dim)
+                    if not math.isfinite(val):
+                        raise diverged(f"the held-out NLL became {val}", steps)
+                    row["val_nll"] = val
+                stopping.update(epoch, val, flow)
+                row["best_epoch"] = stopping.best_epoch
+                log.append(row)
+                if ckpt is not None:
+                    ckpt.after_epoch(epoch, flow, opt, scaler, stopping, log, cfg.checkpoint_every)
+                epoch_seconds.append(time.perf_counter() - t_epoch)
+                bar.update(task, left=time_left(epoch_seconds, epoch, cfg, stopping))
+                last_good = ckpt.saved_epoch if ckpt is not None else epoch
+                if callback is not None:
+                    callback(epoch, row, flow)
             if stopping.stopped:
-                break
-            t_epoch = time.perf_counter()
-
-            def diverged(what, step, epoch=epoch, last_good=last_good):
-                return _diverged(what, epoch, step, steps, cfg, last_good, run_dir)
-
-            def progress(loss_value, rate, epoch=epoch):
-                shown = "" if loss_value is None else f" loss {loss_value:.4f}"
-                bar.update(task, advance=1, rate=f"{rate:.0f} samples/s",
-                           description=f"{description} epoch {epoch}/{total_epochs}{shown}")
-
-            row = _train_epoch(flow, opt, scaler, data, cfg, epoch, amp, diverged, progress)
-            val = None
-            if data.n_val and cfg.early_stopping:
-                # held-out NLL in full precision (also under AMP): it decides the epoch
-                val = float(score_flow(flow, data.x_va, data.p_va, "nll", batch_size=cfg.eval_batch_size).mean()
-                            / flow.z_dim)
-                if not math.isfinite(val):
-                    raise diverged(f"the held-out NLL became {val}", steps)
-                row["val_nll"] = val
-            stopping.update(epoch, val, flow)
-            row["best_epoch"] = stopping.best_epoch
-            log.append(row)
-            if ckpt is not None:
-                ckpt.after_epoch(epoch, flow, opt, scaler, stopping, log, cfg.checkpoint_every)
-            epoch_seconds.append(time.perf_counter() - t_epoch)
-            bar.update(task, left=time_left(epoch_seconds, epoch, cfg, stopping))
-            last_good = ckpt.saved_epoch if ckpt is not None else epoch
-            if callback is not None:
-                callback(epoch, row, flow)
-        if stopping.stopped:
-            bar.update(task, completed=steps * total_epochs)
+                bar.update(task, completed=steps * total_epochs)
+    except KeyboardInterrupt:
+        if ckpt is None:
+            raise
+        raise Interrupted(ckpt.kept_after_interrupt(len(log), cfg.checkpoint_every)) from None
 
     if cfg.early_stopping and stopping.best_state is not None:
         flow.load_state_dict(stopping.best_state)

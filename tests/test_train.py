@@ -210,18 +210,22 @@ class _Stop(KeyboardInterrupt):
     pass
 
 
-@pytest.mark.parametrize("early", [False, True])
-def test_resume_after_interrupt_matches_uninterrupted(cache, tmp_path, early):
-    cfg = FitConfig(**{**TINY, "early_stopping": early, "epochs": 4, "max_epochs": 4, "patience": 4,
-                       "checkpoint_every": 0})
-    full = fit_run(cache, 2, cfg, tmp_path / "full", quiet=True)
-
+def _interrupted_after_epoch_2(cache, normal_class: int, cfg: FitConfig, run_dir) -> None:
+    """A fit into ``run_dir`` interrupted (as by Ctrl-C) right after its second epoch."""
     def interrupt(epoch, row, model):
         if epoch == 2:
             raise _Stop()
 
     with pytest.raises(KeyboardInterrupt):
-        fit_run(cache, 2, cfg, tmp_path / "cut", quiet=True, callback=interrupt)
+        fit_run(cache, normal_class, cfg, run_dir, quiet=True, callback=interrupt)
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_resume_after_interrupt_matches_uninterrupted(cache, tmp_path, early):
+    cfg = FitConfig(**{**TINY, "early_stopping": early, "epochs": 4, "max_epochs": 4, "patience": 4,
+                       "checkpoint_every": 0})
+    full = fit_run(cache, 2, cfg, tmp_path / "full", quiet=True)
+    _interrupted_after_epoch_2(cache, 2, cfg, tmp_path / "cut")
     assert not (tmp_path / "cut" / MODEL_FILE).exists() and (tmp_path / "cut" / CHECKPOINT_FILE).exists()
     # other settings into the unfinished run are refused, naming what differs
     with pytest.raises(SanfError, match="other settings.*lr"):
@@ -240,6 +244,8 @@ def test_resume_after_interrupt_matches_uninterrupted(cache, tmp_path, early):
 def test_checkpoint_interval_is_measured_in_seconds_since_the_last_checkpoint(cache, tmp_path, monkeypatch):
     import sanf_pipeline.train as train_mod
 
+    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 8, "checkpoint_every": 60})
+    full = fit_run(cache, 2, cfg, tmp_path / "full", quiet=True)
     clock = [0.0]
     monkeypatch.setattr(train_mod, "_clock", lambda: clock[0])
     saved: list[int] = []
@@ -252,14 +258,22 @@ def test_checkpoint_interval_is_measured_in_seconds_since_the_last_checkpoint(ca
     monkeypatch.setattr(train_mod._Checkpoint, "save", save)
 
     def tick(epoch, row, model):  # every epoch takes 25 s; the checkpoint decision comes before this
+        assert len(read_jsonl(tmp_path / "cut" / LOG_FILE)) == epoch  # the log is written after every epoch
         clock[0] = 25.0 * epoch
+        if epoch == 5 and not stopped:
+            stopped.append(epoch)
+            raise _Stop()
 
-    cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 8, "checkpoint_every": 60})
-    run = fit_run(cache, 2, cfg, tmp_path / "r", quiet=True, callback=tick)
-    # the decision after epoch e sees 25 (e - 1) s: 75 s >= 60 at epoch 4, then 150 - 75 >= 60 at epoch 7
-    assert saved == [4, 7]
-    assert len(run.result.log) == 8 and len(read_jsonl(tmp_path / "r" / LOG_FILE)) == 8
-    assert not (tmp_path / "r" / CHECKPOINT_FILE).exists()  # dropped when the model was written
+    stopped: list[int] = []
+
+    with pytest.raises(KeyboardInterrupt) as stop:
+        fit_run(cache, 2, cfg, tmp_path / "cut", quiet=True, callback=tick)
+    # the decision after epoch e sees 25 (e - 1) s: 75 s >= 60 at epoch 4; the log is one epoch ahead of it
+    assert saved == [4]
+    assert "checkpoint of epoch 4 is kept" in str(stop.value) and "epochs 5-5 are trained again" in str(stop.value)
+    resumed = fit_run(cache, 2, cfg, tmp_path / "cut", quiet=True, callback=tick)
+    assert resumed.result.resumed_from == 4 and len(resumed.result.log) == 8
+    assert _state_equal(full.result.model, resumed.result.model)
     with pytest.raises(SanfError, match="checkpoint_every"):
         FitConfig(checkpoint_every=-1).validate()
     # not part of a run's identity: another interval resumes the same run
@@ -269,13 +283,7 @@ def test_checkpoint_interval_is_measured_in_seconds_since_the_last_checkpoint(ca
 def test_interrupt_before_the_first_checkpoint_keeps_the_log_and_refits_identically(cache, tmp_path):
     cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 3, "checkpoint_every": 1e9})
     full = fit_run(cache, 1, cfg, tmp_path / "full", quiet=True)
-
-    def interrupt(epoch, row, model):
-        if epoch == 2:
-            raise _Stop()
-
-    with pytest.raises(KeyboardInterrupt):
-        fit_run(cache, 1, cfg, tmp_path / "cut", quiet=True, callback=interrupt)
+    _interrupted_after_epoch_2(cache, 1, cfg, tmp_path / "cut")
     assert not (tmp_path / "cut" / CHECKPOINT_FILE).exists() and not (tmp_path / "cut" / MODEL_FILE).exists()
     assert len(read_jsonl(tmp_path / "cut" / LOG_FILE)) == 2  # progress stays visible between checkpoints
     again = fit_run(cache, 1, cfg, tmp_path / "cut", quiet=True)
