@@ -20,7 +20,6 @@ model in batches (bf16 autocast for the backbone on GPU, fp32 on CPU) and return
 from __future__ import annotations
 
 import glob
-import math
 import os
 import time
 import warnings
@@ -29,15 +28,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import SanfError
+from .patchknn import neighbourhood_average, square_grid
+from .tokens import pool_tokens
 
 SCORE_KINDS = ("nll", "z2")  # the flow's own scores (FlowHead); a run's patch kinds: CombinedHead
 
 
 # -------------------------------------------------------------------------------------------- torch modules
+def _pool_square(patch: torch.Tensor, k: int) -> torch.Tensor:
+    """KxK average pooling of the tokens of a square grid (``features.Normalizer``'s token pooling)."""
+    if k == 1:
+        return patch
+    h = square_grid(patch.shape[1])
+    return pool_tokens(patch.to(torch.float32), (h, h), k)
+
+
 class TorchNormalizer(nn.Module):
     """``features.Normalizer`` as a module: token pooling, L2, standardisation, whitening; float64 inside."""
 
@@ -61,13 +69,7 @@ class TorchNormalizer(nn.Module):
         return x.to(torch.float32)
 
     def pool(self, patch: torch.Tensor) -> torch.Tensor:
-        k = self.token_pool
-        if k == 1:
-            return patch
-        b, t, d = patch.shape
-        h = int(round(math.sqrt(t)))
-        fmap = patch.to(torch.float32).transpose(1, 2).reshape(b, d, h, h)
-        return F.avg_pool2d(fmap, k).flatten(2).transpose(1, 2)
+        return _pool_square(patch, self.token_pool)
 
     def forward(self, cls: torch.Tensor, patch: torch.Tensor | None):
         x = self._transform(cls, self.cls_mean, self.cls_std, self.cls_whiten if self.whiten else None)
@@ -136,15 +138,7 @@ class PatchKNNHead(nn.Module):
         self.register_buffer("bank_sq", (self.bank * self.bank).sum(1))
 
     def _grid(self, patch: torch.Tensor) -> torch.Tensor:
-        b, t, d = patch.shape
-        h = int(round(math.sqrt(t)))
-        fmap = patch.to(torch.float32).transpose(1, 2).reshape(b, d, h, h)
-        if self.token_pool > 1:
-            fmap = F.avg_pool2d(fmap, self.token_pool)
-        if self.neighbourhood > 1:
-            k = self.neighbourhood
-            fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
-        return fmap.flatten(2).transpose(1, 2)
+        return neighbourhood_average(_pool_square(patch.to(torch.float32), self.token_pool), self.neighbourhood)
 
     def _max_min_distance(self, q: torch.Tensor) -> torch.Tensor:
         d2 = (q * q).sum(-1, keepdim=True) + self.bank_sq - 2.0 * q @ self.bank.T

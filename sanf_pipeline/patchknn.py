@@ -44,7 +44,7 @@ def default_device() -> str:
 
 
 def square_grid(num_tokens: int) -> int:
-    h = int(round(num_tokens ** 0.5))
+    h = int(round(float(num_tokens) ** 0.5))  # float(): a traced shape (detector export) is a 0-d tensor
     if h * h != num_tokens:
         raise SanfError(f"patch-knn's neighbourhood needs a square patch grid; the cache has {num_tokens} tokens "
                         f"per image (use neighbourhood 1)")

@@ -115,8 +115,8 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
-def _diverged(what, epoch, step, steps, cfg, last_good, run_dir) -> SanfError:
-    kept = (f"the checkpoint of epoch {last_good} is kept in {run_dir}" if run_dir and last_good
+def _diverged(what, epoch, step, steps, cfg, saved_epoch, run_dir) -> SanfError:
+    kept = (f"the checkpoint of epoch {saved_epoch} is kept in {run_dir}" if run_dir and saved_epoch
             else "no checkpoint had been written" if run_dir else "nothing was saved (no run folder)")
     return SanfError(
         f"training diverged: {what} at epoch {epoch}, step {step}/{steps}; {kept}; retry with a lower --lr "
@@ -421,7 +421,7 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
     if run_dir is not None:
         ckpt = _Checkpoint(run_dir, settings_id({"settings": cfg.settings(), "data": data.digest}))
     start_epoch, log = ckpt.load(flow, opt, scaler, stopping) if ckpt is not None else (0, [])
-    resumed_from = last_good = start_epoch
+    resumed_from = start_epoch
     if cfg.early_stopping and cfg.keep_initial and start_epoch == 0:
         # the untrained flow competes too: a few hundred images can leave every trained epoch worse on held-out
         # rows than the starting density (benchmarks/flow_industrial_probe.md)
@@ -440,8 +440,9 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                     break
                 t_epoch = time.perf_counter()
 
-                def diverged(what, step, epoch=epoch, last_good=last_good):
-                    return _diverged(what, epoch, step, steps, cfg, last_good, run_dir)
+                def diverged(what, step, epoch=epoch):
+                    kept = ckpt.saved_epoch if ckpt is not None else 0
+                    return _diverged(what, epoch, step, steps, cfg, kept, run_dir)
 
                 def progress(loss_value, rate, epoch=epoch):
                     shown = "" if loss_value is None else f" loss {loss_value:.4f}"
@@ -464,7 +465,6 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                     ckpt.after_epoch(epoch, flow, opt, scaler, stopping, log, cfg.checkpoint_every)
                 epoch_seconds.append(time.perf_counter() - t_epoch)
                 bar.update(task, left=time_left(epoch_seconds, epoch, cfg, stopping))
-                last_good = ckpt.saved_epoch if ckpt is not None else epoch
                 if callback is not None:
                     callback(epoch, row, flow)
             if stopping.stopped:
