@@ -18,11 +18,10 @@ import json
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from sanf_pipeline.baselines import create_baseline
 from sanf_pipeline.cache import open_cache
 from sanf_pipeline.features import pool_square_grid
 from sanf_pipeline.fit_config import FitConfig
-from sanf_pipeline.patchknn import PatchKNNScorer
+from sanf_pipeline.models import PatchKNN, create_baseline, score_arrays
 
 WEIGHTS = (0.5, 1.0)
 
@@ -56,12 +55,13 @@ def main(argv=None) -> None:
             patch = pool_square_grid(patch, args.pool)
         tr, va = FitConfig().held_out_split(len(cls))
         flow0 = create_baseline("gaussian-whiten").fit(cls[tr])
-        fh, ft = flow0.score(cls[va]), flow0.score(tc)
+        fh, ft = score_arrays(flow0, cls[va])["score"], score_arrays(flow0, tc)["score"]
         y = labels != ci
         out = {"cache": args.cache, "class": name, "flow0": roc_auc_score(y, ft)}
         for tag, f in (("raw", lambda a: a), ("l2", _l2)):
-            s = PatchKNNScorer(device="cpu").fit(None, f(patch[tr]))
-            ph, pt = s.score(None, f(patch[va])), s.score(None, f(tp))
+            s = PatchKNN().fit(None, f(patch[tr]))
+            ph = score_arrays(s, cls[va], f(patch[va]))["score"]
+            pt = score_arrays(s, tc, f(tp))["score"]
             out[f"patch_{tag}"] = roc_auc_score(y, pt)
             for w in WEIGHTS:
                 out[f"combined_{tag}_w{w:g}"] = roc_auc_score(y, _z(fh, ft) + w * _z(ph, pt))

@@ -107,8 +107,8 @@ def patch_knn(tr_patch, te_patch, bank_max=16384, seed=0) -> np.ndarray:
 
 
 def main_run(a) -> None:
-    from sanf_pipeline.baselines import score_baseline
     from sanf_pipeline.cache import open_cache
+    from sanf_pipeline.models import fit_score as score_baseline
 
     torch.set_num_threads(a.threads)
     cache = open_cache(a.cache)

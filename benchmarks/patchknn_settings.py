@@ -8,7 +8,7 @@ on several caches together, so the defaults are chosen across data sets and back
 
 Each cache's normal class is ``good`` (MVTec layout). The greedy coreset is built once per cache and
 neighbourhood at the largest fraction: greedy selection is incremental, so the coreset of a smaller fraction is
-a prefix of it (the same first centre and projection), exactly what ``PatchKNNScorer`` would select.
+a prefix of it (the same first centre and projection), exactly what ``models.PatchKNN`` would select.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 def measure(cache: Path, fractions: list[float], neighbourhoods: list[int], normal: str = "good") -> dict:
     from sanf_pipeline.cache import open_cache
     from sanf_pipeline.evaluate import compute_metrics
-    from sanf_pipeline.patchknn import (
+    from sanf_pipeline.models.patchknn import (
         coreset_size,
         greedy_coreset,
         nearest_distances,

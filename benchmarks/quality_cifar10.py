@@ -85,13 +85,12 @@ def score_z2(sweep_dir: Path, cache: Path, setting: str, summary: dict) -> dict[
     Per-run AUROCs are kept in ``<sweep>/z2_auroc.json`` keyed by run and model-file size and mtime, so a rerun
     of the script re-scores only new or refitted models.
     """
-    import torch
     from sklearn.metrics import roc_auc_score
 
     from sanf_pipeline.cache import open_cache
     from sanf_pipeline.jobs import load_run
+    from sanf_pipeline.models import score_arrays
     from sanf_pipeline.runs import MODEL_FILE, write_json_atomic
-    from sanf_pipeline.scoring import score_flow
 
     store = sweep_dir / "z2_auroc.json"
     known = json.loads(store.read_text()) if store.exists() else {}
@@ -107,16 +106,8 @@ def score_z2(sweep_dir: Path, cache: Path, setting: str, summary: dict) -> dict[
                 with open_cache(cache) as c:
                     test = c.split("test").read_all()
             cls, patch, labels, _ = test
-            run = load_run(run_dir)
-            needs_patch = run.flow.fusion != "none" or run.flow.main_input == "spatial"
-            scores = []
-            for start in range(0, len(cls), 2048):
-                x, p = run.normalizer.transform(cls[start:start + 2048],
-                                                patch[start:start + 2048] if needs_patch else None)
-                scores.append(score_flow(run.flow, torch.from_numpy(x), None if p is None else torch.from_numpy(p),
-                                         "z2"))
-            known[row["run_id"]] = {"model": key,
-                                    "auroc": float(roc_auc_score(labels != row["class_index"], np.concatenate(scores)))}
+            z2 = score_arrays(load_run(run_dir).model("z2"), cls, patch)["score"]
+            known[row["run_id"]] = {"model": key, "auroc": float(roc_auc_score(labels != row["class_index"], z2))}
             write_json_atomic(store, known)
         per_seed.setdefault(str(row["seed"]), []).append(known[row["run_id"]]["auroc"])
     n_classes = len(summary["classes"])

@@ -133,7 +133,7 @@ def _seconds(sweep_dir: Path) -> dict[str, float]:
 def run_patch_knn(cache: Path, out: Path, args) -> dict:
     """patch-knn (``baseline_run``) on ``cache``; a finished run with the same settings is re-used."""
     from sanf_pipeline.jobs import baseline_run
-    from sanf_pipeline.patchknn import DEFAULT_CORESET, DEFAULT_NEIGHBOURHOOD
+    from sanf_pipeline.models.patchknn import DEFAULT_CORESET, DEFAULT_NEIGHBOURHOOD
 
     options = {"coreset": args.coreset if args.coreset is not None else DEFAULT_CORESET,
                "neighbourhood": args.neighbourhood if args.neighbourhood is not None else DEFAULT_NEIGHBOURHOOD}

@@ -11,12 +11,10 @@ import click
 from .cli_types import (
     SCORE_HELP,
     _baselines,
-    _fusions,
-    _main_inputs,
-    _normalizations,
     _RegistryChoice,
     _scores,
-    _spatial_channels,
+    fit_options,
+    fit_values,
 )
 from .errors import Interrupted, SanfError
 
@@ -221,84 +219,23 @@ def cache_verify_cmd(path):
 
 # ---------------------------------------------------------------------------------------------- stage two
 DEFAULT_BASELINE = "gaussian"  # equals jobs.baseline_run's default (tests/test_cli_stage2.py)
-# FitConfig's defaults, spelled out so that `sanf --help` need not import torch; tests/test_cli_stage2.py checks
-# that every `sanf fit` default equals FitConfig's
-_FIT_DEFAULTS = dict(fusion="semantic", clamp=2.0, spatial_channels="half", token_pool=1, normalize="l2+whiten")
+
+
 @cli.command()
 @click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
 @click.option("--normal-class", required=True, help="The normal class, by name or index.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/<cache>-<class>].")
-@click.option("--fusion", type=_RegistryChoice(_fusions), default=_FIT_DEFAULTS["fusion"],
-              show_default=True, help="Feature fusion module.")
-@click.option("--blocks", type=int, default=4, show_default=True, help="Coupling layers (FLLs).")
-@click.option("--clamp", type=float, default=_FIT_DEFAULTS["clamp"], show_default=True, help="Soft clamp alpha.")
-@click.option("--hidden", type=int, default=1024, show_default=True, help="FFM MLP width.")
-@click.option("--heads", type=int, default=1, show_default=True, help="Attention heads of the fusion.")
-@click.option("--spatial-channels", type=_RegistryChoice(_spatial_channels), default=_FIT_DEFAULTS["spatial_channels"],
-              show_default=True, help="Patch-token channels each FFM sees.")
-@click.option("--token-pool", type=click.IntRange(min=1), default=_FIT_DEFAULTS["token_pool"], show_default=True,
-              help="Average-pool the cached patch grid KxK before the fusion (K divides the grid side).")
-@click.option("--main-input", type=_RegistryChoice(_main_inputs), default="semantic", show_default=True,
-              help="What the flow transforms (spatial: paper Table 4 ablation).")
-@click.option("--normalize", type=_RegistryChoice(_normalizations),
-              default=_FIT_DEFAULTS["normalize"], show_default=True,
-              help="Input normalisation (fit on normal train data).")
-@click.option("--lr", type=float, default=5e-5, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: off).")
-@click.option("--epochs", type=int, help="Train a fixed number of epochs on all training rows (no early stopping).")
-@click.option("--early-stopping", is_flag=True,
-              help="Early stopping on held-out normal training NLL (the default unless --epochs is given).")
-@click.option("--max-epochs", type=int, help="Early stopping: the most epochs [default: 30].")
-@click.option("--val-fraction", type=float, help="Early stopping: held-out share of the training rows [0.1].")
-@click.option("--patience", type=int, help="Early stopping: epochs without improvement before stopping [3].")
-@click.option("--keep-initial/--no-keep-initial", default=True, show_default=True,
-              help="Early stopping: keep the untrained flow (epoch 0, the whitened Gaussian) when no epoch beats it "
-                   "on held-out NLL; --no-keep-initial is the paper-faithful rule (best trained epoch).")
-@click.option("--min-epoch-steps", type=click.IntRange(min=1), default=1, show_default=True,
-              help="An epoch is at least this many optimiser steps (rows cycled): small sets then train longer "
-                   "between held-out checks.")
-@click.option("--noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Std of Gaussian noise on the normalised main input during training (a regulariser).")
-@click.option("--patch-score", type=click.Choice(["patch-knn", "none"]), default="patch-knn", show_default=True,
-              help="patch-knn: the run also keeps a patch-knn memory bank of its training rows and scores by default "
-                   "with the flow NLL plus the patch distance, each standardised on the held-out normal images "
-                   "(README, 'The combined score'); none: the paper's flow NLL alone.")
-@click.option("--patch-coreset", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
-              help="The patch part's coreset fraction (as sanf baseline --method patch-knn --coreset).")
-@click.option("--patch-neighbourhood", type=click.IntRange(min=1), default=3, show_default=True,
-              help="The patch part's KxK neighbourhood averaging (odd; 1 = off).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--fpr", type=float, default=0.01, show_default=True,
-              help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--no-amp", is_flag=True, help="No mixed precision on GPU.")
-@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS",
-              help="Checkpoint a completed epoch once this many seconds have passed since the last checkpoint "
-                   "(0: every epoch); a killed fit resumes from it with bit-identical results.")
+# every FitConfig field, from its declaration in fit_config.py, so that `sanf sweep --set` takes the same settings
+@fit_options
 @click.option("--overwrite", is_flag=True, help="Replace a finished run or one with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def fit(cache_path, normal_class, out, fusion, blocks, clamp, hidden, heads, spatial_channels, token_pool, main_input,
-        normalize, lr, weight_decay, batch_size, grad_clip, epochs, early_stopping, max_epochs, val_fraction, patience,
-        keep_initial, min_epoch_steps, noise, patch_score, patch_coreset, patch_neighbourhood, seed, fpr, device,
-        no_amp, checkpoint_every, overwrite, quiet):
+def fit(cache_path, normal_class, out, overwrite, quiet, **options):
     """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
     _check_cache(cache_path, normal_class)
     from .fit_config import FitConfig, training_length
     from .jobs import fit_run
 
-    given = {k: v for k, v in (("epochs", epochs), ("max_epochs", max_epochs), ("val_fraction", val_fraction),
-                               ("patience", patience)) if v is not None}
-    length = training_length({**given, **({"early_stopping": True} if early_stopping else {})})
-    cfg = FitConfig(fusion=fusion, blocks=blocks, clamp=clamp, hidden=hidden, heads=heads,
-                    spatial_channels=spatial_channels, token_pool=token_pool, main_input=main_input,
-                    normalize=normalize, lr=lr,
-                    weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip or None, seed=seed,
-                    device=device, amp=not no_amp, fpr=fpr, keep_initial=keep_initial,
-                    min_epoch_steps=min_epoch_steps, noise=noise, patch_score=patch_score,
-                    patch_coreset=patch_coreset, patch_neighbourhood=patch_neighbourhood,
-                    checkpoint_every=checkpoint_every, **length)
+    cfg = FitConfig(**training_length(fit_values(options)))
     run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
     if run.already_finished:
         click.echo(f"run {run.run_dir}: already finished with these settings; nothing to do (--overwrite refits it); "
@@ -367,9 +304,10 @@ def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
 @click.option("--fpr", type=float, default=0.01, show_default=True,
               help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def baseline(cache_path, normal_class, method, k, coreset, neighbourhood, out, fpr, overwrite, quiet):
+def baseline(cache_path, normal_class, method, k, coreset, neighbourhood, out, fpr, device, overwrite, quiet):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
     _check_cache(cache_path, normal_class)
     from .jobs import baseline_run
@@ -380,7 +318,7 @@ def baseline(cache_path, normal_class, method, k, coreset, neighbourhood, out, f
     if k is not None:
         options["k"] = k
     res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, options=options, fpr=fpr,
-                       quiet=quiet)
+                       quiet=quiet, device=device)
     m = res.metrics
     click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
                f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "

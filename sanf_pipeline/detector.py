@@ -9,8 +9,8 @@ so a run folder copied to another machine works.
 
 ``DetectorModel`` is the plain ``nn.Module`` behind it: ``images (B, 3, S, S) -> scores (B,)``, with the
 backbone's tokens rounded to the cache's storage dtype (so a run trained on a float16 cache sees the features
-it was trained on), the normaliser in float64 as ``features.Normalizer`` does, the flow and the score. The same
-module is exported by ``export.py``.
+it was trained on), then the run's own ``models`` module (the one eval and the sweep score with: flow, combined or
+a baseline). The same module is exported by ``export.py``.
 
 ``Detector.score(paths)`` decodes images exactly as ``sanf extract`` does (``data.images.decode_image`` in
 DataLoader workers, unreadable files skipped with a reason or, with ``on_error="fail"``, an error), runs the
@@ -31,161 +31,13 @@ import torch
 from torch import nn
 
 from .errors import SanfError
-from .patchknn import neighbourhood_average, square_grid
-from .tokens import pool_tokens
-
-SCORE_KINDS = ("nll", "z2")  # the flow's own scores (FlowHead); a run's patch kinds: CombinedHead
 
 
-# -------------------------------------------------------------------------------------------- torch modules
-def _pool_square(patch: torch.Tensor, k: int) -> torch.Tensor:
-    """KxK average pooling of the tokens of a square grid (``features.Normalizer``'s token pooling)."""
-    if k == 1:
-        return patch
-    h = square_grid(patch.shape[1])
-    return pool_tokens(patch.to(torch.float32), (h, h), k)
-
-
-class TorchNormalizer(nn.Module):
-    """``features.Normalizer`` as a module: token pooling, L2, standardisation, whitening; float64 inside."""
-
-    def __init__(self, normalizer, grid: tuple[int, int] | None = None):
-        super().__init__()
-        self.method, self.token_pool = normalizer.method, int(normalizer.token_pool)
-        self.l2, self.standardize, self.whiten = normalizer.l2, normalizer.standardize, normalizer.whiten
-        self.grid = tuple(grid) if grid else None
-        for name in ("cls_mean", "cls_std", "patch_mean", "patch_std", "cls_whiten"):
-            v = getattr(normalizer, name)
-            self.register_buffer(name, None if v is None else torch.as_tensor(np.asarray(v, np.float64)))
-
-    def _transform(self, x: torch.Tensor, mean, std, whiten=None) -> torch.Tensor:
-        x = x.to(torch.float64)
-        if self.l2:
-            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        if self.standardize:
-            x = (x - mean) / std
-        if whiten is not None:
-            x = x @ whiten
-        return x.to(torch.float32)
-
-    def pool(self, patch: torch.Tensor) -> torch.Tensor:
-        return _pool_square(patch, self.token_pool)
-
-    def forward(self, cls: torch.Tensor, patch: torch.Tensor | None):
-        x = self._transform(cls, self.cls_mean, self.cls_std, self.cls_whiten if self.whiten else None)
-        p = None if patch is None else self._transform(self.pool(patch), self.patch_mean, self.patch_std)
-        return x, p
-
-
-class FlowHead(nn.Module):
-    """Normaliser + flow + score: ``(cls, patch) -> (B,)`` float32, higher = more anomalous."""
-
-    def __init__(self, flow, normalizer, *, score: str = "nll", needs_patch: bool = True):
-        super().__init__()
-        if score not in SCORE_KINDS:
-            raise SanfError(f"unknown score {score!r}; choose one of {', '.join(SCORE_KINDS)}")
-        self.flow, self.norm, self.score, self.needs_patch = flow, TorchNormalizer(normalizer), score, needs_patch
-
-    def forward(self, cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-        from .flow import log_likelihood
-
-        x, p = self.norm(cls, patch if self.needs_patch else None)
-        z, logdet = self.flow(x, p)
-        if self.score == "nll":
-            return -log_likelihood(z, logdet)
-        return z.float().pow(2).mean(dim=-1)
-
-
-class KNNHead(nn.Module):
-    """``baselines.KNNScorer`` as a module: mean distance to the k nearest normal training class tokens (float64)."""
-
-    def __init__(self, train: torch.Tensor, k: int, l2: bool):
-        super().__init__()
-        self.k, self.l2 = int(k), bool(l2)
-        self.register_buffer("train_tokens", train.to(torch.float64))
-
-    def forward(self, cls: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
-        x = cls.to(torch.float64)
-        if self.l2:
-            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        t = self.train_tokens
-        d2 = (x * x).sum(-1, keepdim=True) + (t * t).sum(-1)[None, :] - 2.0 * x @ t.T
-        near = torch.topk(d2.clamp_min(0.0), self.k, dim=1, largest=False).values
-        return near.sqrt().mean(dim=1).to(torch.float32)
-
-
-class GaussianHead(nn.Module):
-    """``baselines.GaussianScorer`` as a module: squared Mahalanobis distance (float64)."""
-
-    def __init__(self, location: torch.Tensor, precision: torch.Tensor):
-        super().__init__()
-        self.register_buffer("location", location.to(torch.float64))
-        self.register_buffer("precision", precision.to(torch.float64))
-
-    def forward(self, cls: torch.Tensor, patch: torch.Tensor | None = None) -> torch.Tensor:
-        d = cls.to(torch.float64) - self.location
-        return ((d @ self.precision) * d).sum(-1).to(torch.float32)
-
-
-class PatchKNNHead(nn.Module):
-    """``patchknn.PatchKNNScorer`` as a module: the run's token pooling, the KxK neighbourhood average, then the
-    largest distance of any patch token to its nearest memory-bank token (float32, as the scorer computes)."""
-
-    def __init__(self, bank: torch.Tensor, neighbourhood: int, token_pool: int = 1, image_block: int = 8):
-        super().__init__()
-        self.neighbourhood, self.token_pool, self.image_block = int(neighbourhood), int(token_pool), int(image_block)
-        self.register_buffer("bank", bank.to(torch.float32))
-        self.register_buffer("bank_sq", (self.bank * self.bank).sum(1))
-
-    def _grid(self, patch: torch.Tensor) -> torch.Tensor:
-        return neighbourhood_average(_pool_square(patch.to(torch.float32), self.token_pool), self.neighbourhood)
-
-    def _max_min_distance(self, q: torch.Tensor) -> torch.Tensor:
-        d2 = (q * q).sum(-1, keepdim=True) + self.bank_sq - 2.0 * q @ self.bank.T
-        return d2.amin(-1).clamp_min(0.0).sqrt().amax(-1)
-
-    def forward(self, cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-        q = self._grid(patch)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or len(q) <= self.image_block:
-            return self._max_min_distance(q)
-        # eager: a few images at a time keep the tokens x bank distances small
-        return torch.cat([self._max_min_distance(q[i:i + self.image_block])
-                          for i in range(0, len(q), self.image_block)])
-
-
-class CombinedHead(nn.Module):
-    """A flow run with its patch part (``combined.py``): ``combined`` (standardised NLL + standardised patch
-    distance, float64 sum) or ``patch`` (the distance alone)."""
-
-    def __init__(self, flow_head: FlowHead, patch_head: PatchKNNHead, part_config: dict, score: str = "combined"):
-        super().__init__()
-        if score not in ("combined", "patch"):
-            raise SanfError(f"a combined head scores combined or patch, not {score!r}")
-        self.flow_head, self.patch_head, self.score = flow_head, patch_head, score
-        st = part_config["standardise"]
-        self.register_buffer("stats", torch.tensor([*st["nll"], *st["patch"]], dtype=torch.float64))
-
-    def forward(self, cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-        p = self.patch_head(cls, patch)
-        if self.score == "patch":
-            return p
-        m = self.stats
-        nll = self.flow_head(cls, patch).to(torch.float64)
-        return ((nll - m[0]) / m[1] + (p.to(torch.float64) - m[2]) / m[3]).to(torch.float32)
-
-
-def baseline_head(tensors: dict[str, torch.Tensor]) -> nn.Module:
-    if "baseline.train" in tensors:
-        return KNNHead(tensors["baseline.train"], int(tensors["baseline.k"]), bool(int(tensors["baseline.l2"])))
-    if "baseline.location" in tensors:
-        return GaussianHead(tensors["baseline.location"], tensors["baseline.precision"])
-    raise SanfError("the baseline run's model file holds no known baseline; rerun `sanf baseline`")
-
-
-def _load_head(run_dir, score: str) -> tuple[nn.Module, dict, str]:
-    """The scoring head of a finished flow or baseline run, the run's config and the score kind it computes."""
-    from .combined import PATCH_KINDS, resolve_score
-    from .jobs import flow_score_kind, load_run
+# ------------------------------------------------------------------------------------------------- the model
+def load_model(run_dir, score: str = "auto"):
+    """The ``models`` module of a finished flow or baseline run, the run's config and the score kind it computes."""
+    from .jobs import load_run
+    from .models import load_baseline, resolve_score
     from .runs import CONFIG_FILE, MODEL_FILE, load_tensors, read_json_file
 
     run_dir = Path(run_dir)
@@ -193,26 +45,22 @@ def _load_head(run_dir, score: str) -> tuple[nn.Module, dict, str]:
     cfg = read_json_file(cfg_path) if cfg_path.is_file() else None
     if isinstance(cfg, dict) and cfg.get("format") == "sanf-baseline":
         if not (run_dir / MODEL_FILE).is_file():
-            raise SanfError(f"baseline run {run_dir} has no {MODEL_FILE} (written by sanf versions with detectors); "
-                            f"rerun `sanf baseline` with --overwrite")
+            raise SanfError(f"baseline run {run_dir} has no {MODEL_FILE} (written by sanf versions before every "
+                            f"baseline was a detector); rerun the same `sanf baseline` command with --overwrite")
         tensors, _ = load_tensors(run_dir / MODEL_FILE)
-        return baseline_head(tensors), cfg, cfg.get("method")  # a baseline has one score, named by its method
+        return load_baseline(cfg.get("model"), tensors), cfg, cfg.get("method")  # one score, named by its method
     run = load_run(run_dir, device="cpu")
     kind = resolve_score(score, run.config, run_dir)
-    flow_head = FlowHead(run.flow, run.normalizer, score=flow_score_kind(kind), needs_patch=run.needs_patch)
-    if kind not in PATCH_KINDS:
-        return flow_head, run.config, kind
-    part = run.patch_score
-    patch_head = PatchKNNHead(part.scorer.bank.cpu(), part.scorer.neighbourhood, part.token_pool)
-    return CombinedHead(flow_head, patch_head, part.config(), kind), run.config, kind
+    return run.model(kind), run.config, kind
 
 
 class DetectorModel(nn.Module):
-    """``images (B, 3, S, S)`` normalised as ``preprocessing`` says -> anomaly scores ``(B,)`` float32."""
+    """``images (B, 3, S, S)`` normalised as ``preprocessing`` says -> anomaly scores ``(B,)`` float32: the backbone,
+    the rounding to the cache dtype, then the run's ``models`` module."""
 
-    def __init__(self, backbone, head: nn.Module, feature_dtype: torch.dtype = torch.float32):
+    def __init__(self, backbone, model: nn.Module, feature_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.backbone, self.head, self.feature_dtype = backbone, head, feature_dtype
+        self.backbone, self.model, self.feature_dtype = backbone, model, feature_dtype
 
     def features(self, images: torch.Tensor, amp: torch.dtype | None = None):
         with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
@@ -222,7 +70,7 @@ class DetectorModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         cls, patch = self.features(images)
-        return self.head(cls, patch)
+        return self.model(cls, patch)[0].to(torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- weights, inputs
@@ -379,14 +227,14 @@ class Detector:
         from .device import amp_dtype, resolve_device
 
         dev = resolve_device(device)
-        head, cfg, score = _load_head(run_dir, score)
+        model, cfg, score = load_model(run_dir, score)
         ident = cfg.get("cache") or {}
         bb = build_backbone(ident.get("backbone") or {}, weights=weights, weights_dir=weights_dir, device=str(dev))
         dtype = {"float16": torch.float16, "float32": torch.float32}.get(str(ident.get("dtype")), torch.float32)
-        model = DetectorModel(bb, head, dtype).to(dev).eval()
+        detector_model = DetectorModel(bb, model, dtype).to(dev).eval()
         calibration = cfg.get("calibration")
         threshold = run_threshold(calibration, score, fpr)
-        return cls(model, bb.preprocess, config=cfg, run_dir=run_dir, device=dev, calibration=calibration,
+        return cls(detector_model, bb.preprocess, config=cfg, run_dir=run_dir, device=dev, calibration=calibration,
                    threshold=threshold, score=score, amp=amp_dtype(dev, amp))
 
     @property
@@ -400,7 +248,7 @@ class Detector:
         """Scores (float64) of a preprocessed batch ``(B, 3, S, S)``."""
         with torch.inference_mode():
             cls, patch = self.model.features(images.to(self.device), self.amp)
-            return self.model.head(cls, patch).double().cpu().numpy()
+            return self.model.model(cls, patch)[0].double().cpu().numpy()
 
     def decide(self, scores) -> tuple[np.ndarray, np.ndarray]:
         from .calibration import percentiles
@@ -452,5 +300,4 @@ class Detector:
                            skipped=skipped, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["CombinedHead", "Detector", "DetectorModel", "FlowHead", "GaussianHead", "KNNHead", "PatchKNNHead",
-           "ScoreResult", "TorchNormalizer", "build_backbone", "expand_inputs"]
+__all__ = ["Detector", "DetectorModel", "ScoreResult", "build_backbone", "expand_inputs", "load_model"]

@@ -28,11 +28,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import create_baseline, fit_score, scorer_arrays, scorer_settings
-from .combined import PATCH_KINDS, PatchScore, add_patch_score, resolve_score
 from .device import resolve_device
 from .errors import SanfError
 from .evaluate import compute_metrics, guard_results, write_results
+from .fit_config import current_run_settings
+from .models import (
+    PATCH_KINDS,
+    AnomalyModel,
+    Combined,
+    FlowModel,
+    add_patch_score,
+    baseline_tensors,
+    create_baseline,
+    flow_uses_patch,
+    resolve_score,
+    score_arrays,
+    score_blocks,
+)
+from .models.combined import fit_patch_part, patch_part_key
 from .runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -57,7 +70,7 @@ from .runs import (
     start_run_config,
     write_json_atomic,
 )
-from .scoring import SCORE_DESCRIPTIONS, block_rows, score_blocks
+from .scoring import SCORE_DESCRIPTIONS, block_rows
 from .train import FitConfig, FitResult, fit_flow
 
 BASELINE_EPOCH_SELECTION = "not applicable (no training epochs; fitted on normal training data only)"
@@ -141,6 +154,7 @@ class EvalResult:
     paths: dict
     scores: np.ndarray
     is_anomaly: np.ndarray
+    parts: dict = field(default_factory=dict)
 
 
 BaselineRun = EvalResult
@@ -158,28 +172,47 @@ class FitRun:
 
 @dataclass
 class LoadedRun:
-    """A finished flow run read back from its folder."""
+    """A finished flow run read back from its folder: ``flow_model`` (normaliser + flow), ``patch_score`` (the
+    ``Combined`` model of its patch part, None for the flow alone); ``model(kind)`` the module of a score kind."""
 
     run_dir: Path
     config: dict
-    flow: torch.nn.Module
-    normalizer: object
+    flow_model: FlowModel
     extra: dict = field(default_factory=dict)
-    patch_score: PatchScore | None = None  # the run's patch part (combined.py), None for the flow alone
+    patch_score: Combined | None = None
+
+    @property
+    def flow(self) -> torch.nn.Module:
+        return self.flow_model.flow
+
+    @property
+    def normalizer(self):
+        return self.flow_model.normalizer
 
     @property
     def needs_patch(self) -> bool:
         """The flow takes patch tokens."""
         return flow_needs_patch(self.config)
 
+    def model(self, score: str = "auto") -> AnomalyModel:
+        """The run's model scoring ``score`` (a kind of ``RUN_SCORES``; ``auto``: the run's default)."""
+        return run_model(self.flow_model, self.patch_score, resolve_score(score, self.config, self.run_dir))
+
+
+def run_model(flow_model: FlowModel, patch_score: Combined | None, kind: str) -> AnomalyModel:
+    """The module of score ``kind`` for a flow run (its flow, or its combined model)."""
+    if kind in PATCH_KINDS:
+        if patch_score is None:
+            raise SanfError(f"the {kind} score needs the run's patch part; the run has none")
+        return patch_score.with_score(kind)
+    return flow_model.with_score(kind)
+
 
 def load_run(run_dir, device: str = "cpu") -> LoadedRun:
-    """Rebuild the flow and the normaliser of a finished run (safetensors + JSON only)."""
-    from .features import Normalizer
-    from .flow import SANFlow
-
+    """Rebuild the flow, the normaliser and the patch part of a finished run (safetensors + JSON only)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    config["settings"] = current_run_settings(config.get("settings"))  # an older identity version, in today's terms
     model_path = run_dir / MODEL_FILE
     if not model_path.exists() and config.get("model_kept") is False:
         raise SanfError(f"run {run_dir} finished but its model was not kept (a sweep keeps models only with "
@@ -191,27 +224,18 @@ def load_run(run_dir, device: str = "cpu") -> LoadedRun:
     if meta.get("run_id") != config.get("run_id"):
         raise SanfError(f"{model_path} does not belong to {run_dir / CONFIG_FILE} (run ids differ); the folder mixes "
                         f"files of two runs, refit it")
-    flow_cfg = meta.get("flow")
-    if not isinstance(flow_cfg, dict):
-        raise SanfError(f"{model_path} lacks the flow configuration; it is damaged, refit the run")
-    try:
-        flow = SANFlow(**flow_cfg)
-        state = {k[len("flow."):]: v for k, v in tensors.items() if k.startswith("flow.")}
-        flow.load_state_dict(state, strict=True)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise SanfError(f"{model_path} does not match its flow configuration ({str(exc).splitlines()[0]}); "
-                        f"it is damaged, refit the run") from None
-    normalizer = Normalizer.from_state(meta.get("normalizer") or {}, tensors)
+    flow_model = FlowModel.from_state(meta.get("flow"), meta.get("normalizer") or {}, tensors, where=str(model_path))
     part = config.get("patch_score")
-    patch_score = PatchScore.from_state(part, tensors, device=str(device)) if part else None
-    flow.eval().to(device)
-    return LoadedRun(run_dir=run_dir, config=config, flow=flow, normalizer=normalizer, patch_score=patch_score)
+    patch_score = Combined.from_state(flow_model, part, tensors) if part else None
+    flow_model.to(device)
+    if patch_score is not None:
+        patch_score.to(device)
+    return LoadedRun(run_dir=run_dir, config=config, flow_model=flow_model, patch_score=patch_score)
 
 
 def flow_needs_patch(config: dict) -> bool:
     """Whether the flow of a run ``config`` takes patch tokens (a fusion, or the spatial main input)."""
-    fc = config.get("flow") or {}
-    return fc.get("fusion") != "none" or fc.get("main_input") == "spatial"
+    return flow_uses_patch(config.get("flow") or {})
 
 
 def fit_settings(cfg: FitConfig, fingerprint: str, class_index: int) -> dict:
@@ -222,9 +246,9 @@ def fit_settings(cfg: FitConfig, fingerprint: str, class_index: int) -> dict:
 # ------------------------------------------------------------------------------------------------ the jobs
 def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str, cache_info: dict,
                  created: str | None = None, resumed: bool = False, extra: dict | None = None, quiet: bool = True,
-                 callback=None) -> tuple[dict, FitResult]:
+                 callback=None, parts: PatchParts | None = None) -> tuple[dict, FitResult]:
     """Fit a flow on ``train`` into ``run_dir``: config first, epoch checkpoints (``cfg.checkpoint_every``), model
-    last."""
+    last. ``parts``: patch parts already fitted by other runs of a sweep (reused when their key matches)."""
     run_dir = Path(run_dir)
     settings = fit_settings(cfg, fingerprint, train.class_index)
     config = start_run_config(run_dir, cfg, settings, class_index=train.class_index, class_name=train.class_name,
@@ -235,35 +259,157 @@ def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str,
         write_json_atomic(run_dir / CONFIG_FILE, config)
     result = fit_flow(train.cls, train.patch if cfg.flow_needs_patch else None, cfg, run_dir=run_dir, quiet=quiet,
                       callback=callback, description=f"fit {train.class_name}")
-    add_patch_score(result, cfg, train.cls, train.patch, quiet=quiet)
+    result.patch_part_key = attach_patch_part(result, cfg, train, fingerprint, parts, quiet=quiet)
     finish_run(run_dir, config, result)
     return config, result
 
 
-def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, score: str = "auto",
-                  device: str = "auto", batch_size: int = 256, plots: bool = True, run_dir=None,
+PARTS_DIR = "parts"  # a sweep folder's shared patch parts (sweep/run.py removes each once its runs are done)
+
+
+class PatchParts:
+    """A sweep's fitted patch parts, by ``combined.patch_part_key``: a patch-knn bank, its held-out scores and, once
+    computed, its test scores, so flow runs that differ in flow settings only fit and score one bank. In memory
+    (the ``keep`` most recently used; banks are large) and, with ``root``, in ``root/<key>.safetensors`` so that
+    every worker process of a sweep (and a resumed sweep) finds a part another one fitted; a worker fitting a part
+    holds ``root/<key>.lock`` (flock: released by the kernel if the worker dies), so each is fitted once."""
+
+    def __init__(self, root=None, keep: int = 2):
+        self.root, self.keep, self.items = (Path(root) if root else None), int(keep), {}
+        self.fitted = self.reused = 0
+
+    @staticmethod
+    def key(cfg: FitConfig, fingerprint: str, class_index: int) -> str:
+        import hashlib
+        import json
+
+        text = json.dumps(patch_part_key(cfg, fingerprint, class_index), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def _remember(self, key: str, item: dict) -> dict:
+        self.items.pop(key, None)
+        self.items[key] = item  # most recently used last
+        while len(self.items) > self.keep:
+            self.items.pop(next(iter(self.items)))
+        return item
+
+    def _load(self, key: str) -> dict | None:
+        from .models import PatchKNN
+
+        path = self.root / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            tensors, meta = load_tensors(path)
+            bank = PatchKNN.from_config(meta["bank"])
+            bank.bank = tensors["bank"]
+            test = tensors["test"].numpy() if "test" in tensors else None
+            return {"bank": bank, "held_out": tensors["held_out"].numpy(), "test": test}
+        except (SanfError, KeyError, TypeError):
+            return None  # damaged (a kill mid-write leaves only a temporary file, so rare): fitted again
+
+    def _save(self, key: str, item: dict) -> None:
+        tensors = {"bank": item["bank"].bank, "held_out": torch.from_numpy(np.asarray(item["held_out"]))}
+        if item.get("test") is not None:
+            tensors["test"] = torch.from_numpy(np.asarray(item["test"]))
+        save_tensors_atomic(self.root / f"{key}.safetensors", tensors, {"kind": "sanf-patch-part",
+                                                                         "bank": item["bank"].config()})
+
+    def _locked(self, key: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def hold():
+            try:
+                import fcntl
+            except ImportError:  # not POSIX: no lock, at worst two workers fit the same part
+                yield
+                return
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / f"{key}.lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+        return hold()
+
+    def fetch(self, key: str, fit) -> dict:
+        """The part of ``key``: from memory, from ``root``, or ``fit()`` -> (bank, held-out scores), stored."""
+        if key in self.items:
+            self.reused += 1
+            return self._remember(key, self.items[key])
+        if self.root is None:
+            bank, held_out = fit()
+            self.fitted += 1
+            return self._remember(key, {"bank": bank.to("cpu"), "held_out": held_out, "test": None})
+        with self._locked(key):
+            item = self._load(key)
+            if item is not None:
+                self.reused += 1
+            else:
+                bank, held_out = fit()
+                item = {"bank": bank.to("cpu"), "held_out": held_out, "test": None}
+                self._save(key, item)
+                self.fitted += 1
+        return self._remember(key, item)
+
+    def test_scores(self, key: str) -> np.ndarray | None:
+        item = self.items.get(key)
+        return None if item is None else item.get("test")
+
+    def add_test(self, key: str, scores: np.ndarray) -> None:
+        """Record the part's test scores (computed by the first run that evaluated with it)."""
+        item = self.items.get(key)
+        if item is None or item.get("test") is not None:
+            return
+        item["test"] = np.asarray(scores, np.float64)
+        if self.root is not None:
+            with self._locked(key):
+                if (self.root / f"{key}.safetensors").is_file():
+                    self._save(key, item)
+
+
+def attach_patch_part(result: FitResult, cfg: FitConfig, train: TrainData, fingerprint: str,
+                      parts: PatchParts | None = None, *, quiet: bool = True) -> str | None:
+    """``models.add_patch_score``, with the sweep's part of the same key when ``parts`` is given (fitted there
+    first if it is new). Returns the part's key (None without ``parts`` or without a patch part)."""
+    from .models.combined import MIN_HELD_OUT
+
+    tr, va = cfg.held_out_split(len(train.cls))
+    if parts is None or cfg.patch_score == "none" or not result.calibration or len(va) < MIN_HELD_OUT:
+        add_patch_score(result, cfg, train.cls, train.patch, quiet=quiet)
+        return None
+    key = parts.key(cfg, fingerprint, train.class_index)
+    item = parts.fetch(key, lambda: fit_patch_part(cfg, train.patch, tr, va, quiet=quiet))
+    add_patch_score(result, cfg, train.cls, train.patch, quiet=quiet, part=item["bank"],
+                    held_out_patch=item["held_out"])
+    return key
+
+
+def eval_flow_job(out_dir, flow_model: FlowModel, patch_score: Combined | None, config: dict, test: TestData, *,
+                  score: str = "auto", device: str = "auto", batch_size: int = 256, plots: bool = True, run_dir=None,
                   train_log: list | None = None, extra_metrics: dict | None = None,
-                  scores: np.ndarray | None = None, fpr: float | None = None,
-                  normal_class: int | None = None, patch_score: PatchScore | None = None) -> EvalResult:
-    """Score ``test`` with a fitted flow (its run ``config``; ``patch_score``: the run's patch part) and write the
-    result files into ``out_dir``. ``score``: a kind of ``combined.RUN_SCORES`` (``auto``: the run's default).
-    ``scores``: the flow's own scores of ``test`` (``flow_score_kind``) computed by the caller (a stack of flows
-    scored in one pass); ``normal_class``: the normal class's index in ``test`` when it is another cache than the
-    run's (by name); ``fpr``: target false-positive rate of the calibrated threshold (default: the run's)."""
+                  flow_scores: np.ndarray | None = None, patch_scores: np.ndarray | None = None,
+                  fpr: float | None = None, normal_class: int | None = None) -> EvalResult:
+    """Score ``test`` with a fitted flow run (``flow_model``; ``patch_score``: its combined model, None for the flow
+    alone) and write the result files into ``out_dir``. ``score``: a kind of ``models.RUN_SCORES`` (``auto``: the
+    run's default). ``flow_scores`` / ``patch_scores``: the parts' scores of ``test`` already computed by the caller
+    (a stack of flows scored in one pass; a sweep's patch part shared by runs); ``normal_class``: the normal class's
+    index in ``test`` when it is another cache than the run's (by name); ``fpr``: target false-positive rate of the
+    calibrated threshold (default: the run's). ``EvalResult.parts`` holds the parts' test scores."""
     from .calibration import eval_threshold_metrics
 
     requested, score = score, resolve_score(score, config, run_dir or out_dir)
     if score in PATCH_KINDS and patch_score is None:
         raise SanfError(f"the {score} score needs the run's patch part; load the run with jobs.load_run")
     normal = int(config["normal_class"]) if normal_class is None else int(normal_class)
-    if scores is None or score in PATCH_KINDS:
-        scores, parts = _score_test(flow, normalizer, patch_score, config, test, score, scores, device, batch_size)
-    else:
-        parts = {}
+    scores, parts = _score_test(flow_model, patch_score, test, score, flow_scores, patch_scores, device, batch_size)
     is_anomaly = test.labels != normal
     metrics = compute_metrics(is_anomaly, scores)
-    if parts:  # what each part of the combined score alone would have scored (the same runs, no refit)
-        metrics["auroc_parts"] = {k: compute_metrics(is_anomaly, v)["auroc"] for k, v in parts.items()}
+    if score == "combined":  # what each part of the combined score alone would have scored (the same runs, no refit)
+        metrics["auroc_parts"] = {k: compute_metrics(is_anomaly, parts[k])["auroc"] for k in ("nll", "patch")}
     result = config.get("result") or {}
     metrics.update(eval_identity(config, test.fingerprint, score, normal))
     metrics.update({
@@ -280,43 +426,51 @@ def eval_flow_job(out_dir, flow, normalizer, config: dict, test: TestData, *, sc
     _mkdir(out_dir)
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, train_log=train_log,
                           plots=plots)
-    return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
+    return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly,
+                      parts=parts)
 
 
-def _score_test(flow, normalizer, patch_score, config: dict, test: TestData, kind: str, flow_scores, device,
-                batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The run's ``kind`` scores of ``test``, block by block (one read of each block for both parts), and for
-    ``combined`` its two parts (``nll``, ``patch``)."""
-    flow_patch = flow_needs_patch(config)
-    with_patch = flow_patch or kind in PATCH_KINDS
-    out: list[np.ndarray] = []
-    parts: dict[str, list[np.ndarray]] = {"nll": [], "patch": []}
-    start = 0
-    flow.to(resolve_device(device))
-    try:
-        for cls, patch in test.blocks(with_patch):
-            if kind == "patch":  # the patch part alone: no flow pass
-                fs = None
-            elif flow_scores is None:
-                fs = score_blocks(flow, normalizer, [(cls, patch if flow_patch else None)], flow_score_kind(kind),
-                                  batch_size=batch_size)
-            else:
-                fs = np.asarray(flow_scores[start:start + len(cls)], np.float64)
-            start += len(cls)
-            if kind not in PATCH_KINDS:
-                out.append(fs)
-                continue
-            ps = patch_score.patch_scores(patch)
-            if kind == "patch":
-                out.append(ps)
-                continue
-            parts["nll"].append(fs)
-            parts["patch"].append(ps)
-            out.append(patch_score.combine(fs, ps))
-    finally:
-        flow.to("cpu")
-    joined = {k: np.concatenate(v) for k, v in parts.items() if v}
-    return (np.concatenate(out) if out else np.zeros(0)), joined
+def _score_test(flow_model: FlowModel, patch_score: Combined | None, test: TestData, kind: str, flow_scores,
+                patch_scores, device, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The run's ``kind`` scores of ``test`` streamed block by block through the run's model, and the parts'
+    scores (``nll``, ``patch``) that were computed or given. Parts given by the caller are not recomputed; when
+    both parts are needed, each block is read once for both."""
+    dev = resolve_device(device)
+    given = {k: np.asarray(v, np.float64) for k, v in (("nll", flow_scores), ("patch", patch_scores))
+             if v is not None}
+    if kind not in PATCH_KINDS:
+        if "nll" in given:  # the flow's own score of this kind (flow_score_kind)
+            return given["nll"], {}
+        need = [kind]
+    else:
+        need = [k for k in (("nll", "patch") if kind == "combined" else ("patch",)) if k not in given]
+    model = None
+    if kind not in PATCH_KINDS:
+        model = flow_model.with_score(kind)
+    elif need == ["nll", "patch"]:
+        model = patch_score.with_score("combined")
+    elif need == ["nll"]:
+        model = flow_model.with_score("nll")
+    elif need == ["patch"]:
+        model = patch_score.with_score("patch")
+    parts = dict(given)
+    if model is not None:
+        model.to(dev)
+        try:
+            out = score_blocks(model, test.blocks(model.needs_patch), batch_size=batch_size)
+        finally:
+            model.to("cpu")
+        if kind not in PATCH_KINDS:
+            return out["score"], {}
+        parts.update({k: out[k] for k in ("nll", "patch") if k in out})
+        if need == ["nll"]:
+            parts["nll"] = out["score"]
+        elif need == ["patch"]:
+            parts["patch"] = out["score"]
+    if kind == "patch":
+        return parts["patch"], {"patch": parts["patch"]}
+    combined = patch_score.combine(torch.from_numpy(parts["nll"]), torch.from_numpy(parts["patch"])).numpy()
+    return combined, parts
 
 
 def flow_score_kind(kind: str) -> str:
@@ -346,15 +500,18 @@ def _reusable_model(run_dir: Path, settings: dict):
 
 
 def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache_info: dict, score: str = "auto",
-             plots: bool = True, extra_config: dict | None = None, extra_metrics: dict | None = None) -> dict:
+             plots: bool = True, extra_config: dict | None = None, extra_metrics: dict | None = None,
+             parts: PatchParts | None = None) -> dict:
     """A whole flow run into ``run_dir``: fit (or reuse a model fitted there, or resume its checkpoint), score,
-    write every file. Returns timings and the AUROC (the caller's log record)."""
+    write every file. Returns timings and the AUROC (the caller's log record). ``parts``: the sweep's patch parts
+    (a bank and its test scores fitted once per ``combined.patch_part_key``)."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     settings = fit_settings(cfg, test.fingerprint, train.class_index)
     loaded = _reusable_model(run_dir, settings)
+    key = None
     if loaded is not None:
-        flow, normalizer, config, part = loaded.flow, loaded.normalizer, loaded.config, loaded.patch_score
+        flow_model, config, part = loaded.flow_model, loaded.config, loaded.patch_score
         log = read_jsonl(run_dir / LOG_FILE) if (run_dir / LOG_FILE).exists() else []
     else:
         (run_dir / MODEL_FILE).unlink(missing_ok=True)
@@ -366,12 +523,15 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
             except (SanfError, AttributeError):
                 created = None
         config, result = fit_flow_job(run_dir, cfg, train, fingerprint=test.fingerprint, cache_info=cache_info,
-                                      created=created, extra=extra_config)
-        flow, normalizer, log, part = result.model, result.normalizer, result.log, result.patch_score
+                                      created=created, extra=extra_config, parts=parts)
+        flow_model, log, part = FlowModel(result.normalizer, result.model), result.log, result.patch_score
+        key = result.patch_part_key
     t_fit = time.perf_counter() - t0
-    res = eval_flow_job(run_dir, flow, normalizer, config, test, score=score, device=cfg.device,
+    res = eval_flow_job(run_dir, flow_model, part, config, test, score=score, device=cfg.device,
                         batch_size=cfg.eval_batch_size, plots=plots, train_log=log, extra_metrics=extra_metrics,
-                        patch_score=part)
+                        patch_scores=parts.test_scores(key) if key else None)
+    if key and "patch" in res.parts:
+        parts.add_test(key, res.parts["patch"])
     summary = config.get("result") or {}
     seen = 0 if loaded is not None else int(summary.get("n_train") or 0) * int(summary.get("epochs_run") or 0)
     return {"auroc": res.metrics["auroc"], "fit_s": t_fit, "score_write_s": time.perf_counter() - t0 - t_fit,
@@ -380,48 +540,43 @@ def flow_job(run_dir, cfg: FitConfig, train: TrainData, test: TestData, *, cache
 
 def baseline_job(out_dir, method: str, train: TrainData, test: TestData, *, plots: bool = True,
                  extra: dict | None = None, extra_metrics: dict | None = None, options: dict | None = None,
-                 quiet: bool = True, fpr: float = 0.01) -> EvalResult:
-    """Fit baseline ``method`` on the class tokens of ``train`` (patch tokens for patch-knn), score ``test``, write
-    config, the fitted state (``model.safetensors``, so the run is a detector, when the scorer exposes it) and result
-    files. ``options`` go to the scorer's factory. The threshold is calibrated on the held-out 10% of ``train``
-    scored by the baseline fitted on the other rows (``calibrate_baseline``)."""
+                 quiet: bool = True, fpr: float = 0.01, device: str = "auto",
+                 batch_size: int | None = None) -> EvalResult:
+    """Fit baseline ``method`` on ``train`` (class tokens; patch tokens for patch-knn), score ``test`` streamed in
+    blocks, write config, the fitted model (``model.safetensors``: every baseline run is a detector) and the
+    result files. ``options`` go to the method's factory. The threshold is calibrated on the held-out 10% of
+    ``train`` scored by the baseline fitted on the other rows (``calibrate_baseline``)."""
     from .calibration import eval_threshold_metrics
 
-    scorer = create_baseline(method, **(options or {}))
-    if hasattr(scorer, "quiet"):
-        scorer.quiet = quiet
-    if getattr(scorer, "needs_patch", False):
-        test_cls, test_patch = test.read(0, test.n, True)
-        scores = fit_score(scorer, train.cls, test_cls, train.patch, test_patch)
-    else:
-        scores = scorer.fit(train.cls).score(test.class_tokens())
+    dev = resolve_device(device)
+    model = create_baseline(method, **(options or {}))
+    model.fit(train.cls, train.patch if model.needs_patch else None, device=dev, quiet=quiet)
+    scores = score_blocks(model, test.blocks(model.needs_patch), batch_size=batch_size)["score"]
     ci = train.class_index
     is_anomaly = test.labels != ci
     metrics = compute_metrics(is_anomaly, scores)
     metrics.update(baseline_identity(method, ci, test.fingerprint, options))
-    metrics.update({"normal_class_name": train.class_name, "score_description": scorer.description,
+    metrics.update({"normal_class_name": train.class_name, "score_description": model.description,
                     "epoch_selection": BASELINE_EPOCH_SELECTION, "n_train": int(len(train.cls)),
                     "cache": test.cache_path, "evaluated": now(), "settings": {"method": method,
-                                                                                **scorer_settings(scorer)},
+                                                                                **model.settings()},
                     **(extra or {}), **(extra_metrics or {})})
-    calibration = calibrate_baseline(method, train.cls, fpr=fpr, train_patch=train.patch, options=options)
+    calibration = calibrate_baseline(method, train.cls, fpr=fpr, train_patch=train.patch, options=options,
+                                     device=dev)
     metrics.update(eval_threshold_metrics(calibration, method, is_anomaly, scores))
     out_dir = Path(out_dir)
     config = {"format": "sanf-baseline", "format_version": 1, "method": method, "normal_class": ci,
               "normal_class_name": train.class_name, "cache": test.identity, "created": now(),
-              "versions": package_versions(), "calibration": calibration, **(extra or {})}
+              "versions": package_versions(), "calibration": calibration, "model": model.config(), **(extra or {})}
     write_json_atomic(out_dir / CONFIG_FILE, config)
-    arrays = scorer_arrays(scorer)
-    if arrays:
-        save_tensors_atomic(out_dir / MODEL_FILE, {f"baseline.{k}": torch.from_numpy(np.ascontiguousarray(v))
-                                                   for k, v in arrays.items()}, config)
+    save_tensors_atomic(out_dir / MODEL_FILE, baseline_tensors(model), config)
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, plots=plots)
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly)
 
 
 def calibrate_baseline(method: str, train_cls: np.ndarray, *, fpr: float = 0.01, seed: int = 0,
                        fraction: float = 0.1, train_patch: np.ndarray | None = None,
-                       options: dict | None = None) -> dict | None:
+                       options: dict | None = None, device="cpu") -> dict | None:
     """Held-out scores of a baseline: the slice a flow with ``seed`` would hold out, scored by the baseline fitted
     on the remaining rows. None when the class is too small to hold any row out."""
     from .calibration import SLICE_BASELINE, calibration_record
@@ -434,12 +589,10 @@ def calibrate_baseline(method: str, train_cls: np.ndarray, *, fpr: float = 0.01,
     order = np.random.default_rng(seed).permutation(n)
     tr, va = np.sort(order[n_val:]), np.sort(order[:n_val])
     try:
-        scorer = create_baseline(method, **(options or {}))
-        if hasattr(scorer, "quiet"):
-            scorer.quiet = True
-        patch = np.asarray(train_patch) if getattr(scorer, "needs_patch", False) else None
-        held_out = fit_score(scorer, train_cls[tr], train_cls[va], None if patch is None else patch[tr],
-                             None if patch is None else patch[va])
+        model = create_baseline(method, **(options or {}))
+        patch = np.asarray(train_patch) if model.needs_patch else None
+        model.fit(train_cls[tr], None if patch is None else patch[tr], device=device, quiet=True)
+        held_out = score_arrays(model, train_cls[va], None if patch is None else patch[va])["score"]
     except SanfError:
         return None  # e.g. kNN with fewer rows than k
     return calibration_record({method: held_out}, fpr=fpr, slice_desc=SLICE_BASELINE, seed=seed, fraction=fraction)
@@ -478,6 +631,7 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
         if not overwrite and run_state(run_dir) == "finished":  # the same fit again: nothing to do, as extract/sweep
             try:
                 old = read_run_config(run_dir)
+                old["settings"] = current_run_settings(old.get("settings"))
             except SanfError:
                 old = {}
             if old.get("settings") == settings and old.get("status") == "finished":
@@ -486,7 +640,8 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
             if diff:
                 hint = f" with other settings ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''})"
         train = TrainData.from_cache(cache, ci, cfg.needs_patch)
-    mode = prepare_out_dir(run_dir, settings, overwrite=overwrite, what="run", finished_hint=hint)
+    mode = prepare_out_dir(run_dir, settings, overwrite=overwrite, what="run", finished_hint=hint,
+                           convert=current_run_settings)
     created = read_json_file(run_dir / CONFIG_FILE).get("created") if mode == "resume" else None
     config, result = fit_flow_job(run_dir, cfg, train, fingerprint=fingerprint, cache_info=info, created=created,
                                   resumed=mode == "resume", quiet=quiet, callback=callback)
@@ -516,32 +671,31 @@ def eval_run(run_dir, cache=None, score: str = "auto", *, out_dir=None, overwrit
         normal = normal_class_in(c, cfg, run_dir)
         refuse_foreign_files(out_dir, RESULT_FILES)  # never replace a user's file (docs/file-safety.md)
         guard_results(out_dir, eval_identity(cfg, c.fingerprint, kind, normal), overwrite)
-        return eval_flow_job(out_dir, run.flow, run.normalizer, cfg, TestData.from_cache(c, cache_path),
+        return eval_flow_job(out_dir, run.flow_model, run.patch_score, cfg, TestData.from_cache(c, cache_path),
                              score=score, device=str(dev), batch_size=batch_size, plots=plots, run_dir=run_dir,
-                             train_log=log, fpr=fpr, normal_class=normal, patch_score=run.patch_score)
+                             train_log=log, fpr=fpr, normal_class=normal)
 
 
 def baseline_run(cache, normal_class, method: str = "gaussian", out_dir=None, *, overwrite: bool = False,
                  plots: bool = True, options: dict | None = None, quiet: bool = False,
-                 fpr: float = 0.01) -> EvalResult:
-    """`sanf baseline`: fit a baseline on the normal class's training class tokens, score the test split, write
-    the results. ``options``: the scorer's own settings (``{"k": 5}`` for the kNN baselines)."""
+                 fpr: float = 0.01, device: str = "auto") -> EvalResult:
+    """`sanf baseline`: fit a baseline on the normal class's training rows, score the test split (streamed from the
+    cache in blocks), write the results and the model. ``options``: the method's own settings (``{"k": 5}`` for the
+    kNN baselines)."""
     from .cache import open_cache
 
     options = dict(options or {})
-    patch = bool(getattr(create_baseline(method, **options), "needs_patch", False))  # unknown names fail here
+    patch = create_baseline(method, **options).needs_patch  # unknown names and options fail here
     with open_cache(cache) as c:
         ci = c.class_index(normal_class)
         train = TrainData.from_cache(c, ci, patch=patch)
-        cls, tokens, labels, sample_ids = c.split("test").read_all(patch=patch)
-        check_finite(f"the test features in {c.path}", cls, tokens)
-        test = TestData.from_arrays(cls, tokens, labels, sample_ids, num_tokens=c.num_tokens,
-                                    fingerprint=c.fingerprint, cache_path=str(cache), identity=cache_identity(c))
-    out_dir = Path(out_dir) if out_dir else default_run_name(cache, train.class_name, f"-{method}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
-    refuse_foreign_files(out_dir, (CONFIG_FILE, MODEL_FILE, *RESULT_FILES))  # never replace a user's file
-    # (docs/file-safety.md)
-    guard_results(out_dir, baseline_identity(method, ci, test.fingerprint, options), overwrite)
-    _mkdir(out_dir)
-    return baseline_job(out_dir, method, train, test, plots=plots, options=options, quiet=quiet, fpr=fpr)
+        test = TestData.from_cache(c, cache)
+        out_dir = Path(out_dir) if out_dir else default_run_name(cache, train.class_name, f"-{method}")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
+        refuse_foreign_files(out_dir, (CONFIG_FILE, MODEL_FILE, *RESULT_FILES))  # never replace a user's file
+        # (docs/file-safety.md)
+        guard_results(out_dir, baseline_identity(method, ci, test.fingerprint, options), overwrite)
+        _mkdir(out_dir)
+        return baseline_job(out_dir, method, train, test, plots=plots, options=options, quiet=quiet, fpr=fpr,
+                            device=device)

@@ -254,8 +254,9 @@ def run_state(run_dir) -> str:
 
 
 def prepare_out_dir(out_dir, settings: dict, *, overwrite: bool, what: str = "run",
-                    finished_hint: str = "") -> str:
-    """Decide what to do with ``out_dir`` before a job writes there; returns 'new' or 'resume'.
+                    finished_hint: str = "", convert=None) -> str:
+    """Decide what to do with ``out_dir`` before a job writes there; returns 'new' or 'resume'. ``convert``: turns
+    a recorded identity into today's terms before it is compared (``fit_config.current_run_settings``).
 
     A finished folder or one with other settings is refused unless ``overwrite`` (then only sanf's own files
     are removed); a folder holding other files is refused unless ``overwrite``.
@@ -276,6 +277,8 @@ def prepare_out_dir(out_dir, settings: dict, *, overwrite: bool, what: str = "ru
     if state == "unfinished":
         old = read_json_file(out_dir / CONFIG_FILE, f"{out_dir / CONFIG_FILE}")
         old_settings = old.get("settings") if isinstance(old, dict) else None
+        if convert is not None:
+            old_settings = convert(old_settings)
         if old_settings == settings:
             result = "resume"
         elif not overwrite:
@@ -357,7 +360,10 @@ def finish_run(run_dir, config: dict, result) -> None:
     config.update({"flow": result.model.config(), "normalizer": result.normalizer.config(),
                    "result": result.summary(), "status": "finished", "finished": now(),
                    "calibration": getattr(result, "calibration", None),
-                   "patch_score": None if part is None else part.config()})
+                   "patch_score": None if part is None else part.part_config()})
+    skipped = getattr(result, "patch_score_skipped", None)
+    if skipped:
+        config["patch_score_skipped"] = skipped
     write_json_atomic(run_dir / CONFIG_FILE, config)
     write_jsonl_atomic(run_dir / LOG_FILE, result.log)
     save_model(run_dir, result.model, result.normalizer, config, extra=None if part is None else part.tensors())
@@ -368,7 +374,7 @@ def save_model(run_dir, flow, normalizer, config: dict, extra: dict | None = Non
     """``model.safetensors``: flow state + normaliser statistics (+ ``extra`` tensors: the run's patch score);
     the run config as JSON metadata."""
     tensors = {f"flow.{k}": v for k, v in flow.state_dict().items()}
-    tensors.update(normalizer.state_dict())
+    tensors.update(normalizer.tensors())
     tensors.update(extra or {})
     path = Path(run_dir) / MODEL_FILE
     save_tensors_atomic(path, tensors, config)

@@ -1,13 +1,13 @@
-"""Scoring with a fitted flow: per-sample scores in batches, and the test split in row blocks of bounded memory.
+"""Scoring with a fitted flow: its per-sample scores (``flow_score``), batched on normalised tensors (``score_flow``:
+the fit's held-out NLL), the score kinds and the test split's block size.
 
-Every flow score is computed here (the held-out NLL of the fit, `sanf eval`, the sweep), so one code path decides
-the numbers. Higher score = more anomalous: ``nll`` is -log p(x) of the flow (the default), ``z2`` the mean of z^2
-(the official code's score, no log-determinant).
+Every flow score is computed by ``flow_score`` (the fit's held-out NLL here; `sanf eval`, the sweep and the
+detector through ``models.FlowModel``), so one code path decides the numbers. Higher score = more anomalous:
+``nll`` is -log p(x) of the flow (the default), ``z2`` the mean of z^2 (the official code's score, no
+log-determinant).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ SCORE_DESCRIPTIONS = {
     "nll": "negative log-likelihood of the flow (nats), higher = more anomalous",
     "z2": "mean of z^2 over the latent dimensions (official code), higher = more anomalous",
     # a flow run's scores with its patch part (combined.py)
-    "combined": "flow NLL plus patch-knn distance, each standardised on held-out normal images (combined.py), "
+    "combined": "flow NLL plus patch-knn distance, each standardised on held-out normal images, "
                 "higher = more anomalous",
     "patch": "the run's patch part alone: largest distance of any patch token to its nearest normal training "
              "patch token, higher = more anomalous",
@@ -34,11 +34,18 @@ def check_score(score: str) -> str:
     return score
 
 
-def score_flow(flow, cls: torch.Tensor, patch: torch.Tensor | None, score: str = "nll", *, batch_size: int = 256,
-               amp: torch.dtype | None = None) -> np.ndarray:
-    """Per-sample scores of a flow, no grad, in batches: ``nll`` (-log p, nats) or ``z2`` (mean z^2); float64."""
+def flow_score(z: torch.Tensor, logdet: torch.Tensor, score: str = "nll") -> torch.Tensor:
+    """A flow's per-sample score from its output: ``nll`` (-log p, nats) or ``z2`` (mean z^2)."""
     from .flow import log_likelihood
 
+    if score == "nll":
+        return -log_likelihood(z, logdet)
+    return z.float().pow(2).mean(dim=-1)
+
+
+def score_flow(flow, cls: torch.Tensor, patch: torch.Tensor | None, score: str = "nll", *, batch_size: int = 256,
+               amp: torch.dtype | None = None) -> np.ndarray:
+    """Per-sample scores of a flow on normalised tensors, no grad, in batches (the fit's held-out NLL); float64."""
     if score not in SCORES:
         raise SanfError(f"unknown score {score!r}; choose nll or z2")
     device = next(flow.parameters()).device
@@ -51,11 +58,7 @@ def score_flow(flow, cls: torch.Tensor, patch: torch.Tensor | None, score: str =
             p = None if patch is None else patch[start:start + batch_size].to(device)
             with autocast(device, amp):
                 z, logdet = flow(x, p)
-            if score == "nll":
-                s = -log_likelihood(z, logdet)
-            else:
-                s = z.float().pow(2).mean(dim=-1)
-            out.append(s.double().cpu())
+            out.append(flow_score(z, logdet, score).double().cpu())
     flow.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
 
@@ -64,18 +67,3 @@ def block_rows(dim: int, num_tokens: int, with_patch: bool) -> int:
     """Rows per block of the test split so that one float32 block stays near ``EVAL_BLOCK_BYTES``."""
     row_bytes = (num_tokens + 1 if with_patch else 1) * dim * 4
     return max(256, EVAL_BLOCK_BYTES // max(row_bytes, 1))
-
-
-def score_blocks(flow, normalizer, blocks: Iterable[tuple[np.ndarray, np.ndarray | None]], score: str = "nll", *,
-                 batch_size: int = 256) -> np.ndarray:
-    """Normalise and score raw ``(cls, patch)`` row blocks with ``flow`` on the device it is on; float64."""
-    parts = []
-    for cls, patch in blocks:
-        if not len(cls):
-            continue
-        x, p = normalizer.transform(cls, patch)
-        x = np.require(x, requirements=["W"])  # Ray and shared memory hand out read-only arrays; torch wants writable
-        p = None if p is None else np.require(p, requirements=["W"])
-        parts.append(score_flow(flow, torch.from_numpy(x), None if p is None else torch.from_numpy(p), score,
-                                batch_size=batch_size))
-    return np.concatenate(parts) if parts else np.zeros(0)

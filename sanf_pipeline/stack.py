@@ -9,7 +9,8 @@ separate ``train.fit_flow`` would have:
 - its own initial weights (built under ``torch.manual_seed(seed)`` exactly as ``fit_flow`` builds them) and
   permutations (buffers, stacked too);
 - its own held-out slice and normaliser (fitted on its own training rows), batch order (the ``(seed, epoch)``
-  generator of ``fit_flow``), gradient-norm clip (per flow) and early-stopping epoch;
+  generator of ``fit_flow``, ``min_epoch_steps`` included), input noise (its own generator), gradient-norm clip
+  (per flow) and early-stopping rule (a ``train.EarlyStopping`` each, ``keep_initial`` included);
 - its own Adam state: Adam is element-wise, so one (fused) Adam over the stacked tensors updates every flow as
   its own optimiser would. A flow that stops early leaves the stack at the end of that epoch (the stacked
   tensors and the Adam state are compacted), so finished flows cost nothing.
@@ -17,8 +18,11 @@ separate ``train.fit_flow`` would have:
 Data are on the device once: the class tokens normalised per flow ``(K, n, d)`` (small), the patch tokens
 once per class (pooled and, with an ``l2`` method, L2-normalised), and each flow's per-channel
 standardisation applied per batch, so ``K`` flows of one class never hold ``K`` copies of the patch tokens.
-The step loop never waits on the host (no ``.item()``): losses and the first non-finite step are kept on the
-device and read once per epoch. ``score_stack`` scores every flow of a stack against a split in one pass.
+The epoch and its steps are ``fit_flow``'s own (``train.run_epoch`` / ``train.train_step``: batch schedule,
+noise, loss, clip, AMP scaler, divergence; the single fit runs them as a stack of one), so only the data layout
+and the stacked forward are this module's. The step loop never waits on the host (no ``.item()``): losses and
+the first non-finite step are kept on the device and read once per epoch. ``score_stack`` scores every flow of
+a stack against a split in one pass.
 
 Results equal ``K`` separate ``fit_flow`` runs up to float rounding (the per-channel standardisation is done
 in float32 instead of float64, sums are batched): ``tests/test_stack.py`` checks weights, NLLs and AUROCs to
@@ -30,8 +34,6 @@ serves the whole stack (an overflow in one flow skips the step of all; bf16 need
 from __future__ import annotations
 
 import copy
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,9 +42,21 @@ import torch
 
 from .device import amp_dtype, autocast, resolve_device
 from .errors import SanfError
-from .features import Normalizer
+from .features import Normalizer, channel_stats
 from .fit_config import FitConfig
-from .train import FitResult, _diverged, _epoch_generator
+from .models import as_tensor
+from .train import (
+    NON_FINITE,
+    EarlyStopping,
+    FitResult,
+    _diverged,
+    close_epoch,
+    epoch_steps,
+    make_optimizer,
+    make_scaler,
+    new_flow,
+    run_epoch,
+)
 
 # Settings that may differ inside one stack; everything else in FitConfig.settings() must be equal.
 PER_FLOW_SETTINGS = ("seed",)
@@ -74,35 +88,10 @@ def stack_key(cfg: FitConfig) -> str:
 
 # ------------------------------------------------------------------------------------------ data on device
 def _patch_rows(norm: Normalizer, patch: np.ndarray) -> torch.Tensor:
-    """Pooled (and, for l2 methods, L2-normalised) patch tokens as float32; the shared part of the transform."""
-    pooled = norm.pool(patch)
-    out = np.empty(pooled.shape, dtype=np.float32)
-    flat_in = pooled.reshape(-1, pooled.shape[-1])
-    flat_out = out.reshape(-1, pooled.shape[-1])
-    for s in range(0, len(flat_in), 65536):
-        b = flat_in[s:s + 65536].astype(np.float64)
-        if norm.l2:
-            b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-        flat_out[s:s + len(b)] = b
-    return torch.from_numpy(out)
-
-
-def _channel_stats(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std in float64 over ``rows (m, T, d)``, as ``features._stats`` (two passes)."""
-    from .features import _STD_REL_FLOOR
-
-    flat = rows.reshape(-1, rows.shape[-1])
-    n = max(1, flat.shape[0])
-    total = torch.zeros(flat.shape[1], dtype=torch.float64, device=rows.device)
-    for s in range(0, flat.shape[0], 65536):
-        total += flat[s:s + 65536].double().sum(0)
-    mean = total / n
-    sq = torch.zeros_like(total)
-    for s in range(0, flat.shape[0], 65536):
-        sq += (flat[s:s + 65536].double() - mean).pow(2).sum(0)
-    std = (sq / n).sqrt().cpu().numpy()
-    floor = max(np.finfo(np.float64).tiny, _STD_REL_FLOOR * float(std.max(initial=0.0)))
-    return mean.cpu().numpy(), np.where(std < floor, 1.0, std)
+    """Stage one of ``norm``'s patch transform (``Normalizer.shared_patch``) on host arrays, in blocks; float32."""
+    rows = max(1, 65536 // max(1, patch.shape[1]))
+    parts = [norm.shared_patch(as_tensor(patch[s:s + rows], "cpu")) for s in range(0, len(patch), rows)]
+    return torch.cat(parts) if parts else norm.shared_patch(torch.zeros((0, *patch.shape[1:])))
 
 
 class _PatchPool:
@@ -163,7 +152,6 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     """Train the flows of ``members`` together; one result per member, in order: the ``FitResult`` a separate
     ``fit_flow(m.cls, m.patch, m.cfg)`` returns (model on CPU, eval mode), or the ``SanfError`` it would raise
     (a diverged flow leaves the stack; the others go on)."""
-    from .flow import SANFlow, log_likelihood
     from .progress import progress_bar
     from .runs import check_finite
 
@@ -206,7 +194,7 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
         means, stds = [], []
         for k, norm in enumerate(norms):
             rows = torch.from_numpy(offsets[k] + tr_idx[k]).to(device)
-            mu, sd = _channel_stats(P[rows])
+            mu, sd = channel_stats(P[rows], l2=False)  # P holds stage one: L2 is done
             norm.patch_mean, norm.patch_std = mu, sd
             means.append(mu)
             stds.append(sd)
@@ -218,14 +206,7 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     d = X.shape[-1]
     patch_dim = d if P is None else P.shape[-1]
     num_tokens = 1 if P is None else P.shape[1]
-    flows = []
-    for cfg in cfgs:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            try:
-                flows.append(SANFlow(**cfg.flow_kwargs(d, patch_dim, num_tokens)))
-            except ValueError as exc:
-                raise SanfError(f"invalid flow settings: {exc}") from None
+    flows = [new_flow(cfg, d, patch_dim, num_tokens) for cfg in cfgs]
     z_dim = flows[0].z_dim
     base = copy.deepcopy(flows[0]).to("meta")
     fwd_patch, fwd_nopatch = _stacked_forward(base)
@@ -237,11 +218,10 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     del p0, b0
 
     def make_opt(ps):
-        return torch.optim.Adam(list(ps.values()), lr=c0.lr, betas=c0.betas, eps=c0.eps,
-                                weight_decay=c0.weight_decay, fused=True)
+        return make_optimizer(ps.values(), c0)
 
     opt = make_opt(params)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    scaler = make_scaler(device, amp)
 
     def forward(ps, bs, x, p):
         return (fwd_patch if p is not None else fwd_nopatch)(ps, bs, x, p)
@@ -249,15 +229,10 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     active = list(range(K))  # member indices, in stack order
     results: list[FitResult | SanfError | None] = [None] * K
     logs: list[list[dict]] = [[] for _ in range(K)]
-    best_val = [math.inf] * K
-    best_epoch = [0] * K
-    bad_epochs = [0] * K
-    best_state: list[dict | None] = [None] * K
-    initial_val: list[float | None] = [None] * K
+    stopping = [EarlyStopping(c.early_stopping, c.patience, c.min_delta) for c in cfgs]
     n_val = len(va_idx[0])
     n_tr = n - n_val
-    bs = c0.batch_size
-    steps = (n_tr + bs - 1) // bs
+    steps = epoch_steps(n_tr, c0)
     total_epochs = c0.total_epochs
     tr_t = torch.from_numpy(np.stack(tr_idx)).to(device)  # (K, n_tr) local rows
     va_t = torch.from_numpy(np.stack(va_idx)).to(device) if n_val else None
@@ -265,11 +240,11 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
     def finish(k: int, state: dict, stopped: bool) -> None:
         flow = flows[k]
         flow.load_state_dict({name: t.to("cpu") for name, t in state.items()})
-        results[k] = FitResult(model=flow.eval(), normalizer=norms[k], log=logs[k], best_epoch=best_epoch[k],
+        results[k] = FitResult(model=flow.eval(), normalizer=norms[k], log=logs[k], best_epoch=stopping[k].best_epoch,
                                epochs_run=len(logs[k]), stopped_early=stopped, n_train=n_tr, n_val=n_val,
                                device=str(device), resumed_from=0, epoch_selection=cfgs[k].epoch_selection,
                                calibration=_calibration(flow, norms[k], members[k], cfgs[k], va_idx[k]),
-                               initial_val_nll=initial_val[k])
+                               initial_val_nll=stopping[k].initial_val)
 
     def member_state(pos: int) -> dict:
         out = {name: t[pos].detach().clone() for name, t in params.items()}
@@ -283,100 +258,54 @@ def fit_stack(members: Sequence[StackMember], *, quiet: bool = True, description
                             None if p_mean is None else p_mean[every], None if p_std is None else p_std[every],
                             c0.eval_batch_size, z_dim, amp=None)
         for k in range(K):
-            initial_val[k] = best_val[k] = float(init[k])
-            best_state[k] = member_state(k)
+            stopping[k].start(float(init[k]), lambda k=k: member_state(k))
 
     with progress_bar(quiet, unit="steps") as bar:
         task = bar.add_task(f"{description} ({K} flows)", total=steps * total_epochs, rate="")
         for epoch in range(1, total_epochs + 1):
             if not active:
                 break
-            ka = len(active)
             act = torch.tensor(active, dtype=torch.long, device=device)
-            t0 = time.perf_counter()
-            perms = torch.stack([torch.randperm(n_tr, generator=_epoch_generator(cfgs[k].seed, epoch))
-                                 for k in active]).to(device)
-            local = torch.gather(tr_t[act], 1, perms)  # (ka, n_tr) rows of each flow's own block, epoch order
-            x_act, mean_act = X[act], None if p_mean is None else p_mean[act]
+            tr_act, x_act, mean_act = tr_t[act], X[act], None if p_mean is None else p_mean[act]
             std_act = None if p_std is None else p_std[act]
             off_act = offs[act][:, None]
-            loss_sum = torch.zeros(ka, dtype=torch.float64, device=device)
-            first_bad = torch.full((ka,), -1, dtype=torch.long, device=device)
-            for step in range(steps):
-                rows = local[:, step * bs:(step + 1) * bs]
-                xb = torch.gather(x_act, 1, rows[:, :, None].expand(-1, -1, d))
-                pb = None if P is None else _gather_patch(P, rows + off_act, mean_act, std_act)
-                with autocast(device, amp):
-                    z, logdet = forward(params, buffers, xb, pb)
-                loss = (-log_likelihood(z, logdet)).mean(dim=-1) / z_dim  # (ka,)
-                for p in params.values():
-                    p.grad = None
-                total = loss.sum()
-                if scaler is not None:
-                    scaler.scale(total).backward()
-                    scaler.unscale_(opt)
-                else:
-                    total.backward()
-                bad = ~torch.isfinite(loss)
-                if c0.grad_clip is not None:
-                    grads = [p.grad for p in params.values() if p.grad is not None]
-                    norms_k = torch.stack([g.reshape(ka, -1).norm(dim=1) for g in grads]).norm(dim=0)  # (ka,)
-                    coef = torch.clamp(c0.grad_clip / (norms_k + 1e-6), max=1.0)
-                    for g in grads:
-                        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
-                    if scaler is None:
-                        bad = bad | ~torch.isfinite(norms_k)
-                first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step + 1), first_bad)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                loss_sum += loss.detach().double() * rows.shape[1]
-                bar.update(task, advance=1)
-            # one host sync per epoch: losses, divergence, held-out NLL
-            seconds = time.perf_counter() - t0
-            losses = (loss_sum / n_tr).cpu().numpy()
-            bad_at = first_bad.cpu().numpy()
+
+            def batch(rows, tr_act=tr_act, x_act=x_act, mean_act=mean_act, std_act=std_act, off_act=off_act):
+                local = torch.gather(tr_act, 1, rows)  # rows of each flow's own block
+                xb = torch.gather(x_act, 1, local[:, :, None].expand(-1, -1, d))
+                return xb, None if P is None else _gather_patch(P, local + off_act, mean_act, std_act)
+
+            def stacked_forward(xb, pb, params=params, buffers=buffers):  # the stack of this epoch
+                return forward(params, buffers, xb, pb)
+
+            totals = run_epoch(stacked_forward, list(params.values()), opt, scaler, batch,
+                               [cfgs[k].seed for k in active], n_tr, c0, epoch, amp, stacked=True, device=device,
+                               progress=lambda *_: bar.update(task, advance=1))
+            # one host sync per epoch: losses and divergence above, the held-out NLL here
             val = None
             if n_val and c0.early_stopping:
-                val = _stacked_nll(forward, params, buffers, X[act], va_t[act], P, off_act, mean_act, std_act,
+                val = _stacked_nll(forward, params, buffers, x_act, va_t[act], P, off_act, mean_act, std_act,
                                    c0.eval_batch_size, z_dim, amp=None)
             keep = []
             for pos, k in enumerate(active):
-                row = {"epoch": epoch, "train_loss": float(losses[pos]), "val_nll": None,
-                       "samples_per_s": n_tr / seconds, "seconds": seconds, "lr": cfgs[k].lr}
-                if bad_at[pos] >= 0:
-                    results[k] = _diverged("the loss or its gradient became non-finite", epoch, int(bad_at[pos]),
-                                           steps, cfgs[k], epoch - 1, None)
+                if totals.bad_at[pos] >= 0:
+                    results[k] = _diverged(NON_FINITE, epoch, int(totals.bad_at[pos]), steps, cfgs[k], epoch - 1, None)
                     continue
-                stopped = False
-                if val is not None:
-                    v = float(val[pos])
-                    if not math.isfinite(v):
-                        results[k] = _diverged(f"the held-out NLL became {v}", epoch, steps, steps, cfgs[k],
-                                               epoch - 1, None)
-                        continue
-                    row["val_nll"] = v
-                    if v < best_val[k] - cfgs[k].min_delta:
-                        best_val[k], best_epoch[k], bad_epochs[k] = v, epoch, 0
-                        best_state[k] = member_state(pos)
-                    else:
-                        bad_epochs[k] += 1
-                    stopped = cfgs[k].early_stopping and bad_epochs[k] >= cfgs[k].patience
-                else:
-                    best_epoch[k] = epoch
-                row["best_epoch"] = best_epoch[k]
+                row = totals.row(pos, epoch, cfgs[k])
+                why = close_epoch(stopping[k], epoch, row, None if val is None else float(val[pos]),
+                                  lambda pos=pos: member_state(pos))
+                if why is not None:
+                    results[k] = _diverged(why, epoch, steps, steps, cfgs[k], epoch - 1, None)
+                    continue
                 logs[k].append(row)
-                if stopped:
-                    finish(k, best_state[k], True)
+                if stopping[k].stopped:
+                    finish(k, stopping[k].best_state, True)
                 elif epoch == total_epochs:
-                    state = best_state[k] if (cfgs[k].early_stopping and best_state[k] is not None) \
-                        else member_state(pos)
-                    finish(k, state, False)
+                    kept = stopping[k].kept_state()
+                    finish(k, member_state(pos) if kept is None else kept, False)
                 else:
                     keep.append(pos)
-            if len(keep) < ka and keep:
+            if len(keep) < len(active) and keep:
                 params, buffers, opt = _compact(params, buffers, opt, keep, make_opt)
             active = [active[pos] for pos in keep]
         bar.update(task, completed=steps * total_epochs)
@@ -436,12 +365,12 @@ def _stacked_nll(forward, params, buffers, x_act, rows, P, off_act, mean_act, st
 def score_stack(models: Sequence[torch.nn.Module], normalizers: Sequence[Normalizer], cls: np.ndarray,
                 patch: np.ndarray | None, score: str = "nll", *, batch_size: int = 256, device="auto",
                 amp: torch.dtype | None = None) -> np.ndarray:
-    """Scores ``(K, n)`` (float64) of ``K`` flows of one architecture on the same split, in one pass: the split's
-    patch tokens go to the device once, each flow's normaliser is applied per batch. ``score``: ``nll`` or ``z2``
-    (as ``train.score_flow``)."""
+    """Scores ``(K, n)`` (float64) of ``K`` flows of one architecture on the same split, in one pass, batch by
+    batch: each batch's patch tokens go through the normalisers' shared stage once, each flow's standardisation is
+    applied on the device. ``score``: ``nll`` or ``z2`` (``scoring.flow_score``)."""
     from torch.func import stack_module_state
 
-    from .flow import log_likelihood
+    from .scoring import flow_score
 
     if score not in ("nll", "z2"):
         raise SanfError(f"unknown score {score!r}; choose nll or z2")
@@ -451,33 +380,23 @@ def score_stack(models: Sequence[torch.nn.Module], normalizers: Sequence[Normali
         return np.zeros((0, len(cls)))
     flow_cfg = models[0].config()
     uses_patch = patch is not None and (flow_cfg["fusion"] != "none" or flow_cfg["main_input"] == "spatial")
-    X = torch.from_numpy(np.stack([nz.transform_cls(cls) for nz in normalizers])).to(dev)
-    P = mean = std = None
-    if uses_patch:
-        P = _patch_rows(normalizers[0], patch).to(dev)
-        if normalizers[0].standardize:
-            mean = torch.tensor(np.stack([nz.patch_mean for nz in normalizers]), dtype=torch.float32, device=dev)
-            std = torch.tensor(np.stack([nz.patch_std for nz in normalizers]), dtype=torch.float32, device=dev)
     p0, b0 = stack_module_state([m.eval() for m in models])
     params = {k: v.detach().to(dev) for k, v in p0.items()}
     buffers = {k: v.to(dev) for k, v in b0.items()}
     base = copy.deepcopy(models[0]).to("meta")
     fwd_patch, fwd_nopatch = _stacked_forward(base)
-    n = len(cls)
     out = []
-    for s in range(0, n, batch_size):
-        xb = X[:, s:s + batch_size]
-        if P is None:
+    # batch by batch from the host arrays: the split's tokens never sit on the device (or on the host as float32)
+    # as a whole; stage one of the patch transform is shared by the K flows, stage two is each flow's own
+    for s in range(0, len(cls), batch_size):
+        xb = torch.stack([nz.normalize_cls(as_tensor(cls[s:s + batch_size], "cpu")) for nz in normalizers]).to(dev)
+        if not uses_patch:
             z, logdet = _amp_call(fwd_nopatch, dev, amp, params, buffers, xb, None)
         else:
-            pb = P[s:s + batch_size].unsqueeze(0)
-            if mean is not None:
-                pb = (pb - mean[:, None, None, :]) / std[:, None, None, :]
-            else:
-                pb = pb.expand(K, *pb.shape[1:])
+            shared = normalizers[0].shared_patch(as_tensor(patch[s:s + batch_size], "cpu")).to(dev)
+            pb = torch.stack([nz.standardize_shared(shared) for nz in normalizers])
             z, logdet = _amp_call(fwd_patch, dev, amp, params, buffers, xb, pb)
-        s_ = -log_likelihood(z, logdet) if score == "nll" else z.float().pow(2).mean(dim=-1)
-        out.append(s_.double())
+        out.append(flow_score(z, logdet, score).double())
     return torch.cat(out, dim=1).cpu().numpy() if out else np.zeros((K, 0))
 
 

@@ -5,6 +5,8 @@ completed epochs there (at most every ``cfg.checkpoint_every`` seconds) and resu
 four steps, each a function of its own: data preparation (``prepare_data``: held-out slice, normaliser, tensors),
 resume (``_Checkpoint``), the epoch loop (``_train_epoch``) and the stopping rule (``EarlyStopping``). The run
 folder around it (config, model, results) is written by the jobs (``jobs.py``: ``fit_run`` is `sanf fit`).
+The epoch loop (``run_epoch``, ``train_step``) and the stopping rule are also the stacked trainer's
+(``stack.fit_stack``): a single fit is run as a stack of one flow, so both train alike by construction.
 
 Loss: the mean over the batch of the negative log-likelihood divided by the dimension of ``z`` (nats per
 dimension, as in DifferNet/CS-Flow and the official code; the gradient-norm clip of 1.0 applies to this
@@ -179,30 +181,40 @@ def prepare_data(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: Fit
         num_tokens=1 if p_all is None else p_all.shape[1], digest=_data_digest(train_cls, train_patch))
 
 
-def build_flow(cfg: FitConfig, data: PreparedData, device: torch.device):
-    """The flow (initialised under ``cfg.seed``, the caller's RNG left alone), its optimiser and AMP scaler."""
+def new_flow(cfg: FitConfig, dim: int, patch_dim: int, num_tokens: int):
+    """The untrained flow of ``cfg`` on CPU, initialised under ``cfg.seed`` (the caller's RNG left alone)."""
     from .flow import SANFlow
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         try:
-            flow = SANFlow(**cfg.flow_kwargs(data.dim, data.patch_dim, data.num_tokens))
+            return SANFlow(**cfg.flow_kwargs(dim, patch_dim, num_tokens))
         except ValueError as exc:
             raise SanfError(f"invalid flow settings: {exc}") from None
+
+
+def build_flow(cfg: FitConfig, data: PreparedData, device: torch.device):
+    """The flow, its optimiser and AMP scaler."""
+    flow = new_flow(cfg, data.dim, data.patch_dim, data.num_tokens)
     flow.to(device).train()
-    # fused: one kernel for all parameters; PyTorch's CPU default (a per-tensor loop) dominated the fit time of
-    # the default flow (benchmarks/flow_speed.md)
-    opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, fused=True)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, cfg.amp) == torch.float16 else None
-    return flow, opt, scaler
+    return flow, make_optimizer(flow.parameters(), cfg), make_scaler(device, amp_dtype(device, cfg.amp))
 
 
 # -------------------------------------------------------------------------------------------- stopping rule
+def _snapshot(flow) -> dict:
+    """A copy of the weights: of a module, or what a callable returns (a stacked flow's slice, already a copy)."""
+    if isinstance(flow, torch.nn.Module):
+        return {k: v.detach().clone() for k, v in flow.state_dict().items()}
+    return flow()
+
+
 @dataclass
 class EarlyStopping:
     """Keep the epoch with the lowest held-out NLL; stop after ``patience`` epochs without an improvement of more
-    than ``min_delta``. With a fixed length (no held-out rows) the last epoch is the kept one and nothing stops."""
+    than ``min_delta``. With a fixed length (no held-out rows) the last epoch is the kept one and nothing stops.
+
+    One per flow in both trainers. ``flow`` is the module, or (a stacked flow) a callable returning its weights;
+    it is only read when the epoch is kept."""
 
     enabled: bool
     patience: int
@@ -213,23 +225,27 @@ class EarlyStopping:
     best_state: dict | None = None
     initial_val: float | None = None
 
-    def start(self, val: float, flow: torch.nn.Module) -> None:
+    def start(self, val: float, flow) -> None:
         """Score the untrained flow as "epoch 0": it is kept unless a trained epoch beats it (keep_initial)."""
         self.initial_val = self.best_val = val
-        self.best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+        self.best_state = _snapshot(flow)
 
     @property
     def stopped(self) -> bool:
         return self.enabled and self.bad_epochs >= self.patience
 
-    def update(self, epoch: int, val: float | None, flow: torch.nn.Module) -> None:
+    def update(self, epoch: int, val: float | None, flow) -> None:
         if val is None:
             self.best_epoch = epoch
         elif val < self.best_val - self.min_delta:
             self.best_val, self.best_epoch, self.bad_epochs = val, epoch, 0
-            self.best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+            self.best_state = _snapshot(flow)
         else:
             self.bad_epochs += 1
+
+    def kept_state(self) -> dict | None:
+        """The weights the fit returns; None: the last epoch's (a fixed length)."""
+        return self.best_state if self.enabled else None
 
     def state(self) -> dict:
         return {"best_epoch": self.best_epoch, "best_val": None if math.isinf(self.best_val) else self.best_val,
@@ -240,6 +256,18 @@ class EarlyStopping:
         self.best_val = math.inf if meta.get("best_val") is None else float(meta["best_val"])
         self.best_state = best_state or None
         self.initial_val = meta.get("initial_val")
+
+
+def close_epoch(stopping: EarlyStopping, epoch: int, row: dict, val: float | None, flow) -> str | None:
+    """After an epoch of one flow: its held-out NLL into ``row`` and the stopping rule; returns why the flow
+    diverged (None: it did not)."""
+    if val is not None:
+        if not math.isfinite(val):
+            return f"the held-out NLL became {val}"
+        row["val_nll"] = val
+    stopping.update(epoch, val, flow)
+    row["best_epoch"] = stopping.best_epoch
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- resume
@@ -307,8 +335,13 @@ class _Checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------- epoch loop
+# The training step of both trainers (fit_flow here, stack.fit_stack): batch order, input noise, loss, clipping, AMP
+# scaler, divergence. Flows have a leading flow axis throughout: K stacked flows, or one module (K = 1) whose batch
+# and outputs carry an axis of 1, so a stacked flow computes what its single fit computes.
+
 # devices where the step loop checks the loss on the host each step (free on CPU; on a GPU it would stall the queue)
 HOST_CHECK_DEVICES = ("cpu",)
+NON_FINITE = "the loss or its gradient became non-finite"
 
 
 def epoch_steps(n_train: int, cfg: FitConfig) -> int:
@@ -316,70 +349,172 @@ def epoch_steps(n_train: int, cfg: FitConfig) -> int:
     return max((n_train + cfg.batch_size - 1) // cfg.batch_size, cfg.min_epoch_steps)
 
 
-def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: int, amp, diverged, progress) -> dict:
-    """One pass over the training rows in the seeded order of ``epoch``; returns the epoch's log row."""
-    from .flow import log_likelihood
+def epoch_order(seed: int, n_train: int, cfg: FitConfig, epoch: int) -> torch.Tensor:
+    """The training rows of ``epoch`` in batch order, from the ``(seed, epoch)`` generator: one permutation, or as
+    many passes as ``min_epoch_steps`` batches need (a short last batch, as one pass has, unless the epoch is longer
+    than one pass)."""
+    steps = epoch_steps(n_train, cfg)
+    gen = _epoch_generator(seed, epoch)
+    one_pass = steps == (n_train + cfg.batch_size - 1) // cfg.batch_size
+    passes = 1 if one_pass else -(-steps * cfg.batch_size // n_train)
+    return torch.cat([torch.randperm(n_train, generator=gen) for _ in range(passes)])
 
-    device = data.x_tr.device
-    n_tr = data.n_train
-    steps = epoch_steps(n_tr, cfg)
-    flow.train()
+
+def noise_generator(seed: int, epoch: int) -> torch.Generator:
+    # apart from the batch-order generator's seeds, so adding noise leaves the batch order as it was
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + 500_000_001)
+
+
+def add_noise(cfg: FitConfig, xb: torch.Tensor, pb: torch.Tensor | None, gens: list[torch.Generator]):
+    """Input noise on what the flow transforms (the class feature, or the tokens with ``main_input="spatial"``);
+    ``xb (K, b, d)``, ``pb (K, b, T, d)``. Each flow draws from its own generator on the host, so a stacked flow
+    draws the numbers of its single fit on any device."""
+    if not cfg.noise:
+        return xb, pb
+
+    def noisy(t):
+        draws = torch.stack([torch.randn(t.shape[1:], generator=g) for g in gens])
+        return t + cfg.noise * draws.to(t.device)
+
+    if cfg.main_input == "spatial":
+        return xb, noisy(pb)
+    return noisy(xb), pb
+
+
+def nll_loss(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    """Per flow, the batch mean of the negative log-likelihood in nats per dimension: ``z (K, b, d)`` -> ``(K,)``."""
+    from .flow import log_likelihood  # looked up per call: tests replace it to make a loss diverge
+
+    return (-log_likelihood(z, logdet)).mean(dim=-1) / z.shape[-1]
+
+
+def clip_per_flow_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip each flow's gradient (all its tensors together) to norm ``max_norm`` in place; ``grads`` carry the flow
+    axis first. Returns the norms before clipping ``(K,)``. The coefficient is ``clip_grad_norm_``'s, so one flow
+    is clipped as ``torch.nn.utils.clip_grad_norm_`` clips it."""
+    k = grads[0].shape[0]
+    norms = torch.stack([g.reshape(k, -1).norm(dim=1) for g in grads]).norm(dim=0)
+    coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    return norms
+
+
+def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
+    # fused: one kernel for all parameters; PyTorch's CPU default (a per-tensor loop) dominated the fit time of
+    # the default flow (benchmarks/flow_speed.md). Adam is element-wise, so over stacked tensors it is one Adam
+    # per flow.
+    return torch.optim.Adam(list(params), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, fused=True)
+
+
+def make_scaler(device: torch.device, amp: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """float16 needs loss scaling against underflowing gradients; bfloat16 has float32's range and needs none."""
+    return torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+
+
+def train_step(forward, params: list[torch.Tensor], opt, scaler, xb, pb, cfg: FitConfig, amp, *, stacked: bool,
+               diverged: Callable[[str], Exception] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of K flows: ``forward(xb, pb) -> (z, logdet)`` with the flow axis first. ``params``: the
+    stacked tensors (``stacked``) or one module's. Returns the losses ``(K,)`` and where the step went non-finite
+    ``(K,)`` bool, on the device. With ``diverged`` (host checks) a non-finite loss or gradient raises at once.
+
+    Under an fp16 scaler a non-finite gradient is an overflow the scaler skips, not a divergence."""
+    device = xb.device
+    with autocast(device, amp):
+        z, logdet = forward(xb, pb)
+    loss = nll_loss(z, logdet)
+    if diverged is not None and not bool(torch.isfinite(loss).all()):
+        raise diverged(f"the loss became {loss[~torch.isfinite(loss)][0].item()}")
+    opt.zero_grad(set_to_none=True)
+    total = loss.sum()  # the flows' losses are independent: the gradient of the sum is each flow's own
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(opt)  # clip the true gradient
+    else:
+        total.backward()
+    bad = ~torch.isfinite(loss.detach())
+    if cfg.grad_clip is not None:
+        grads = [p.grad if stacked else p.grad[None] for p in params if p.grad is not None]
+        norms = clip_per_flow_(grads, cfg.grad_clip)
+        if scaler is None:
+            if diverged is not None and not bool(torch.isfinite(norms).all()):
+                raise diverged("the gradient became non-finite")
+            bad = bad | ~torch.isfinite(norms)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return loss.detach(), bad
+
+
+@dataclass
+class EpochTotals:
+    """One epoch of K flows, read back once: mean training loss and first non-finite step (1-based, -1: none)."""
+
+    losses: np.ndarray
+    bad_at: np.ndarray
+    seen: int
+    seconds: float
+
+    def row(self, pos: int, epoch: int, cfg: FitConfig) -> dict:
+        """Flow ``pos``'s log row (``val_nll`` and ``best_epoch`` follow from ``close_epoch``)."""
+        return {"epoch": epoch, "train_loss": float(self.losses[pos]), "val_nll": None,
+                "samples_per_s": self.seen / self.seconds, "seconds": self.seconds, "lr": cfg.lr}
+
+
+def run_epoch(forward, params, opt, scaler, batch, seeds: list[int], n_train: int, cfg: FitConfig, epoch: int,
+              amp, *, stacked: bool, device: torch.device, diverged: Callable[[str, int], Exception] | None = None,
+              progress: Callable | None = None) -> EpochTotals:
+    """One epoch of K flows with ``n_train`` training rows each, flow ``k`` in the order of ``seeds[k]``.
+    ``batch(rows)``: the inputs ``(xb, pb)`` of ``rows (K, b)``, positions in each flow's training rows.
+    ``diverged(what, step)``: host checks each step (one flow on CPU); otherwise the device keeps the first bad
+    step, read with the losses after the epoch. ``progress(loss or None, samples/s)`` after each step."""
+    steps = epoch_steps(n_train, cfg)
     t0 = time.perf_counter()
-    gen = _epoch_generator(cfg.seed, epoch)
-    # enough passes over the rows for `steps` batches (one pass unless min_epoch_steps asks for more)
-    # (a short last batch, as one pass has, unless the epoch is longer than one pass)
-    one_pass = steps == (n_tr + cfg.batch_size - 1) // cfg.batch_size
-    passes = 1 if one_pass else -(-steps * cfg.batch_size // n_tr)
-    perm = torch.cat([torch.randperm(n_tr, generator=gen) for _ in range(passes)]).to(device)
-    noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(epoch) + 500_000_001)
-    # on a GPU the step loop never waits for the device: the loss is summed there and the first non-finite step is
-    # kept there, both read once per epoch (on CPU a per-step check costs nothing)
-    host_checks = device.type in HOST_CHECK_DEVICES
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    order = torch.stack([epoch_order(s, n_train, cfg, epoch) for s in seeds]).to(device)
+    gens = [noise_generator(s, epoch) for s in seeds]
+    loss_sum = torch.zeros(len(seeds), dtype=torch.float64, device=device)
+    first_bad = torch.full((len(seeds),), -1, dtype=torch.long, device=device)
+    bs = cfg.batch_size
     for step in range(steps):
-        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        xb = data.x_tr[idx]
-        pb = None if data.p_tr is None else data.p_tr[idx]
-        if cfg.noise:  # on what the flow transforms: the class feature, or the tokens (spatial layout)
-            if cfg.main_input == "spatial":
-                pb = pb + cfg.noise * torch.randn(pb.shape, generator=noise_gen).to(device)
-            else:
-                xb = xb + cfg.noise * torch.randn(xb.shape, generator=noise_gen).to(device)
-        with autocast(device, amp):
-            z, logdet = flow(xb, pb)
-        loss = (-log_likelihood(z, logdet)).mean() / z.shape[-1]
-        if host_checks and not torch.isfinite(loss):
-            raise diverged(f"the loss became {loss.item()}", step + 1)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if cfg.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.grad_clip)
-            if host_checks and scaler is None and not torch.isfinite(norm):
-                raise diverged("the gradient became non-finite", step + 1)
-            if not host_checks and scaler is None:
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(norm), step + 1, first_bad)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        if not host_checks:
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
-        loss_sum += loss.detach().double() * len(idx)
-        seen = min(step * cfg.batch_size + len(idx), len(perm))
-        progress(float(loss.detach()) if host_checks else None, seen / max(time.perf_counter() - t0, 1e-9))
-    if int(first_bad) > 0:
-        raise diverged("the loss or its gradient became non-finite", int(first_bad))
-    loss_sum = float(loss_sum)
-    seconds = time.perf_counter() - t0
-    seen = min(steps * cfg.batch_size, len(perm))
-    return {"epoch": epoch, "train_loss": loss_sum / seen, "val_nll": None, "samples_per_s": seen / seconds,
-            "seconds": seconds, "lr": cfg.lr}
+        rows = order[:, step * bs:(step + 1) * bs]
+        xb, pb = add_noise(cfg, *batch(rows), gens)
+        check = None if diverged is None else (lambda what, step=step: diverged(what, step + 1))
+        loss, bad = train_step(forward, params, opt, scaler, xb, pb, cfg, amp, stacked=stacked, diverged=check)
+        first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
+        loss_sum += loss.double() * rows.shape[1]
+        if progress is not None:
+            seen = min(step * bs + rows.shape[1], order.shape[1])
+            progress(loss if diverged is not None else None, seen / max(time.perf_counter() - t0, 1e-9))
+    seen = min(steps * bs, order.shape[1])
+    losses = loss_sum.cpu().numpy() / seen
+    return EpochTotals(losses=losses, bad_at=first_bad.cpu().numpy(), seen=seen, seconds=time.perf_counter() - t0)
+
+
+def _train_epoch(flow, opt, scaler, data: PreparedData, cfg: FitConfig, epoch: int, amp, diverged, progress) -> dict:
+    """One epoch of the single fit in the seeded order of ``epoch``; returns the epoch's log row."""
+    device = data.x_tr.device
+    flow.train()
+
+    def forward(xb, pb):
+        z, logdet = flow(xb[0], None if pb is None else pb[0])
+        return z[None], logdet[None]
+
+    def batch(rows):
+        return data.x_tr[rows], None if data.p_tr is None else data.p_tr[rows]
+
+    def shown(loss, rate):
+        progress(None if loss is None else float(loss[0]), rate)
+
+    host_checks = device.type in HOST_CHECK_DEVICES
+    totals = run_epoch(forward, list(flow.parameters()), opt, scaler, batch, [cfg.seed], data.n_train, cfg, epoch,
+                       amp, stacked=False, device=device, diverged=diverged if host_checks else None,
+                       progress=shown)
+    if totals.bad_at[0] > 0:
+        raise diverged(NON_FINITE, int(totals.bad_at[0]))
+    return totals.row(0, epoch, cfg)
 
 
 # ------------------------------------------------------------------------------------------------ fitting
@@ -455,11 +590,9 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
                     # held-out NLL in full precision (also under AMP): it decides the epoch
                     val = float(score_flow(flow, data.x_va, data.p_va, "nll", batch_size=cfg.eval_batch_size).mean()
                                 / flow.z_dim)
-                    if not math.isfinite(val):
-                        raise diverged(f"the held-out NLL became {val}", steps)
-                    row["val_nll"] = val
-                stopping.update(epoch, val, flow)
-                row["best_epoch"] = stopping.best_epoch
+                why = close_epoch(stopping, epoch, row, val, flow)
+                if why is not None:
+                    raise diverged(why, steps)
                 log.append(row)
                 if ckpt is not None:
                     ckpt.after_epoch(epoch, flow, opt, scaler, stopping, log, cfg.checkpoint_every)
@@ -474,8 +607,8 @@ def fit_flow(train_cls: np.ndarray, train_patch: np.ndarray | None, cfg: FitConf
             raise
         raise Interrupted(ckpt.kept_after_interrupt(len(log), cfg.checkpoint_every)) from None
 
-    if cfg.early_stopping and stopping.best_state is not None:
-        flow.load_state_dict(stopping.best_state)
+    if stopping.kept_state() is not None:
+        flow.load_state_dict(stopping.kept_state())
     calibration = None
     if data.n_val:
         from .calibration import SLICE_EARLY, SLICE_FIXED, calibration_record

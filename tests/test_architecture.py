@@ -15,15 +15,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sanf_pipeline"
 LAYERS = [
     ["__init__", "errors"],  # no sanf imports
     ["progress", "device", "tokens"],  # foundation: progress bars, device and autocast policy, token pooling
-    ["data", "cache", "flow", "patchknn", "packaged_weights"],  # readers, stores, nn.Modules, patch-knn, weights in pip
-    ["weights", "features", "runs", "scoring", "baselines", "calibration"],  # models, files, scorers built on them
-    ["backbones", "fit_config", "report", "compat", "combined"],  # timm backbones; fit settings; tables and plots;
-    # a flow run's patch score
+    ["data", "cache", "flow", "packaged_weights"],  # readers, stores, the flow's nn.Modules, weights in pip
+    ["weights", "features", "runs", "scoring", "calibration"],  # weights, input normaliser, files, flow scores
+    ["backbones", "fit_config", "report", "compat"],  # timm backbones; fit settings; tables and plots
     ["extract", "train", "evaluate"],  # stage one; fitting a flow; metrics and result files
-    ["jobs", "stack"],  # the run jobs: every flow and baseline run; many flows trained at once
+    ["models"],  # one nn.Module per detection method (flow, combined, baselines) and their registry
+    ["jobs", "stack", "cli_types"],  # the run jobs: every flow and baseline run; many flows trained at once
     ["sweep", "detector", "export"],  # many runs from one cache
     ["demo"],
-    ["cli_types"],
     ["sweep_cli", "detector_cli"],
     ["cli"],
     ["__main__"],

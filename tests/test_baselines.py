@@ -1,4 +1,4 @@
-"""kNN and Gaussian baselines: against sklearn references, and the shared result-file layout."""
+"""kNN and Gaussian baselines: against brute-force references, and the shared result-file layout."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 
-from sanf_pipeline.baselines import BASELINES, create_baseline, score_baseline
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.evaluate import read_scores_csv
 from sanf_pipeline.jobs import baseline_run
+from sanf_pipeline.models import BASELINES, create_baseline
+from sanf_pipeline.models import fit_score as score_baseline
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,31 @@ def test_knn_matches_sklearn_nearest_neighbors(data, l2):
     assert np.allclose(scores, dist.mean(axis=1), atol=1e-9)
 
 
-def test_gaussian_matches_ledoit_wolf(data):
+def _ledoit_wolf(x: np.ndarray) -> np.ndarray:
+    """The Ledoit-Wolf (2004) shrinkage covariance from its definition: S shrunk towards mu*I by
+    min(b2, d2) / d2, with d2 = ||S - mu I||^2 and b2 = mean_k ||x_k x_k^T - S||^2 / n (norms / p)."""
+    n, p = x.shape
+    xc = x - x.mean(axis=0)
+    s = xc.T @ xc / n
+    mu = np.trace(s) / p
+    d2 = ((s - mu * np.eye(p)) ** 2).sum() / p
+    b2 = sum(((np.outer(r, r) - s) ** 2).sum() / p for r in xc) / n ** 2
+    shrink = min(b2, d2) / d2
+    return shrink * mu * np.eye(p) + (1 - shrink) * s
+
+
+@pytest.mark.parametrize("method", ["gaussian", "gaussian-whiten"])
+def test_gaussian_is_the_mahalanobis_distance_to_the_ledoit_wolf_gaussian(data, method):
     train, test = data
-    ref = LedoitWolf().fit(train)
-    assert np.allclose(score_baseline("gaussian", train, test), ref.mahalanobis(test))
-    centred = test - ref.location_
-    assert np.allclose(score_baseline("gaussian", train, test),
-                       np.einsum("ij,jk,ik->i", centred, np.linalg.inv(ref.covariance_), centred))
+    if method == "gaussian-whiten":  # the same on L2-normalised class tokens
+        train = train / np.linalg.norm(train, axis=1, keepdims=True)
+        test_in = test
+        test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    else:
+        test_in = test
+    centred = test - train.mean(axis=0)
+    want = np.einsum("ij,jk,ik->i", centred, np.linalg.inv(_ledoit_wolf(train)), centred)
+    np.testing.assert_allclose(score_baseline(method, data[0], test_in), want, rtol=1e-8)
 
 
 def test_registry_and_errors():

@@ -1,4 +1,4 @@
-"""The combined score (combined.py): the patch part is fitted on the flow's own rows, the standardisation comes
+"""The combined score (models/combined.py): the patch part is fitted on the flow's own rows, the standardisation comes
 from the held-out slice, eval / the detector head / the stacked sweep all compute the same numbers, and
 ``--patch-score none`` is the paper's flow alone."""
 
@@ -13,13 +13,15 @@ from conftest import TINY_FLOW
 from sklearn.metrics import roc_auc_score
 
 from sanf_pipeline.cache import open_cache
-from sanf_pipeline.combined import RUN_SCORES, PatchScore, resolve_score
-from sanf_pipeline.detector import PatchKNNHead
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.features import pool_square_grid
 from sanf_pipeline.fit_config import FitConfig
 from sanf_pipeline.jobs import eval_run, fit_run, load_run
-from sanf_pipeline.patchknn import PatchKNNScorer
+from sanf_pipeline.models import RUN_SCORES, Combined, PatchKNN, resolve_score, score_arrays
+
+
+def _patch_scores(model, patch):
+    return score_arrays(model, np.zeros((len(patch), 0)), patch)["score"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 TINY = {**TINY_FLOW, "max_epochs": 2, "patience": 1}
@@ -45,8 +47,8 @@ def test_default_run_keeps_a_patch_part_fitted_on_the_flows_own_rows(cache, comb
     # reference: patch-knn fitted directly on the rows the flow trained on, scoring the rows it held out
     cls, patch = open_cache(cache).split("train").read_class(1)
     tr, va = cfg.held_out_split(len(cls))
-    ref = PatchKNNScorer(cfg.patch_coreset, cfg.patch_neighbourhood, seed=cfg.seed, device="cpu").fit(None, patch[tr])
-    held_out = ref.score(None, patch[va])
+    ref = PatchKNN(cfg.patch_coreset, cfg.patch_neighbourhood, seed=cfg.seed).fit(None, patch[tr])
+    held_out = _patch_scores(ref, patch[va])
     assert np.allclose(cal["scores"]["patch"], held_out, rtol=1e-6)
     nll = np.asarray(cal["scores"]["nll"])
     assert part["standardise"]["nll"] == pytest.approx([nll.mean(), nll.std(ddof=1)])
@@ -64,8 +66,8 @@ def test_eval_scores_equal_the_parts_computed_by_hand(cache, combined_run, kind,
     res = eval_run(combined_run.run_dir, score=kind, plots=False, out_dir=tmp_path / kind)
     nll = eval_run(combined_run.run_dir, score="nll", plots=False, out_dir=tmp_path / "n").scores
     _, tp, labels, _ = open_cache(cache).split("test").read_all()
-    patch = run.patch_score.scorer.score(None, tp)
-    (mn, sn), (mp, sp) = run.patch_score.nll_stats, run.patch_score.patch_stats
+    patch = _patch_scores(run.patch_score.patch, tp)
+    mn, sn, mp, sp = run.patch_score.stats.tolist()
     want = {"combined": (nll - mn) / sn + (patch - mp) / sp, "patch": patch, "nll": nll}[kind]
     assert np.allclose(res.scores, want, rtol=1e-6, atol=1e-6)
     assert res.metrics["score"] == kind
@@ -99,26 +101,49 @@ def test_resolve_score_names_every_kind():
 
 
 @pytest.mark.parametrize("pool,neigh", [(1, 1), (1, 3), (2, 1), (2, 3)])
-def test_patch_knn_head_equals_the_scorer(pool, neigh):
+def test_patch_knn_pools_as_the_flow_and_traces_like_eager(pool, neigh):
+    """A run's patch part pools inside the module (token_pool): equal to patch-knn on pre-pooled tokens; its traced
+    graph (the export path: the bank blocked, not the batch) gives the eager numbers for any batch size."""
     rng = np.random.default_rng(0)
     train = rng.normal(size=(12, 16, 8)).astype(np.float32)
     test = rng.normal(size=(11, 16, 8)).astype(np.float32) * 1.5
     p_train = pool_square_grid(train, pool) if pool > 1 else train
     p_test = pool_square_grid(test, pool) if pool > 1 else test
-    scorer = PatchKNNScorer(0.5, neigh, device="cpu").fit(None, p_train)
-    head = PatchKNNHead(scorer.bank, neigh, pool, image_block=4)
-    got = head(None, torch.from_numpy(test)).double().numpy()
-    assert np.allclose(got, scorer.score(None, p_test), rtol=1e-5, atol=1e-5)
+    pooled = PatchKNN(0.5, neigh, token_pool=pool).fit(None, train)
+    plain = PatchKNN(0.5, neigh).fit(None, p_train)
+    assert torch.equal(pooled.bank, plain.bank)
+    want = _patch_scores(plain, p_test)
+    assert np.allclose(_patch_scores(pooled, test), want, rtol=1e-6)
+    score, evidence = pooled(None, torch.from_numpy(test))
+    assert evidence.shape == (11, 4 // pool, 4 // pool)
+    assert np.allclose(evidence.amax(dim=(1, 2)).double().numpy(), want, rtol=1e-6)
+
+    class Scores(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, p):
+            return self.m(p[:, 0, :], p)[0]
+
+    import sanf_pipeline.models.patchknn as pk
+
+    old, pk.EXPORT_BANK_BLOCK = pk.EXPORT_BANK_BLOCK, 5  # several bank blocks in the graph
+    try:
+        traced = torch.jit.trace(Scores(pooled), (torch.from_numpy(test[:2]),), check_trace=False)
+    finally:
+        pk.EXPORT_BANK_BLOCK = old
+    assert np.allclose(traced(torch.from_numpy(test)).numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_patch_part_round_trips_through_the_run_folder(combined_run):
     run = load_run(combined_run.run_dir)
     part = combined_run.result.patch_score
-    assert torch.equal(run.patch_score.scorer.bank, part.scorer.bank)
-    assert run.patch_score.nll_stats == pytest.approx(part.nll_stats)
+    assert torch.equal(run.patch_score.patch.bank, part.patch.bank)
+    assert torch.equal(run.patch_score.stats, part.stats)
     cfg = json.loads((combined_run.run_dir / "config.json").read_text())
     with pytest.raises(SanfError, match="patch score is incomplete"):
-        PatchScore.from_state({**cfg["patch_score"], "standardise": {}}, {})
+        Combined.from_state(run.flow_model, {**cfg["patch_score"], "standardise": {}}, {})
 
 
 def test_fit_config_checks_the_patch_settings():

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import DINOV2_WEIGHTS, SHARED, TINY_FLOW, assert_user_error, extract_config, unpack_cifar_slice
 
 from sanf_pipeline.cli import cli
+from sanf_pipeline.models import BASELINES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EFFNET_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
@@ -73,12 +74,12 @@ def test_detector_api_equals_eval(tiny):
 
 @pytest.mark.parametrize("kind", ["combined", "patch", "z2"])
 def test_combined_run_detector_equals_eval(tiny, tmp_path, kind):
-    """A run with its patch part (3 of 10 rows held out, so it can standardise): the detector and TorchScript give
-    eval's scores for every score kind, and the default is the combined score."""
+    """A run with its patch part (4 of 10 rows held out, the least it standardises on): the detector and
+    TorchScript give eval's scores for every score kind, and the default is the combined score."""
     from sanf_pipeline import Detector
     from sanf_pipeline.jobs import eval_run
 
-    run = _fit_eval(tiny["cache"], tmp_path / "run", "a", val_fraction=0.3)
+    run = _fit_eval(tiny["cache"], tmp_path / "run", "a", val_fraction=0.4)
     config = json.loads((run / "config.json").read_text())
     assert config["patch_score"]["method"] == "patch-knn" and config["calibration"]["threshold_score"] == "combined"
     assert Detector.load(run, device="cpu").score_kind == "combined"
@@ -99,12 +100,24 @@ def test_combined_run_detector_equals_eval(tiny, tmp_path, kind):
 def test_flow_alone_run_refuses_patch_scores(tiny, tmp_path):
     from sanf_pipeline import Detector
 
-    run = _fit_eval(tiny["cache"], tmp_path / "run", "a", val_fraction=0.3, patch_score="none")
+    run = _fit_eval(tiny["cache"], tmp_path / "run", "a", val_fraction=0.4, patch_score="none")
     assert Detector.load(run, device="cpu").score_kind == "nll"
     assert_user_error(sanf("score", "--run", run, "--score", "combined", tiny["data"] / "test"), "no patch score")
 
 
-@pytest.mark.parametrize("method", ["knn-l2", "gaussian"])
+def test_a_class_too_small_to_standardise_keeps_the_flow_alone(tiny, tmp_path):
+    """3 held-out images: fewer than the combined score's minimum, so the run is the flow alone and says why."""
+    from sanf_pipeline import Detector
+    from sanf_pipeline.models.combined import MIN_HELD_OUT
+
+    run = _fit_eval(tiny["cache"], tmp_path / "run", "a", val_fraction=0.3)
+    config = json.loads((run / "config.json").read_text())
+    assert MIN_HELD_OUT == 4 and config["patch_score"] is None
+    assert "3 held-out normal images, fewer than the 4" in config["patch_score_skipped"]
+    assert Detector.load(run, device="cpu").score_kind == "nll"
+
+
+@pytest.mark.parametrize("method", ["knn", "knn-l2", "gaussian", "gaussian-whiten", "patch-knn"])
 def test_baseline_runs_are_detectors(tiny, tmp_path, method):
     from sanf_pipeline import Detector
     from sanf_pipeline.jobs import baseline_run
@@ -267,8 +280,8 @@ def _real_images(data: Path, n: int = 6) -> torch.Tensor:
                                                   ("vit", "semantic"), ("cnn", "semantic"), ("vit", "combined"),
                                                   ("cnn", "combined")])
 def test_onnx_matches_pytorch_on_real_images(real, tmp_path, backbone, fusion):
-    """fusion "combined": the default fusion with 3 of 12 rows held out, so the run has its patch part and the
-    exported model computes the combined score (flow + patch-knn head)."""
+    """fusion "combined": the default fusion with 4 of 12 rows held out, so the run has its patch part and the
+    exported model computes the combined score (flow + patch-knn part)."""
     pytest.importorskip("onnxruntime")
     from sanf_pipeline import Detector
     from sanf_pipeline.export import check_onnx
@@ -280,15 +293,57 @@ def test_onnx_matches_pytorch_on_real_images(real, tmp_path, backbone, fusion):
     else:
         cache = real["cache"]
     combined = fusion == "combined"
-    fit = {"val_fraction": 0.25} if combined else {"fusion": fusion}
+    fit = {"val_fraction": 1 / 3} if combined else {"fusion": fusion}
     run = _fit_eval(cache, tmp_path / "run", "airplane", **fit)
     out = tmp_path / "m.onnx"
     r = sanf("export", "--run", run, "--out", out, env={"SANF_WEIGHTS_DIR": str(DINOV2_WEIGHTS.parent)})
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "m.onnx.json").read_text())
-    assert side["opset"] == 17 and side["threshold"]["n_calibration"] == (3 if combined else 1)
+    assert side["opset"] == 17 and side["threshold"]["n_calibration"] == (4 if combined else 1)
     assert side["score"] == ("combined" if combined else "nll")
     det = Detector.load(run, device="cpu", weights_dir=DINOV2_WEIGHTS.parent)
     images = torch.stack([det.preprocess(im) for im in _real_images(real["data"])])
     assert check_onnx(det, out, images) < 1e-3
     assert check_onnx(det, out, images[:1]) < 1e-3  # the batch axis is dynamic
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["flow", "combined", *BASELINES])  # the whole registry
+def test_every_method_is_an_exportable_detector_on_real_weights(real, tmp_path, method):
+    """For every registered method on real DINOv2 features: `sanf eval` / `sanf baseline` scores == `sanf score`
+    of the same image files == the TorchScript export == the ONNX export (one module behind all four)."""
+    from sanf_pipeline import Detector
+    from sanf_pipeline.export import run_onnx
+    from sanf_pipeline.jobs import baseline_run
+
+    if method in ("flow", "combined"):
+        fit = {"val_fraction": 1 / 3, "patch_score": "patch-knn" if method == "combined" else "none"}
+        run = _fit_eval(real["cache"], tmp_path / "run", "airplane", **fit)
+        kind = "combined" if method == "combined" else "nll"
+    else:
+        run = tmp_path / "run"
+        baseline_run(real["cache"], "airplane", method, run, plots=False, quiet=True, device="cpu")
+        kind = method
+    env = {"SANF_WEIGHTS_DIR": str(DINOV2_WEIGHTS.parent)}
+    out = tmp_path / "s.csv"
+    r = sanf("score", "--run", run, real["data"] / "test", "--out", out, "--device", "cpu", "--num-workers", "0",
+             "--quiet", env=env)
+    assert r.exit_code == 0, r.output
+    rows = read_csv(out)
+    want = _eval_scores(run, real["data"])
+    assert len(rows) == len(want) == 24
+    scored = np.array([float(rows[p]["score"]) for p in want])
+    np.testing.assert_allclose(scored, list(want.values()), rtol=1e-4, atol=1e-5)
+    det = Detector.load(run, device="cpu", weights_dir=DINOV2_WEIGHTS.parent)
+    assert det.score_kind == kind
+    images = torch.stack([det.preprocess(im) for im in _real_images(real["data"])])
+    with torch.no_grad():
+        eager = det.model(images).double().numpy()
+    ts, onnx = tmp_path / "m.pt", tmp_path / "m.onnx"
+    for fmt, path in (("torchscript", ts), ("onnx", onnx)):
+        r = sanf("export", "--run", run, "--format", fmt, "--out", path, env=env)
+        assert r.exit_code == 0, r.output
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.jit.load(str(ts))(images).numpy(), eager, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_onnx(onnx, images.numpy()), eager, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(run_onnx(onnx, images[:1].numpy()), eager[:1], rtol=1e-3, atol=1e-4)  # dynamic batch

@@ -420,8 +420,23 @@ def test_bad_configs_raise_value_error(kwargs, match):
 
 
 def test_heads_are_ignored_without_attention():
-    SANFlow(**BASE, fusion="gap", heads=3)
-    SANFlow(**BASE, fusion="none", heads=3)
+    """heads=3 does not divide the attention width 4: refused where there is attention; without attention it is
+    accepted and changes nothing (the same parameters, initial weights and outputs as heads=1)."""
+    x, patch = torch.randn(2, 8), torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="heads=3 must divide"):
+        SANFlow(**BASE, fusion="semantic", heads=3)
+    for fusion in ("gap", "none"):
+        torch.manual_seed(0)
+        three = SANFlow(**BASE, fusion=fusion, heads=3)
+        torch.manual_seed(0)
+        one = SANFlow(**BASE, fusion=fusion, heads=1)
+        a, b = three.state_dict(), one.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), fusion
+        for flow in (three, one):  # away from the identity start, where any two flows agree
+            _randomize_last_layers(flow)
+        with torch.no_grad():
+            (z3, ld3), (z1, ld1) = three(x, patch), one(x, patch)
+        assert torch.equal(z3, z1) and torch.equal(ld3, ld1), fusion
 
 
 def test_bad_input_shapes_raise_value_error():

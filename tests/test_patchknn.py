@@ -11,17 +11,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sanf_pipeline.baselines import BASELINES, needs_patch, score_baseline
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.cli import cli
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.jobs import baseline_run
-from sanf_pipeline.patchknn import (
-    PatchKNNScorer,
+from sanf_pipeline.models import BASELINES, fit_score, needs_patch, score_arrays
+from sanf_pipeline.models.patchknn import (
+    PatchKNN,
     greedy_coreset,
     nearest_distances,
     neighbourhood_average,
 )
+
+
+def _score(model: PatchKNN, patch: np.ndarray) -> np.ndarray:
+    return score_arrays(model, np.zeros((len(patch), 0)), patch)["score"]
 
 
 def _np_neighbourhood(patch: np.ndarray, k: int) -> np.ndarray:
@@ -121,37 +125,46 @@ def test_coreset_properties():
 @pytest.mark.parametrize("coreset", [1.0, 0.25])
 def test_scorer_equals_bruteforce(patches, k, coreset):
     train, test = patches
-    scorer = PatchKNNScorer(coreset=coreset, neighbourhood=k, proj_dim=128, device="cpu").fit(None, train)
+    scorer = PatchKNN(coreset=coreset, neighbourhood=k, proj_dim=128).fit(None, train)
     bank_idx = None
     if coreset < 1:
         flat = (_np_neighbourhood(train, k) if k > 1 else train).reshape(-1, 6)
         bank_idx = _np_kcenter(flat, math.ceil(coreset * len(flat)), int(
             greedy_coreset(torch.from_numpy(flat), coreset, seed=0)[0]))
         assert len(scorer.bank) == len(bank_idx)
-    np.testing.assert_allclose(scorer.score(None, test), _np_patch_knn(train, test, k, bank_idx), rtol=1e-4,
+    np.testing.assert_allclose(_score(scorer, test), _np_patch_knn(train, test, k, bank_idx), rtol=1e-4,
                                atol=1e-5)
-    assert scorer.score(None, train[:3]).max() < 1e-2 if coreset == 1.0 else True  # training images: distance 0
+    own = _score(scorer, train)
+    if coreset == 1.0:  # every training token is in the bank: distance 0
+        assert own.max() < 1e-2
+    else:  # the largest training score is the coreset's covering radius: no token is farther from the bank
+        flat = (_np_neighbourhood(train, k) if k > 1 else train).reshape(-1, 6)
+        bank = flat[bank_idx]
+        radius = np.sqrt(((flat[:, None, :] - bank[None]) ** 2).sum(-1).min(1)).max()
+        np.testing.assert_allclose(own.max(), radius, rtol=1e-4)
+        np.testing.assert_allclose(own, _np_patch_knn(train, train, k, bank_idx), rtol=1e-4, atol=1e-5)
 
 
 def test_scorer_chunking_invariant(patches):
     train, test = patches
-    ref = PatchKNNScorer(coreset=0.5, device="cpu").fit(None, train).score(None, test)
-    small = PatchKNNScorer(coreset=0.5, device="cpu", block_elems=13, image_block=2).fit(None, train)
-    np.testing.assert_allclose(small.score(None, test), ref, rtol=1e-5, atol=1e-6)
+    ref = _score(PatchKNN(coreset=0.5).fit(None, train), test)
+    small = PatchKNN(coreset=0.5, block_elems=13).fit(None, train)
+    got = score_arrays(small, np.zeros((len(test), 0)), test, batch_size=2)["score"]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_scorer_errors(patches):
     train, test = patches
     with pytest.raises(SanfError, match="odd positive"):
-        PatchKNNScorer(neighbourhood=2)
+        PatchKNN(neighbourhood=2)
     with pytest.raises(SanfError, match="coreset fraction"):
-        PatchKNNScorer(coreset=0.0)
+        PatchKNN(coreset=0.0)
     with pytest.raises(SanfError, match="patch tokens"):
-        PatchKNNScorer().fit(train[:, 0], None)
+        PatchKNN().fit(train[:, 0], None)
     with pytest.raises(SanfError, match="square patch grid"):
-        PatchKNNScorer(neighbourhood=3).fit(None, train[:, :6])
+        PatchKNN(neighbourhood=3).fit(None, train[:, :6])
     with pytest.raises(SanfError, match="channels"):
-        PatchKNNScorer(device="cpu").fit(None, train).score(None, test[:, :, :4])
+        _score(PatchKNN().fit(None, train), test[:, :, :4])
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +186,7 @@ def test_registry_baseline_run_and_cli(cache, tmp_path):
     with open_cache(cache) as c:
         tr, trp = c.split("train").read_class(0)
         te, tep, _, _ = c.split("test").read_all()
-    np.testing.assert_allclose(res.scores, score_baseline("patch-knn", tr, te, trp, tep))
+    np.testing.assert_allclose(res.scores, fit_score("patch-knn", tr, te, trp, tep))
     out = CliRunner().invoke(cli, ["baseline", "--cache", str(cache), "--normal-class", "good", "--method",
                                    "patch-knn", "--out", str(tmp_path / "c")])
     assert out.exit_code == 0, out.output

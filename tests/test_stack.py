@@ -1,5 +1,6 @@
 """The stacked trainer: K flows trained together equal K separate ``fit_flow`` runs (weights, held-out NLL,
-test NLLs, AUROCs, stopping epochs), in fp32 on CPU."""
+test NLLs, AUROCs, stopping epochs), in fp32 on CPU, input noise and ``min_epoch_steps`` included; its AMP path;
+which runs the sweep stacks together and how many."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sanf_pipeline.evaluate import compute_metrics
 from sanf_pipeline.fit_config import FitConfig
 from sanf_pipeline.scoring import score_flow
 from sanf_pipeline.stack import StackMember, fit_stack, score_stack, stack_key
-from sanf_pipeline.sweep.stacked import auto_stack_size, parse_stack, plan_stacks
+from sanf_pipeline.sweep.stacked import auto_stack_size, parse_stack, plan_stacks, resolve_stack_size, stackable
 from sanf_pipeline.train import fit_flow
 
 TOL = 1e-5
@@ -39,6 +40,18 @@ CONFIGS = {
     "fixed-none": dict(fusion="none", normalize="standardize", early_stopping=False, epochs=2),
     "spatial-learnable-pooled": dict(fusion="learnable", main_input="spatial", token_pool=2, normalize="l2",
                                      early_stopping=False, epochs=2),
+    # input noise on the class feature / on the tokens, each flow from its own (seed, epoch) generator
+    # (l2+whiten: with l2+standardize one of these flows amplifies float rounding to 1e-4 in its single fit alone,
+    # a 1e-7 change of its inputs moving its weights as far)
+    "noise-early-stop": dict(fusion="semantic", normalize="l2+whiten", noise=0.1, max_epochs=4, patience=2,
+                             keep_initial=False),
+    "noise-spatial": dict(fusion="gap", main_input="spatial", normalize="l2+standardize", noise=0.2,
+                          early_stopping=False, epochs=2),
+    # more steps than one pass (54 training rows / 16 = 4): the rows cycle through fresh permutations
+    "min-epoch-steps-early-stop": dict(fusion="semantic", normalize="l2+whiten", min_epoch_steps=9, max_epochs=3,
+                                       patience=1),
+    "min-epoch-steps-noise-fixed": dict(fusion="none", normalize="standardize", min_epoch_steps=6, noise=0.05,
+                                        early_stopping=False, epochs=2),
 }
 
 
@@ -76,6 +89,7 @@ def test_stack_equals_separate_runs(name, one_torch_thread):
         # test NLLs and AUROC against the separate run scored as the sweep scores it
         x, p = ref.normalizer.transform(test_cls, test_patch if m.cfg.flow_needs_patch else None)
         ref_scores.append(score_flow(ref.model, torch.from_numpy(x), None if p is None else torch.from_numpy(p)))
+    assert any(r.best_epoch > 0 for r in stacked), "at least one kept flow should be a trained one"
     scores = score_stack(models, norms, test_cls, test_patch, device="cpu")
     assert scores.shape == (4, len(test_cls))
     for k in range(4):
@@ -116,6 +130,71 @@ def test_stack_planning():
     assert auto_stack_size(30, 10_000, 1000) == 1
 
 
+def test_stack_filter_groups_seeds_only():
+    """``stack_key`` + ``plan_stacks``: flows stack when they differ only in seed (and class) and have training sets
+    of one size; every other setting, the device and the set size keep them apart."""
+    def key(**kw):
+        return stack_key(FitConfig(**{**TINY_FLOW, **kw}))
+
+    assert len({key(seed=s) for s in (0, 1, 7, 123)}) == 1
+    apart = [key(), key(clamp=3.0), key(lr=1e-3), key(fusion="gap"), key(hidden=32), key(normalize="l2"),
+             key(noise=0.1), key(noise=0.2), key(min_epoch_steps=5), key(early_stopping=False, epochs=2),
+             key(patience=5), key(keep_initial=False), key(grad_clip=None), key(batch_size=8), key(device="cuda")]
+    assert len(set(apart)) == len(apart)
+    a, c = key(seed=0), key(seed=1, clamp=3.0)
+    # same key, same size: one stack (split at the stack size, in the order given); a size or a key apart: not
+    keys, sizes = [a, a, c, a, a, a, c], [60, 60, 60, 54, 60, 60, 60]
+    assert plan_stacks(keys, sizes, 3) == [[0, 1, 4], [5], [2, 6], [3]]
+    assert plan_stacks(keys, sizes, 1) == [[i] for i in (0, 1, 4, 5, 2, 6, 3)]
+    assert plan_stacks(keys, sizes, 100) == [[0, 1, 4, 5], [2, 6], [3]]
+
+
+def test_stackable_runs(tmp_path):
+    """Fresh flow runs stack, input noise and ``min_epoch_steps`` included (the stacked loop honours them);
+    baselines and runs with something to resume in their folder do not."""
+    from sanf_pipeline.runs import CHECKPOINT_FILE, MODEL_FILE
+    from sanf_pipeline.sweep.plan import FLOW, RunSpec
+
+    def spec(run_id, method=FLOW, **fit):
+        return RunSpec(run_id, method, 0, "c0", "s", seed=0,
+                       fit=FitConfig(**{**TINY_FLOW, **fit}).to_dict() if method == FLOW else None)
+
+    assert stackable(spec("plain"), tmp_path)
+    assert stackable(spec("noisy", noise=0.1, min_epoch_steps=7), tmp_path)
+    assert not stackable(spec("knn", method="knn"), tmp_path)
+    for i, name in enumerate((CHECKPOINT_FILE, MODEL_FILE)):
+        (tmp_path / f"resume{i}").mkdir()
+        (tmp_path / f"resume{i}" / name).touch()
+        assert not stackable(spec(f"resume{i}"), tmp_path)
+
+
+def test_stack_size(monkeypatch):
+    """``--stack N`` is clipped to the flows there are; ``auto`` is 1 on CPU and on a GPU as many flows as fit in
+    ``MEMORY_FRACTION`` of the free memory left after the data."""
+    from sanf_pipeline.sweep import stacked
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_stack_size("auto", 12, cpu, per_flow_bytes=1) == 1
+    assert resolve_stack_size(4, 12, cpu, per_flow_bytes=10**12) == 4  # explicit: no memory check
+    assert resolve_stack_size("8", 3, cpu, per_flow_bytes=1) == 3
+    assert resolve_stack_size(8, 0, cpu, per_flow_bytes=1) == 1
+    asked = []
+
+    def free_memory(device=None):
+        asked.append(device)
+        return 10_000, 80_000
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_memory)
+    assert stacked.MEMORY_FRACTION == 0.8
+    assert resolve_stack_size("auto", 50, gpu, per_flow_bytes=1_000) == 8  # 10 000 * 0.8 // 1 000
+    assert resolve_stack_size("auto", 50, gpu, per_flow_bytes=1_000, data_bytes=5_000) == 4  # 5 000 * 0.8 // 1 000
+    assert resolve_stack_size("auto", 3, gpu, per_flow_bytes=1_000) == 3  # no more than the flows
+    assert resolve_stack_size("auto", 50, gpu, per_flow_bytes=1_000, data_bytes=20_000) == 1  # data fill it
+    assert resolve_stack_size("auto", 50, gpu, per_flow_bytes=20_000) == 1
+    assert asked == [gpu] * 5
+    assert resolve_stack_size(6, 50, gpu, per_flow_bytes=10**12) == 6 and len(asked) == 5
+
+
 def test_a_diverging_flow_leaves_the_stack_and_the_others_finish(monkeypatch, one_torch_thread):
     import sanf_pipeline.flow as flow_pkg
 
@@ -140,6 +219,109 @@ def test_a_diverging_flow_leaves_the_stack_and_the_others_finish(monkeypatch, on
         assert r.epochs_run == 3
         for k, v in r.model.state_dict().items():
             assert (v.float() - ref.model.state_dict()[k].float()).abs().max().item() <= TOL, k
+
+
+@pytest.fixture
+def amp_on_cpu(monkeypatch):
+    """``use(dtype)``: CPU gets the autocast policy of a GPU (``cfg.amp`` -> ``dtype``; on CPU it is full
+    precision), so the AMP path of both trainers runs here: CPU autocast supports bfloat16 and float16, and a
+    float16 fit gets a CPU GradScaler."""
+    import sanf_pipeline.device as device
+
+    real = device.precision_dtype
+
+    def use(dtype):
+        monkeypatch.setattr(device, "precision_dtype",
+                            lambda p, d: dtype if p == "auto" and d.type == "cpu" else real(p, d))
+
+    return use
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-scaler"])
+def test_stack_amp_path_follows_the_single_fit(dtype, amp_on_cpu, monkeypatch, one_torch_thread):
+    """Under autocast the stack takes the single fit's path (the same autocast, and for float16 one GradScaler
+    unscaling before the clip each step). The half-precision kernels of a batched and a single flow round
+    differently, so the weights agree to half precision, not to float32 rounding."""
+    from sanf_pipeline.train import epoch_steps, make_scaler
+
+    blocks, *_ = _blocks(seed=3)
+    settings = {**TINY_FLOW, "fusion": "semantic", "normalize": "l2+standardize", "early_stopping": False,
+                "epochs": 2}
+    members = [StackMember(FitConfig(**settings, seed=s), *blocks[0], data_key=0) for s in (0, 3)]
+    full = [fit_flow(m.cls, m.patch, m.cfg) for m in members]  # cfg.amp on CPU: full precision
+    amp_on_cpu(dtype)
+    scaler = make_scaler(torch.device("cpu"), dtype)
+    assert (scaler is not None) == (dtype == torch.float16)  # bf16 has float32's range: no loss scaling
+    unscaled = []
+    real_unscale = torch.amp.GradScaler.unscale_
+
+    def counting(self, opt):
+        unscaled.append(self.get_scale())
+        return real_unscale(self, opt)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", counting)
+    stacked = fit_stack(members)
+    refs = [fit_flow(m.cls, m.patch, m.cfg) for m in members]
+    steps = epoch_steps(stacked[0].n_train, members[0].cfg) * 2
+    assert len(unscaled) == (3 * steps if dtype == torch.float16 else 0)  # the stack's one scaler + 2 single fits
+    for r, ref, f32 in zip(stacked, refs, full, strict=True):
+        assert not isinstance(r, SanfError), r
+        sd, rsd, fsd = r.model.state_dict(), ref.model.state_dict(), f32.model.state_dict()
+        assert max((rsd[k].float() - fsd[k].float()).abs().max().item() for k in rsd) > 1e-4  # autocast was on
+        for k in sd:
+            assert (sd[k].float() - rsd[k].float()).abs().max().item() <= 5e-2, k
+        for row, ref_row in zip(r.log, ref.log, strict=True):
+            assert abs(row["train_loss"] - ref_row["train_loss"]) <= 1e-4
+        np.testing.assert_allclose(r.calibration["scores"]["nll"], ref.calibration["scores"]["nll"], rtol=1e-3)
+
+
+def test_scaler_step_unscales_before_the_clip_and_skips_overflows(one_torch_thread):
+    """The shared step with a GradScaler (the float16 path; a CPU scaler runs its logic here): a finite step equals
+    the unscaled one exactly (a power-of-two scale is exact, and the clip sees the true gradient); an overflowing
+    gradient skips the step and halves the scale without counting as a divergence, which it is without a scaler."""
+    from sanf_pipeline.train import make_optimizer, new_flow, train_step
+
+    cfg = FitConfig(**TINY_FLOW, grad_clip=1e-3).validate()  # a clip that binds
+    gen = torch.Generator().manual_seed(0)
+    xb, pb = torch.randn(1, 16, 8, generator=gen), torch.randn(1, 16, 4, 8, generator=gen)
+
+    def setup():
+        flow = new_flow(cfg, 8, 8, 4)
+
+        def forward(x, p):
+            z, logdet = flow(x[0], p[0])
+            return z[None], logdet[None]
+
+        return flow, forward, list(flow.parameters()), make_optimizer(flow.parameters(), cfg)
+
+    def weights(flow):
+        return {k: v.clone() for k, v in flow.state_dict().items()}
+
+    plain, fwd_a, params_a, opt_a = setup()
+    scaled, fwd_b, params_b, opt_b = setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    start = weights(plain)
+    for _ in range(3):
+        loss_a, bad_a = train_step(fwd_a, params_a, opt_a, None, xb, pb, cfg, None, stacked=False)
+        loss_b, bad_b = train_step(fwd_b, params_b, opt_b, scaler, xb, pb, cfg, None, stacked=False)
+        assert torch.equal(loss_a, loss_b) and not bad_a.any() and not bad_b.any()
+    assert all(torch.equal(v, scaled.state_dict()[k]) for k, v in plain.state_dict().items())
+    assert any(not torch.equal(v, start[k]) for k, v in plain.state_dict().items())
+    assert scaler.get_scale() == 2.0 ** 12
+
+    hook = params_b[0].register_hook(lambda g: g * float("inf"))  # the scaled gradient overflows
+    before = weights(scaled)
+    _, bad = train_step(fwd_b, params_b, opt_b, scaler, xb, pb, cfg, None, stacked=False)
+    assert not bad.any() and scaler.get_scale() == 2.0 ** 11
+    assert all(torch.equal(v, before[k]) for k, v in scaled.state_dict().items())
+    hook.remove()
+
+    params_a[0].register_hook(lambda g: g * float("inf"))
+    with pytest.raises(SanfError, match="gradient became non-finite"):  # host checks: before the step
+        train_step(fwd_a, params_a, opt_a, None, xb, pb, cfg, None, stacked=False,
+                   diverged=lambda what: SanfError(what))
+    _, bad = train_step(fwd_a, params_a, opt_a, None, xb, pb, cfg, None, stacked=False)
+    assert bad.tolist() == [True]  # device checks: kept for the end of the epoch
 
 
 @pytest.mark.slow

@@ -129,7 +129,7 @@ def same_results(single: Path, swept_run: Path) -> None:
 def test_sweep_run_equals_fit_eval_and_baseline_run(swept, cache, tmp_path):
     """One code path (jobs.py): the pool executor's runs are byte for byte `sanf fit` + `sanf eval` and
     `sanf baseline` (both here on one torch thread, as each pool worker)."""
-    from sanf_pipeline.baselines import BASELINES
+    from sanf_pipeline.models import BASELINES
     from sanf_pipeline.jobs import baseline_run, eval_run, fit_run
 
     out, _ = swept
@@ -143,6 +143,37 @@ def test_sweep_run_equals_fit_eval_and_baseline_run(swept, cache, tmp_path):
     for method in BASELINES:
         baseline_run(cache, "cat", method, tmp_path / method, plots=False)
         same_results(tmp_path / method, (out if method == "knn" else base) / "runs" / f"cat-{method}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sweep_fits_each_patch_part_once(cache, tmp_path, monkeypatch, workers):
+    """Flow runs that differ in flow settings only (here clamp) share their patch part: one bank per class and
+    seed, fitted by whichever worker needs it first, the test split scored against it once; each run still
+    equals the same `sanf fit` + `sanf eval` (which fits its own). The parts go once their runs are done."""
+    from sanf_pipeline import jobs
+
+    calls = tmp_path / "fits.txt"
+    real = jobs.fit_patch_part
+
+    def counting(cfg, *args, **kwargs):  # forked pool workers inherit the patch; a file collects their calls
+        with open(calls, "a") as fh:
+            fh.write(f"{cfg.seed}\n")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "fit_patch_part", counting)
+    res = run_sweep(cache, tmp_path / "s", "dog", ["clamp=2,3"], "flow", "0,1", FIXED, plots=False, workers=workers,
+                    device="cpu", start_method="fork")
+    assert sorted(calls.read_text().split()) == ["0", "1"]  # 4 runs, 2 banks
+    assert not (res.out_dir / jobs.PARTS_DIR).exists()
+    cfg = FitConfig(clamp=3.0, epochs=2, early_stopping=False, hidden=32, blocks=2, batch_size=16, lr=2e-3, seed=1,
+                    device="cpu")
+    from sanf_pipeline.jobs import eval_run, fit_run
+
+    fit_run(cache, "dog", cfg, tmp_path / "single", quiet=True)
+    eval_run(tmp_path / "single", cache, plots=False)
+    run = next(p for p in (res.out_dir / "runs").iterdir() if "clamp=3" in p.name and p.name.endswith("-s1"))
+    same_results(tmp_path / "single", run)
+    assert metrics(run)["score"] == "combined"
 
 
 def test_plan_ids_and_validation(cache):

@@ -86,8 +86,8 @@ def test_gaussian_whiten_is_the_flows_starting_density():
     those inputs is half of it plus a constant: the flow starts exactly at this baseline's density."""
     import torch
 
-    from sanf_pipeline.baselines import create_baseline
     from sanf_pipeline.features import Normalizer
+    from sanf_pipeline.models import fit_score
     from sanf_pipeline.fit_config import FitConfig
     from sanf_pipeline.flow import SANFlow
     from sanf_pipeline.scoring import score_flow
@@ -97,11 +97,11 @@ def test_gaussian_whiten_is_the_flows_starting_density():
     train = rng.normal(size=(30, d)) * rng.uniform(0.5, 3, d) + 2.0
     test = rng.normal(size=(10, d)) * 2.0 + 1.0
     patch_tr, patch_te = rng.normal(size=(30, t, d)), rng.normal(size=(10, t, d))
-    scores = create_baseline("gaussian-whiten").fit(train).score(test)
+    scores = fit_score("gaussian-whiten", train, test)
     norm = Normalizer.fit("l2+whiten", train, patch_tr)
     x, p = norm.transform(test, patch_te)
     np.testing.assert_allclose(scores, (x.astype(np.float64) ** 2).sum(axis=1), rtol=1e-4)
-    raw = create_baseline("gaussian").fit(train).score(test)
+    raw = fit_score("gaussian", train, test)
     assert not np.allclose(raw, scores, rtol=1e-2)  # the raw-token Gaussian is another density
     flow = SANFlow(**FitConfig(hidden=16, blocks=2).flow_kwargs(d, d, t)).eval()
     nll = score_flow(flow, torch.from_numpy(x), torch.from_numpy(p), "nll")

@@ -1,4 +1,4 @@
-"""Reading a sealed cache: metadata, class blocks, whole splits, as float32 numpy arrays.
+"""Reading a sealed cache: metadata, class blocks, whole splits, as float32 numpy arrays (or as stored).
 
 Reads are contiguous slices (one class of one split is one block), which is what both Zarr and HDF5 are
 fast at. Rows whose image was skipped at extraction (``valid == False``) are dropped on every read.
@@ -111,13 +111,15 @@ class SplitView:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(self.cache.class_names))
 
-    def read(self, start: int, stop: int, patch: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rows ``start:stop`` (valid ones only) as float32."""
+    def read(self, start: int, stop: int, patch: bool = True,
+             dtype=np.float32) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows ``start:stop`` (valid ones only) as float32; ``dtype=None``: as stored (float16 by default: half
+        the memory of a split held for many runs, converted exactly to float32 block by block where it is used)."""
         keep = self.valid[start:stop]
-        cls = np.asarray(self._rows("cls", start, stop), dtype=np.float32)[keep]
+        cls = np.asarray(self._rows("cls", start, stop), dtype=dtype)[keep]
         tokens = None
         if patch:
-            tokens = np.asarray(self._rows("patch", start, stop), dtype=np.float32)[keep]
+            tokens = np.asarray(self._rows("patch", start, stop), dtype=dtype)[keep]
         return cls, tokens
 
     def class_range(self, c: int) -> tuple[int, int]:
@@ -129,9 +131,9 @@ class SplitView:
         """One class's block: (cls (m, d), patch (m, T, d) or None), valid rows only."""
         return self.read(*self.class_range(c), patch=patch)
 
-    def read_all(self, patch: bool = True):
-        """(cls, patch, labels, sample_ids) for the whole split, valid rows only."""
-        cls, tokens = self.read(0, self.n, patch=patch)
+    def read_all(self, patch: bool = True, dtype=np.float32):
+        """(cls, patch, labels, sample_ids) for the whole split, valid rows only (``dtype``: as ``read``)."""
+        cls, tokens = self.read(0, self.n, patch=patch, dtype=dtype)
         return cls, tokens, self.labels, self.sample_ids
 
 

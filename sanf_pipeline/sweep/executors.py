@@ -66,6 +66,22 @@ def _sweep_extras(spec: RunSpec, ctx: dict) -> dict:
     return info
 
 
+_PARTS: dict = {}  # this process's fitted patch parts (jobs.PatchParts), one store per sweep folder
+
+
+def patch_parts(ctx: dict):
+    """This process's view of the sweep's patch parts (``jobs.PatchParts`` over ``<sweep>/parts``): runs of one
+    class and seed that differ in flow settings only fit and score one patch-knn bank, across worker processes
+    (runs are planned class by class, seeds innermost, so memory keeps one part per seed)."""
+    from ..jobs import PARTS_DIR, PatchParts
+
+    key = ctx["runs_dir"]
+    if key not in _PARTS:
+        _PARTS.clear()
+        _PARTS[key] = PatchParts(Path(ctx["runs_dir"]).parent / PARTS_DIR, keep=max(1, int(ctx.get("n_seeds", 1))))
+    return _PARTS[key]
+
+
 def execute_run(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
     """Run one planned run on in-memory arrays through the run jobs; a SanfError becomes ``{"error": ...}``."""
     from ..jobs import TestData, TrainData, baseline_job, flow_job
@@ -84,12 +100,14 @@ def execute_run(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
             cfg = spec.fit_config(ctx["device"])
             rec = flow_job(run_dir, cfg, train_data, test_data, cache_info=ctx["cache_identity"], score=ctx["score"],
                            plots=ctx["plots"], extra_config={"sweep": info, **_model_extras(ctx)},
-                           extra_metrics={"sweep_run_id": spec.run_id, "sweep": {**info, "settings": cfg.settings()}})
+                           extra_metrics={"sweep_run_id": spec.run_id, "sweep": {**info, "settings": cfg.settings()}},
+                           parts=patch_parts(ctx))
             _drop_model(run_dir, ctx)
         else:
             t = time.perf_counter()
             res = baseline_job(run_dir, spec.method, train_data, test_data, plots=ctx["plots"],
-                               extra={"sweep": info}, extra_metrics={"sweep_run_id": spec.run_id})
+                               extra={"sweep": info}, extra_metrics={"sweep_run_id": spec.run_id},
+                               device=ctx["device"] or "auto")
             rec = {"auroc": res.metrics["auroc"], "fit_s": 0.0, "score_write_s": time.perf_counter() - t,
                    "reused_model": False, "train_samples_seen": 0, "n_test": len(res.scores)}
         rec = {"run_id": spec.run_id, **rec}
@@ -116,7 +134,9 @@ class _Data:
 
         if self._test is None:
             t = time.perf_counter()
-            cls, patch, labels, ids = self.cache.split("test").read_all(patch=self.needs_test_patch)
+            # as stored (float16 by default): the sweep holds the test split for all its runs, and every scorer
+            # converts it to float32 batch by batch (exactly: float16 -> float32 is lossless)
+            cls, patch, labels, ids = self.cache.split("test").read_all(patch=self.needs_test_patch, dtype=None)
             self.read_s += time.perf_counter() - t
             self.reads.append({"what": "test", "rows": len(cls), "patch": patch is not None})
             check_finite(f"the test features in {self.cache.path}", cls, patch)
@@ -271,7 +291,7 @@ def _pool_task(spec_dict: dict, train_descs: dict) -> dict:
 
 
 PRELOAD = ("torch._dynamo", "sanf_pipeline.jobs", "sanf_pipeline.train", "sanf_pipeline.flow",
-           "sanf_pipeline.features", "sanf_pipeline.evaluate", "sanf_pipeline.baselines", "sanf_pipeline.report",
+           "sanf_pipeline.features", "sanf_pipeline.evaluate", "sanf_pipeline.models", "sanf_pipeline.report",
            "sklearn.metrics", "sklearn.covariance")
 PRELOAD_PLOTS = ("matplotlib.figure", "matplotlib.backends.backend_agg")
 

@@ -1,7 +1,7 @@
 """The plan of a sweep: parsing the options, the planned runs (``RunSpec``) and their stable ids, ``plan.json``.
 
 Grid keys are ``FitConfig`` fields and apply to ``flow`` runs only; ``fixed`` settings (``--set key=value``) apply
-to every flow run; baselines (``baselines.BASELINES``) run once per class (they are seed-independent). Run ids are
+to every flow run; baselines (``models.BASELINES``) run once per class (they are seed-independent). Run ids are
 readable and stable, e.g. ``cat-flow-fusion=gap-clamp=3-s0`` and ``cat-knn``; characters other than letters,
 digits and ``._=+-`` become ``_`` and then a short hash of the original id is appended, so ids stay unique.
 ``is_finished`` says whether a run folder holds this planned run's complete results (``metrics.json``, written
@@ -55,37 +55,27 @@ def _unknown_key(key: str, what: str) -> SanfError:
 
 
 def parse_value(key: str, text) -> Any:
-    """One value of the FitConfig field ``key`` from text (``2``, ``2.5``, ``true``, ``none``, ``0.9:0.999``)."""
-    fields_ = _fit_fields()
-    if key not in fields_:
+    """One value of the FitConfig field ``key`` from text (``2``, ``2.5``, ``true``, ``none``, ``0.9:0.999``),
+    converted by the click type of `sanf fit`'s option for it (``cli_types.fit_value_type``): `--set`/`--grid` and
+    `sanf fit` accept the same values, ranges included; ``FitConfig.validate`` then checks both alike."""
+    import click
+
+    from ..cli_types import fit_value_type
+
+    if key not in _fit_fields():
         raise _unknown_key(key, "setting")
     if text is None:
         return None
     if isinstance(text, (list, tuple)):
         text = ":".join(str(x) for x in text)
-    text = str(text)  # API values go through the same parsing as CLI text, so 2 and "2" plan the same run
-    ann = str(fields_[key].type).replace(" ", "")
-    t = text.strip()
+    t = str(text).strip()  # API values go through the same parsing as CLI text, so 2 and "2" plan the same run
+    kind = fit_value_type(key)
     try:
-        if t.lower() in ("none", "null") and "None" in ann:
-            return None
-        if ann.startswith("bool"):
-            low = t.lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-            raise ValueError("not a boolean")
-        if ann.startswith("int"):
-            return int(t)
-        if ann.startswith("float"):
-            return float(t)
-        if ann.startswith("tuple"):
-            return tuple(float(p) for p in re.split(r"[,:/]", t) if p)
-        return t
-    except ValueError:
-        want = ann.split("|")[0].split("[")[0]
-        raise SanfError(f"invalid value {text!r} for {key}: expected {want}") from None
+        return kind.convert(t, None, None)
+    except click.BadParameter as exc:
+        if isinstance(kind, click.Choice):  # worded as FitConfig.validate words a bad choice
+            raise SanfError(f"invalid {key}={t!r}: choose one of {', '.join(map(str, kind.choices))}") from None
+        raise SanfError(f"invalid value {text!r} for {key}: {exc.message}") from None
 
 
 def _split_item(item: str, what: str) -> tuple[str, str]:
@@ -154,8 +144,8 @@ def parse_seeds(value) -> list[int]:
 
 
 def method_names() -> list[str]:
-    """``flow`` and every registered baseline (``baselines.BASELINES``)."""
-    from ..baselines import BASELINES
+    """``flow`` and every registered baseline (``models.BASELINES``)."""
+    from ..models import BASELINES
 
     return [FLOW, *BASELINES]
 
@@ -229,7 +219,7 @@ class RunSpec:
     @property
     def needs_patch(self) -> bool:
         if not self.is_flow:
-            from ..baselines import needs_patch
+            from ..models import needs_patch
 
             return needs_patch(self.method)
         return self.fit_config().needs_patch

@@ -190,6 +190,38 @@ def _is_gpu(device: str) -> bool:
     return resolve_device(device).type == "cuda"
 
 
+def _parts_left(todo: list[RunSpec], ctx: dict, fingerprint: str) -> dict:
+    """Which shared patch part (``jobs.PatchParts`` key) each flow run with a patch part uses, and how many runs
+    still need each: a part's files go once its last run is done (a part is as large as the class's memory bank)."""
+    from ..jobs import PatchParts
+
+    by_run, count = {}, {}
+    for s in todo:
+        if not s.is_flow:
+            continue
+        cfg = s.fit_config(ctx["device"])
+        if cfg.patch_score == "none":
+            continue
+        key = PatchParts.key(cfg, fingerprint, s.class_index)
+        by_run[s.run_id] = key
+        count[key] = count.get(key, 0) + 1
+    return {"by_run": by_run, "count": count}
+
+
+def _drop_part(out: Path, left: dict, run_id: str) -> None:
+    from ..jobs import PARTS_DIR
+
+    key = left["by_run"].pop(run_id, None)
+    if key is None:
+        return
+    left["count"][key] -= 1
+    if left["count"][key] == 0:
+        for suffix in (".safetensors", ".lock"):  # only the part's own files (docs/file-safety.md)
+            (out / PARTS_DIR / f"{key}{suffix}").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (out / PARTS_DIR).rmdir()  # when empty
+
+
 def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,), fixed=None, workers: int | None = None,
               executor: str = "local", *, device: str = "auto", score: str = "auto", plots: bool = True,
               overwrite: bool = False, quiet: bool = True, threads: int | None = None, start_method: str | None = None,
@@ -199,7 +231,7 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
     ``keep_models``: keep each flow run's ``model.safetensors`` once its results are written (by default it is
     deleted: a sweep's product is its scores and metrics, and models cost tens to hundreds of MB a run)."""
     from ..cache import open_cache
-    from ..combined import RUN_SCORES
+    from ..models import RUN_SCORES
     from ..progress import progress_bar
     from ..runs import cache_identity
 
@@ -241,7 +273,8 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
             threads = cores if workers == 1 else max(1, cores // workers)
         ctx = {"runs_dir": str(runs_dir.resolve()), "fingerprint": fp, "cache_identity": cache_identity(c),
                "cache_path": str(cache), "score": score, "plots": bool(plots), "device": device,
-               "num_tokens": c.num_tokens, "keep_models": bool(keep_models)}
+               "num_tokens": c.num_tokens, "keep_models": bool(keep_models),
+               "n_seeds": len({s.seed for s in todo if s.is_flow}) or 1}
         computed: list[dict] = []
         failed: list[dict] = []
         method_used = None
@@ -251,11 +284,14 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
         t_run = time.perf_counter()
         if todo:
             log_path = out / SWEEP_LOG
+            parts_left = _parts_left(todo, ctx, fp)
             with progress_bar(quiet, unit="runs") as bar:
                 task = bar.add_task(f"sweep {out.name}", total=len(todo), rate="")
 
                 def on_done(spec: RunSpec, rec: dict) -> None:
                     (failed if "error" in rec else computed).append(rec)
+                    if "error" not in rec:
+                        _drop_part(out, parts_left, spec.run_id)
                     with open(log_path, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
                     what = f"AUROC {rec['auroc']:.4f}" if "auroc" in rec else "FAILED"

@@ -98,9 +98,8 @@ def stackable(spec: RunSpec, runs_dir: Path) -> bool:
     rd = runs_dir / spec.run_id
     if not spec.is_flow or (rd / CHECKPOINT_FILE).exists() or (rd / MODEL_FILE).exists():
         return False
-    fit = spec.fit or {}
-    # the stacked loop runs one pass per epoch without input noise; such runs train one by one
-    return fit.get("min_epoch_steps", 1) == 1 and not fit.get("noise", 0.0)
+    # input noise and min_epoch_steps included: the stacked loop is fit_flow's (train.run_epoch, tests/test_stack.py)
+    return True
 
 
 def stack_size_for(todo: list[RunSpec], ctx: dict, cache, stack) -> int:
@@ -123,11 +122,19 @@ def stack_size_for(todo: list[RunSpec], ctx: dict, cache, stack) -> int:
 
 
 def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: int, on_done) -> None:
-    from ..combined import add_patch_score, resolve_score
-    from ..jobs import TestData, eval_flow_job, fit_settings, flow_score_kind
+    from ..jobs import TestData, TrainData, attach_patch_part, eval_flow_job, fit_settings, flow_score_kind
+    from ..models import FlowModel, resolve_score
     from ..runs import finish_run, now, start_run_config
     from ..stack import StackMember, fit_stack, score_stack, stack_key
-    from .executors import _clean_tmp, _drop_model, _model_extras, _run_serial, _sweep_extras, _torch_threads
+    from .executors import (
+        _clean_tmp,
+        _drop_model,
+        _model_extras,
+        _run_serial,
+        _sweep_extras,
+        _torch_threads,
+        patch_parts,
+    )
 
     runs_dir = Path(ctx["runs_dir"])
     flows = [s for s in todo if stackable(s, runs_dir)]
@@ -177,7 +184,9 @@ def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: 
                                 "pid": os.getpid(), "stack": len(specs)})
                 else:
                     b = blocks[(s.class_index, cfg0.needs_patch)]
-                    add_patch_score(r, cfgs[i], b["cls"], b.get("patch"))
+                    r.patch_part_key = attach_patch_part(
+                        r, cfgs[i], TrainData(b["cls"], b.get("patch"), s.class_index, s.class_name),
+                        ctx["fingerprint"], patch_parts(ctx))
                     finish_run(runs_dir / s.run_id, config, r)
                     done.append((s, config, r, cfgs[i]))
             if not done:
@@ -191,11 +200,14 @@ def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: 
             for k, (s, config, r, cfg) in enumerate(done):
                 t2 = time.perf_counter()
                 info = _sweep_extras(s, ctx)
-                res = eval_flow_job(runs_dir / s.run_id, r.model, r.normalizer, config, test_data,
-                                    score=ctx["score"], plots=ctx["plots"], train_log=r.log, scores=scores[k],
-                                    patch_score=r.patch_score,
+                parts, key = patch_parts(ctx), r.patch_part_key
+                res = eval_flow_job(runs_dir / s.run_id, FlowModel(r.normalizer, r.model), r.patch_score, config,
+                                    test_data, score=ctx["score"], plots=ctx["plots"], train_log=r.log,
+                                    flow_scores=scores[k], patch_scores=parts.test_scores(key) if key else None,
                                     extra_metrics={"sweep_run_id": s.run_id,
                                                    "sweep": {**info, "settings": cfg.settings()}})
+                if key and "patch" in res.parts:
+                    parts.add_test(key, res.parts["patch"])
                 _drop_model(runs_dir / s.run_id, ctx)
                 write = time.perf_counter() - t2
                 on_done(s, {"run_id": s.run_id, "auroc": res.metrics["auroc"], "fit_s": t_fit / len(specs),

@@ -1,6 +1,6 @@
-"""The patch-level kNN baseline ``patch-knn`` (PatchCore-style): a memory bank of the normal training patch
-tokens, subsampled by a greedy coreset, and an image score = the largest distance of any of the image's patch
-tokens to its nearest bank token.
+"""The patch-level kNN method ``patch-knn`` (PatchCore-style), ``PatchKNN``: a memory bank of the normal training
+patch tokens, subsampled by a greedy coreset, and an image score = the largest distance of any of the image's patch
+tokens to its nearest bank token; the evidence map is every token's distance on the token grid.
 
 Pieces (pure functions, each tested against a brute-force reference in tests/test_patchknn.py):
 
@@ -13,8 +13,9 @@ Pieces (pure functions, each tested against a brute-force reference in tests/tes
   The first centre is drawn with the seed, so the bank is reproducible.
 - :func:`nearest_distances`: the Euclidean distance of every query token to its nearest bank token, in blocks
   of queries x blocks of bank tokens with a running minimum, so memory stays bounded by
-  ``block_elems`` (never all test tokens x the whole bank at once). Float32 on the chosen device (the GPU
-  when there is one).
+  ``block_elems`` (never all test tokens x the whole bank at once). Float32 on the model's device. Traced for
+  export it blocks the bank only (the bank is fixed, the batch is not), so an exported graph holds
+  ``batch x tokens x EXPORT_BANK_BLOCK`` distances at a time.
 
 Scores are distances in the cached feature space (no normalisation), as PatchCore scores; PatchCore's
 re-weighting of the maximum by the density around its nearest bank token is not applied.
@@ -29,7 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import SanfError
+from ..errors import SanfError
+from ..features import pool_grid
+from .base import AnomalyModel, as_tensor
 
 DEFAULT_CORESET = 0.1
 DEFAULT_NEIGHBOURHOOD = 3
@@ -39,8 +42,8 @@ PROJ_DIM = 64
 _BLOCK_ELEMS = 1 << 24  # query x bank distances held at once (64 MiB of float32)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+EXPORT_BANK_BLOCK = 4096
+IMAGE_BLOCK = 64  # images per forward when scoring arrays (the query block of nearest_distances)
 
 
 def square_grid(num_tokens: int) -> int:
@@ -133,6 +136,8 @@ def greedy_coreset(x: torch.Tensor, fraction: float, *, proj_dim: int | None = P
 
 def nearest_distances(query: torch.Tensor, bank: torch.Tensor, *, block_elems: int = _BLOCK_ELEMS) -> torch.Tensor:
     """Euclidean distance of every row of ``query`` to its nearest row of ``bank`` (blocked, bounded memory)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return _nearest_traced(query, bank)
     nq, nb = len(query), len(bank)
     bq = max(1, min(nq, block_elems // max(nb, 1)))  # whole bank per query block when it fits
     bb = max(1, min(nb, block_elems // bq))
@@ -149,75 +154,97 @@ def nearest_distances(query: torch.Tensor, bank: torch.Tensor, *, block_elems: i
     return out
 
 
-def _tensor(x: np.ndarray, device: str) -> torch.Tensor:
-    a = np.ascontiguousarray(x, dtype=np.float32)
-    if not a.flags.writeable:  # a sweep's shared-memory block: copy this slice rather than alias read-only memory
-        a = a.copy()
-    return torch.from_numpy(a).to(device)
+def _nearest_traced(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """``nearest_distances`` as a graph of fixed bank blocks (no shape-dependent Python loop over the queries)."""
+    bank_sq = (bank * bank).sum(1)
+    q_sq = (query * query).sum(1, keepdim=True)
+    best = None
+    for bs in range(0, len(bank), EXPORT_BANK_BLOCK):
+        d2 = torch.addmm(q_sq + bank_sq[None, bs:bs + EXPORT_BANK_BLOCK], query, bank[bs:bs + EXPORT_BANK_BLOCK].T,
+                         alpha=-2.0).amin(1)
+        best = d2 if best is None else torch.minimum(best, d2)
+    return best.clamp_min(0.0).sqrt()
 
 
-class PatchKNNScorer:
-    """``fit(train_cls, train_patch)``, ``score(test_cls, test_patch) -> (n,)``; class tokens are ignored."""
+def token_grid(num_tokens: int) -> tuple[int, int]:
+    """The (H, W) of a token row: square when it can be, else one row."""
+    h = int(round(float(num_tokens) ** 0.5))
+    return (h, h) if h * h == num_tokens else (1, int(num_tokens))
 
+
+class PatchKNN(AnomalyModel):
+    """``patch-knn``: ``token_pool`` (a flow run's patch part pools as its flow does), the KxK neighbourhood average,
+    the greedy-coreset memory bank; score = the largest nearest-bank distance of any token (float32 distances)."""
+
+    name = "patch-knn"
     needs_patch = True
+    has_map = True
+    batch_size = IMAGE_BLOCK
 
     def __init__(self, coreset: float = DEFAULT_CORESET, neighbourhood: int = DEFAULT_NEIGHBOURHOOD, *,
-                 proj_dim: int = PROJ_DIM, seed: int = 0, device: str | None = None, block_elems: int = _BLOCK_ELEMS,
-                 image_block: int = 64, quiet: bool = True):
+                 proj_dim: int = PROJ_DIM, seed: int = 0, token_pool: int = 1, block_elems: int = _BLOCK_ELEMS):
+        super().__init__()
         self.coreset, self.neighbourhood = float(coreset), int(neighbourhood)
         coreset_size(1, self.coreset)
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise SanfError(f"the neighbourhood must be an odd positive size (1, 3, 5, ...), got {neighbourhood}")
-        self.proj_dim, self.seed = int(proj_dim), int(seed)
-        self.device = device or default_device()
-        self.block_elems, self.image_block = int(block_elems), int(image_block)
-        self.quiet = bool(quiet)
-        self.description = (f"largest distance of any patch token to its nearest normal training patch token "
-                            f"(greedy coreset {self.coreset:g}, {self.neighbourhood}x{self.neighbourhood} "
-                            f"neighbourhood average)")
+        self.proj_dim, self.seed, self.token_pool = int(proj_dim), int(seed), int(token_pool)
+        self.block_elems = int(block_elems)
+        self.n_train_patches: int | None = None
+        self.register_buffer("bank", torch.zeros(0, 0))
+
+    @property
+    def description(self) -> str:
+        return (f"largest distance of any patch token to its nearest normal training patch token (greedy coreset "
+                f"{self.coreset:g}, {self.neighbourhood}x{self.neighbourhood} neighbourhood average)")
 
     def settings(self) -> dict:
         return {"coreset": self.coreset, "neighbourhood": self.neighbourhood, "proj_dim": self.proj_dim,
-                "coreset_seed": self.seed, "bank_size": int(len(self.bank)) if hasattr(self, "bank") else None,
-                "n_train_patches": getattr(self, "n_train_patches", None)}
+                "coreset_seed": self.seed, "bank_size": int(len(self.bank)) or None,
+                "n_train_patches": self.n_train_patches}
 
-    def _tokens(self, patch: np.ndarray, start: int, stop: int) -> torch.Tensor:
-        block = _tensor(patch[start:stop], self.device)
-        return neighbourhood_average(block, self.neighbourhood)
+    def config(self) -> dict:
+        return {"method": self.name, "coreset": self.coreset, "neighbourhood": self.neighbourhood,
+                "proj_dim": self.proj_dim, "seed": self.seed, "token_pool": self.token_pool,
+                "n_train_patches": self.n_train_patches}
 
-    def fit(self, train_cls, train_patch: np.ndarray | None = None) -> PatchKNNScorer:
-        if train_patch is None or np.ndim(train_patch) != 3 or len(train_patch) == 0:
+    @classmethod
+    def from_config(cls, config: dict) -> PatchKNN:
+        model = cls(config["coreset"], config["neighbourhood"], proj_dim=config["proj_dim"], seed=config["seed"],
+                    token_pool=config.get("token_pool", 1))
+        model.n_train_patches = config.get("n_train_patches")
+        return model
+
+    def tokens(self, patch: torch.Tensor) -> torch.Tensor:
+        """The tokens the bank holds and queries: pooled, then neighbourhood-averaged ``(B, T, d)`` float32."""
+        return neighbourhood_average(pool_grid(patch.to(torch.float32), self.token_pool), self.neighbourhood)
+
+    def fit(self, cls, patch: np.ndarray | None = None, *, device="cpu", quiet: bool = True) -> PatchKNN:
+        if patch is None or np.ndim(patch) != 3 or len(patch) == 0:
             raise SanfError("patch-knn needs the patch tokens of the normal training images; the cache has none")
-        n, t, d = train_patch.shape
+        n = len(patch)
+        t = patch.shape[1] // (self.token_pool ** 2)
         if self.neighbourhood > 1:
             square_grid(t)
-        tokens = torch.cat([self._tokens(train_patch, s, s + self.image_block).reshape(-1, d)
-                            for s in range(0, n, self.image_block)])
+        d = patch.shape[2]
+        tokens = torch.cat([self.tokens(as_tensor(patch[s:s + IMAGE_BLOCK], device)).reshape(-1, d)
+                            for s in range(0, n, IMAGE_BLOCK)])
         self.n_train_patches = int(len(tokens))
-        from .progress import progress_bar
+        from ..progress import progress_bar
 
-        with progress_bar(self.quiet, unit="tokens") as bar:
+        with progress_bar(quiet, unit="tokens") as bar:
             task = bar.add_task("patch-knn coreset", total=coreset_size(len(tokens), self.coreset) - 1, rate="")
             idx = greedy_coreset(tokens, self.coreset, proj_dim=self.proj_dim, seed=self.seed,
                                  progress=lambda k: bar.advance(task, k))
         self.bank = tokens[idx].contiguous()
-        self.tokens_per_image = t
         return self
 
-    def score(self, test_cls, test_patch: np.ndarray | None = None) -> np.ndarray:
-        if test_patch is None or np.ndim(test_patch) != 3:
+    def parts(self, cls, patch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if patch is None or patch.dim() != 3:
             raise SanfError("patch-knn needs the test patch tokens; the cache has none")
-        n, t, d = test_patch.shape
+        q = self.tokens(patch)
+        b, t, d = q.shape
         if d != self.bank.shape[1]:
             raise SanfError(f"the test patch tokens have {d} channels, the memory bank {self.bank.shape[1]}")
-        out = np.empty(n, dtype=np.float64)
-        from .progress import progress_bar
-
-        with progress_bar(self.quiet) as bar:
-            task = bar.add_task("patch-knn scoring", total=n, rate="")
-            for s in range(0, n, self.image_block):
-                q = self._tokens(test_patch, s, s + self.image_block)
-                dist = nearest_distances(q.reshape(-1, d), self.bank, block_elems=self.block_elems)
-                out[s:s + len(q)] = dist.reshape(len(q), t).amax(1).double().cpu().numpy()
-                bar.advance(task, len(q))
-        return out
+        dist = nearest_distances(q.reshape(-1, d), self.bank, block_elems=self.block_elems).reshape(b, t)
+        return {"score": dist.amax(1).double(), "map": dist.reshape(b, *token_grid(t))}

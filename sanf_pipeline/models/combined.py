@@ -1,0 +1,190 @@
+"""The combined score of a flow run (``Combined``): the flow's NLL plus a patch-knn distance, each standardised on
+held-out normal images, summed. This module owns the run's patch part (fitting it beside the flow:
+``add_patch_score``), the combination rule and the run-level score kinds.
+
+Why (benchmarks/quality_combined.md): the flow's class-token NLL is the better detector of semantic anomalies
+(CIFAR-10 one-vs-rest), a patch-level memory bank (PatchCore's kNN) the better detector of local and logical
+defects on inspection images, and the flow's fusion module does not learn the local detail from a few hundred
+images (benchmarks/flow_industrial_probe.md). Summing the two standardised scores keeps most of the stronger
+part's AUROC on each kind of data without knowing which kind a data set is; it loses where one part is nearly
+uninformative (CIFAR-10 on EfficientNet-Lite0's last stage: patch part 0.67, sum 0.038 below the flow alone).
+
+**The rule.** The patch-knn bank is fitted on exactly the flow's fitted rows (``FitConfig.held_out_split``); the
+held-out normal slice is scored by both parts. With ``m_nll, s_nll`` and ``m_patch, s_patch`` the mean and
+standard deviation of those held-out scores, ``combined = (nll - m_nll) / s_nll + (patch - m_patch) / s_patch``.
+No test data and no anomalies are used. The standardisation needs at least ``MIN_HELD_OUT`` held-out normal images
+(a standard deviation from n images is off by about 1/sqrt(2(n-1)): 41% at 4, 16% at 20); with fewer the run keeps
+the flow alone and says so (``config.json: patch_score_skipped``). The calibrated threshold of the combined score
+is the split-conformal order statistic of the held-out combined scores (``calibration.py``); since the same slice
+also gave the means and deviations (and, with early stopping, picked the epoch), that threshold's FPR bound is
+approximate, not the conformal guarantee (README).
+
+**The map.** The evidence map of ``combined`` is the patch part's token distances standardised like its image score,
+``(d - m_patch) / s_patch``; the class-token NLL has no spatial support and does not enter it (it shifts every token
+of an image alike, so it would change no ranking within an image).
+
+Score kinds of a run (``RUN_SCORES``): ``combined``, ``nll`` and ``z2`` (the flow alone), ``patch`` (the patch
+part alone), and ``auto``: ``combined`` for a run with a patch part, else ``nll``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import SanfError
+from .base import AnomalyModel, score_arrays
+from .flow import FlowModel
+from .patchknn import PatchKNN
+
+RUN_SCORES = ("auto", "combined", "nll", "z2", "patch")
+PATCH_KINDS = ("combined", "patch")
+TENSOR_PREFIX = "patch_score."
+MIN_HELD_OUT = 4
+
+
+def mean_std(scores) -> tuple[float, float]:
+    s = np.asarray(scores, np.float64)
+    s = s[np.isfinite(s)]
+    if len(s) < MIN_HELD_OUT:
+        raise SanfError(f"the combined score needs at least {MIN_HELD_OUT} finite held-out normal scores to "
+                        f"standardise on, got {len(s)}")
+    sd = float(np.std(s, ddof=1))
+    return float(np.mean(s)), sd if sd > 0 else 1.0
+
+
+class Combined(AnomalyModel):
+    """A flow run with its patch part: ``combined`` (standardised NLL + standardised patch distance, float64) or
+    ``patch`` (the distance alone)."""
+
+    name = "combined"
+    needs_patch = True
+    has_map = True
+    batch_size = 64
+
+    def __init__(self, flow: FlowModel, patch: PatchKNN, nll_stats, patch_stats, *, score: str = "combined"):
+        super().__init__()
+        if score not in PATCH_KINDS:
+            raise SanfError(f"a combined model scores combined or patch, not {score!r}")
+        self.flow, self.patch, self.score_kind = flow, patch, score
+        self.register_buffer("stats", torch.tensor([*nll_stats, *patch_stats], dtype=torch.float64))
+
+    @property
+    def description(self) -> str:
+        from ..scoring import SCORE_DESCRIPTIONS
+
+        return SCORE_DESCRIPTIONS[self.score_kind]
+
+    def part_config(self) -> dict:
+        """``config.json: patch_score`` of the run."""
+        m = [float(v) for v in self.stats]
+        return {"method": "patch-knn", "token_pool": self.patch.token_pool, "settings": self.patch.settings(),
+                "standardise": {"nll": m[:2], "patch": m[2:]},
+                "rule": "combined = (nll - mean) / std + (patch - mean) / std, means and stds of the held-out "
+                        "normal slice"}
+
+    def config(self) -> dict:
+        return {"method": self.name, "score": self.score_kind, "patch_score": self.part_config()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The patch part's tensors in a run's model file (the flow's are saved with the flow)."""
+        return {f"{TENSOR_PREFIX}bank": self.patch.bank.detach().cpu().float().contiguous()}
+
+    @classmethod
+    def from_state(cls, flow: FlowModel, config: dict, tensors: dict[str, torch.Tensor], *,
+                   score: str = "combined") -> Combined:
+        try:
+            s, st = config["settings"], config["standardise"]
+            patch = PatchKNN(s["coreset"], s["neighbourhood"], proj_dim=s["proj_dim"], seed=s["coreset_seed"],
+                             token_pool=int(config["token_pool"]))
+            patch.bank = tensors[f"{TENSOR_PREFIX}bank"].float()
+            patch.n_train_patches = s.get("n_train_patches")
+            return cls(flow.with_score("nll"), patch, tuple(st["nll"]), tuple(st["patch"]), score=score)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SanfError(f"the run's patch score is incomplete ({exc}); refit the run") from None
+
+    def with_score(self, score: str) -> Combined:
+        m = [float(v) for v in self.stats]
+        out = Combined(self.flow, self.patch, m[:2], m[2:], score=score)
+        return out.to(self.stats.device)
+
+    def combine(self, nll: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        m = self.stats
+        return (nll.to(torch.float64) - m[0]) / m[1] + (patch.to(torch.float64) - m[2]) / m[3]
+
+    def parts(self, cls: torch.Tensor, patch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        pp = self.patch.parts(cls, patch)
+        if self.score_kind == "patch":
+            return pp
+        nll = self.flow.parts(cls, patch)["score"]
+        m = self.stats
+        return {"score": self.combine(nll, pp["score"]), "nll": nll, "patch": pp["score"],
+                "map": ((pp["map"].to(torch.float64) - m[2]) / m[3])}
+
+
+def add_patch_score(result, cfg, train_cls: np.ndarray, train_patch: np.ndarray | None, *,
+                    quiet: bool = True, part: PatchKNN | None = None, held_out_patch=None) -> None:
+    """Give a fitted flow's ``FitResult`` its patch part (``result.patch_score``, a ``Combined``) and extend its
+    calibration with the ``patch`` and ``combined`` held-out scores, the threshold then on ``combined``. Nothing when
+    ``cfg.patch_score`` is ``none`` or too few rows were held out (``result.patch_score_skipped`` says why).
+    ``part``/``held_out_patch``: a bank fitted on the same rows and its held-out scores (a sweep fits each once)."""
+    from ..calibration import calibration_record
+
+    result.patch_score = None
+    result.patch_score_skipped = None
+    cal = result.calibration
+    if cfg.patch_score == "none" or not cal:
+        if cfg.patch_score != "none":
+            result.patch_score_skipped = "no held-out normal images (too few training images)"
+        return
+    tr, va = cfg.held_out_split(len(train_cls))
+    nll = np.asarray(cal["scores"]["nll"], np.float64)
+    if len(va) < MIN_HELD_OUT or len(nll) != len(va):
+        result.patch_score_skipped = (f"{len(va)} held-out normal images, fewer than the {MIN_HELD_OUT} the "
+                                      f"standardisation needs: the flow alone")
+        return
+    if part is None:
+        part, held_out_patch = fit_patch_part(cfg, train_patch, tr, va, quiet=quiet)
+    flow = FlowModel(result.normalizer, result.model)
+    combined = Combined(flow, part.to("cpu"), mean_std(nll), mean_std(held_out_patch))
+    result.patch_score = combined
+    scores = {**cal["scores"], "patch": held_out_patch,
+              "combined": combined.combine(torch.from_numpy(nll), torch.from_numpy(held_out_patch)).numpy()}
+    result.calibration = calibration_record(scores, fpr=cal["target_fpr"], slice_desc=cal["slice"],
+                                            seed=cal.get("seed"), fraction=cal.get("fraction"), main="combined")
+
+
+def fit_patch_part(cfg, train_patch, tr: np.ndarray, va: np.ndarray, *, quiet: bool = True):
+    """The patch-knn bank of a flow run on rows ``tr`` (pooled as the flow pools) and its scores of rows ``va``,
+    on ``cfg.device``."""
+    from ..device import resolve_device
+
+    if train_patch is None or np.ndim(train_patch) != 3:
+        raise SanfError("the patch score needs the patch tokens of the normal training images; the cache has "
+                        "none (use --patch-score none)")
+    dev = resolve_device(cfg.device)
+    part = PatchKNN(cfg.patch_coreset, cfg.patch_neighbourhood, seed=cfg.seed, token_pool=int(cfg.token_pool))
+    part.fit(None, train_patch[tr], device=dev, quiet=quiet)
+    held_out = score_arrays(part, np.zeros((len(va), 0)), train_patch[va])["score"]
+    return part, held_out
+
+
+def patch_part_key(cfg, fingerprint: str, class_index: int) -> dict:
+    """Everything a flow run's patch part depends on: two runs with equal keys have bitwise-equal banks."""
+    return {"cache_fingerprint": fingerprint, "normal_class": int(class_index), "seed": int(cfg.seed),
+            "val_fraction": float(cfg.val_fraction), "token_pool": int(cfg.token_pool),
+            "coreset": float(cfg.patch_coreset), "neighbourhood": int(cfg.patch_neighbourhood)}
+
+
+def resolve_score(score: str, config: dict, run_dir=None) -> str:
+    """The score kind ``score`` means for a flow run with ``config`` (``auto``: its default)."""
+    if score not in RUN_SCORES:
+        raise SanfError(f"unknown score {score!r}; choose one of {', '.join(RUN_SCORES)}")
+    has_patch = bool(config.get("patch_score"))
+    if score == "auto":
+        return "combined" if has_patch else "nll"
+    if score in PATCH_KINDS and not has_patch:
+        which = f"run {run_dir}" if run_dir is not None else "the run"
+        raise SanfError(f"{which} has no patch score (fitted with --patch-score none, or too few images to hold any "
+                        f"out); use --score nll or z2")
+    return score
