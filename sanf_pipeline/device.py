@@ -5,12 +5,14 @@
 - ``precision_dtype(precision, device)``: ``auto`` = bfloat16 (float16 where bf16 is unsupported) on CUDA and
   full precision on CPU; ``fp32``/``bf16``/``fp16`` force one. ``sanf fit --no-amp`` is precision ``fp32``.
 - ``autocast(device, dtype)``: ``torch.autocast`` for a dtype, a no-op for None.
+- ``as_tensor(array, device)``: a cached block (float16/float32, possibly read-only shared memory) as a tensor there.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from .errors import SanfError
@@ -57,3 +59,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def as_tensor(a, device) -> torch.Tensor:
+    """A cached block as a tensor on ``device``: float32 (float64 stays float64; float16 is widened exactly);
+    read-only memory (a sweep's shared block, Ray's object store) is copied, never aliased."""
+    a = np.asarray(a)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float32)
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.array(a)
+    return torch.from_numpy(a).to(device)

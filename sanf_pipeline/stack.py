@@ -40,11 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import amp_dtype, autocast, resolve_device
+from .device import amp_dtype, as_tensor, autocast, resolve_device
 from .errors import SanfError
 from .features import Normalizer, channel_stats
 from .fit_config import FitConfig
-from .models import as_tensor
 from .train import (
     NON_FINITE,
     EarlyStopping,

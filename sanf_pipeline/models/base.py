@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..device import as_tensor
 from ..errors import SanfError
 
 
@@ -73,17 +74,6 @@ class AnomalyModel(nn.Module):
         for t in self.state_dict().values():
             return t.device
         return torch.device("cpu")
-
-
-def as_tensor(a, device) -> torch.Tensor:
-    """A float32 (float64 stays float64) tensor of a cached block; read-only memory (a sweep's shared block, Ray)
-    is copied, never aliased."""
-    a = np.asarray(a)
-    if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float32)
-    if not a.flags.writeable or not a.flags.c_contiguous:
-        a = np.array(a)
-    return torch.from_numpy(a).to(device)
 
 
 @torch.no_grad()
