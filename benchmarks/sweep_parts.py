@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 DRIVER = r"""
 import json, sys, time
@@ -121,9 +120,10 @@ def _scores(sweep: Path) -> dict[str, tuple[float, list[float]]]:
     out = {}
     for run in sorted((sweep / "runs").iterdir()):
         m = json.loads((run / "metrics.json").read_text())
-        lines = (run / "scores.csv").read_text().splitlines()[1:]
-        scores = [float(line.rsplit(",", 2)[-2]) if line.count(",") >= 2 else float(line.split(",")[-1])
-                  for line in lines]
+        import csv
+
+        with open(run / "scores.csv", newline="", encoding="utf-8") as fh:
+            scores = [float(r["score"]) for r in csv.DictReader(fh)]
         out[run.name] = (m["auroc"], scores)
     return out
 
@@ -140,10 +140,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--workers", type=int, default=None, help="sweep workers [default: run_sweep's]")
     p.add_argument("--old-ref", default="a9c0e34", help="the commit before issue 18")
+    p.add_argument("--new-ref", help="run 'after' from this commit instead of the working tree")
     p.add_argument("--markdown", type=Path)
     a = p.parse_args(argv)
-
-    from bench_table import dated_section  # noqa: F401 - fails early if the helper moved
 
     work = Path(tempfile.mkdtemp(prefix="sanf-sweep-parts-", dir=REPO / "benchmarks" / ".work"
                                  if (REPO / "benchmarks" / ".work").is_dir() else None))
@@ -156,13 +155,18 @@ def main(argv=None) -> None:
             if not cache.exists():
                 write_synthetic_cache(cache, n_classes=10, n_train=200, n_test=40, dim=384, num_tokens=256,
                                       separation=1.0, seed=0, dtype="float16")
-        old = work / "old"
-        old.mkdir()
-        tar = subprocess.run(["git", "-C", str(REPO), "archive", a.old_ref, "sanf_pipeline"], check=True,
-                             capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old)], input=tar, check=True)
+        def unpack(ref: str, name: str) -> Path:
+            root = work / name
+            root.mkdir()
+            tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "sanf_pipeline"], check=True,
+                                 capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(root)], input=tar, check=True)
+            return root
+
+        old = unpack(a.old_ref, "old")
+        new = unpack(a.new_ref, "new") if a.new_ref else REPO
         results = {}
-        for name, root in (("before", old), ("after", REPO)):
+        for name, root in (("before", old), ("after", new)):
             args = {"cache": str(Path(cache).resolve()), "out": str(work / f"sweep-{name}"), "classes": a.classes,
                     "grid": a.grid, "methods": a.methods, "seeds": a.seeds, "fixed": a.fixed, "workers": a.workers,
                     "counter": str(work / f"fits-{name}.txt")}
@@ -176,10 +180,12 @@ def main(argv=None) -> None:
                           default=0.0) for k in before)
         b, f = results["before"], results["after"]
         rows = [
+            ("code", f"before: {a.old_ref}; after: {a.new_ref or 'working tree'}"),
             ("cache", f"{cache} ({'synthetic' if a.synthetic else 'real'})"),
             ("sweep", f"classes {a.classes}, methods {a.methods}, grid {' '.join(a.grid) or '-'}, seeds {a.seeds}, "
                       f"--set {' '.join(a.fixed) or '-'}; {b['runs']} runs, {b['workers']} worker(s)"),
-            ("wall time before / after", f"{b['wall_s']:.1f} s / {f['wall_s']:.1f} s = **{b['wall_s'] / f['wall_s']:.2f}x**"),
+            ("wall time before / after",
+             f"{b['wall_s']:.1f} s / {f['wall_s']:.1f} s = **{b['wall_s'] / f['wall_s']:.2f}x**"),
             ("patch-knn banks fitted before / after", f"{b['bank_fits']} / {f['bank_fits']}"),
             ("peak PSS of the sweep's processes before / after",
              f"{b['peak_pss_bytes'] / 2**20:.0f} MiB / {f['peak_pss_bytes'] / 2**20:.0f} MiB"),
