@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # lazy: `import sanf_pipeline` (and `sanf --help`) must not import torch
     if name == "Detector":
-        from .detector import Detector
+        from .detect.detector import Detector
 
         return Detector
     raise AttributeError(f"module 'sanf_pipeline' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """`python -m sanf_pipeline` is the `sanf` command (also what torchrun runs)."""
 
-from .cli import main
+from .cli.main import main
 
 main()

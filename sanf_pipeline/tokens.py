@@ -1,5 +1,5 @@
 """Token-grid operations shared by the backbones (at extraction) and the features (at fit time); torch only, so
-``features.py`` uses them without importing timm."""
+``flow/normalizer.py`` uses them without importing timm."""
 
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ def cache_path(folder, fmt: str, name: str = "cache") -> Path:
 
 def extract_config(data, cache, **kw):
     """The ExtractConfig of :func:`extract_args` (for ``extract()`` in this process); ``kw`` overrides fields."""
-    from sanf_pipeline.extract import ExtractConfig
+    from sanf_pipeline.extract.job import ExtractConfig
 
     base = dict(backbone=TINY_VIT, dataset="folder", data_root=str(data), cache=str(cache), weights="random",
                 model_kwargs=dict(TINY_VIT_KWARGS), image_size=TINY_IMAGE_SIZE, batch_size=4, shard_size=8,
@@ -153,7 +153,7 @@ def extract_reference(folder_dataset, tmp_path_factory) -> dict[str, Path]:
     """Uninterrupted single-process `sanf extract` runs over ``folder_dataset`` into both formats."""
     from click.testing import CliRunner
 
-    from sanf_pipeline.cli import cli
+    from sanf_pipeline.cli.main import cli
 
     out = {}
     folder = tmp_path_factory.mktemp("extract-reference")
@@ -253,7 +253,7 @@ def save_weights(model, path: Path) -> Path:
 @pytest.fixture
 def no_hub(monkeypatch):
     """No test may reach timm's download; tests that need the hub step patch it themselves."""
-    from sanf_pipeline import backbones
+    from sanf_pipeline.extract import backbones
 
     monkeypatch.delenv(backbones.WEIGHTS_ENV, raising=False)
 

@@ -15,22 +15,20 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sanf_pipeline"
 LAYERS = [
     ["__init__", "errors"],  # no sanf imports
     ["progress", "device", "tokens"],  # foundation: progress bars, device and autocast policy, token pooling
-    ["data", "cache", "flow", "packaged_weights"],  # readers, stores, the flow's nn.Modules, weights in pip
-    ["weights", "features", "runs", "scoring", "calibration"],  # weights, input normaliser, files, flow scores
-    ["backbones", "fit_config", "report", "compat"],  # timm backbones; fit settings; tables and plots
-    ["extract", "train", "evaluate"],  # stage one; fitting a flow; metrics and result files
+    ["data", "cache", "flow"],  # readers; stores; the SANF modules, their input normaliser and scores
+    ["store"],  # the files sanf writes: atomic writes, safe reading, run folders
+    ["extract", "evaluate"],  # stage one (backbones, weights, the extraction job); metrics, thresholds, reports
+    ["train"],  # fitting flows: settings and their option types, one fit, the shared step loop, stacks
     ["models"],  # one nn.Module per detection method (flow, combined, baselines) and their registry
-    ["jobs", "stack", "cli_types"],  # the run jobs: every flow and baseline run; many flows trained at once
-    ["sweep", "detector", "export"],  # many runs from one cache
-    ["demo"],
-    ["sweep_cli", "detector_cli"],
-    ["cli"],
+    ["jobs"],  # the run jobs every command and the sweep share, and the single-run API
+    ["sweep", "detect"],  # many runs from one cache; a run as a detector and its export
+    ["cli"],  # the `sanf` command
     ["__main__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 # the package's PEP 562 ``__getattr__`` re-exports the public API lazily (``from sanf_pipeline import Detector``,
 # issue 11): an import at attribute access, after every module is loadable, never at ``import sanf_pipeline``
-FACADE = {"__init__": {"detector"}}
+FACADE = {"__init__": {"detect"}}
 
 
 def _component(dotted: str) -> str:

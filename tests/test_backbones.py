@@ -1,4 +1,4 @@
-"""Tests for sanf_pipeline.backbones on tiny random timm models (no network), plus one real-weights test."""
+"""Tests for sanf_pipeline.extract.backbones on tiny random timm models (no network), plus one real-weights test."""
 
 from __future__ import annotations
 
@@ -16,17 +16,13 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TIMM_KWARGS, save_weights, tiny_timm
 
-from sanf_pipeline import backbones as B
-from sanf_pipeline.backbones import (
-    BACKBONE_ALIASES,
-    Preprocess,
-    create_backbone,
-    file_sha256,
-    list_backbones,
-    pool_tokens,
-    resolve_weights,
-)
 from sanf_pipeline.errors import SanfError
+from sanf_pipeline.extract import backbones as B
+from sanf_pipeline.extract.aliases import BACKBONE_ALIASES, list_backbones
+from sanf_pipeline.extract.backbones import create_backbone
+from sanf_pipeline.extract.preprocess import Preprocess
+from sanf_pipeline.extract.weights import file_sha256, resolve_weights
+from sanf_pipeline.tokens import pool_tokens
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DINOV2_FILE = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors"

@@ -10,8 +10,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.evaluate import read_scores_csv
-from sanf_pipeline.jobs import baseline_run
+from sanf_pipeline.evaluate.metrics import read_scores_csv
+from sanf_pipeline.jobs.api import baseline_run
 from sanf_pipeline.models import BASELINES, create_baseline
 from sanf_pipeline.models import fit_score as score_baseline
 

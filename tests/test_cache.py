@@ -23,7 +23,7 @@ from conftest import (
 from sanf_pipeline.cache import open_cache
 from sanf_pipeline.cache.inspect import verify_cache
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
-from sanf_pipeline.cli import cli
+from sanf_pipeline.cli.main import cli
 from sanf_pipeline.errors import SanfError
 
 

@@ -13,14 +13,9 @@ import torch
 from conftest import TINY_FLOW
 
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
-from sanf_pipeline.calibration import (
-    conformal_threshold,
-    f1_optimal_threshold,
-    percentiles,
-    threshold_metrics,
-)
-from sanf_pipeline.compat import first_difference
 from sanf_pipeline.errors import SanfError
+from sanf_pipeline.evaluate.calibration import conformal_threshold, f1_optimal_threshold, percentiles, threshold_metrics
+from sanf_pipeline.evaluate.compat import first_difference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -93,7 +88,9 @@ def test_percentiles_closed_form():
 # ----------------------------------------------------------------------------------------------- fit and eval
 @pytest.mark.parametrize("early", [True, False])
 def test_fit_stores_held_out_scores(early, tmp_path_factory):
-    from sanf_pipeline.train import FitConfig, fit_flow, score_flow
+    from sanf_pipeline.flow.score import score_flow
+    from sanf_pipeline.train.config import FitConfig
+    from sanf_pipeline.train.fit import fit_flow
 
     cache = write_synthetic_cache(tmp_path_factory.mktemp("c") / "s", n_classes=2, n_train=60, n_test=10, dim=8,
                                   num_tokens=4, seed=3)
@@ -115,8 +112,8 @@ def test_fit_stores_held_out_scores(early, tmp_path_factory):
 
 
 def test_eval_reports_threshold_rates(pets_cache, tmp_path):
-    from sanf_pipeline.jobs import eval_run, fit_run
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.jobs.api import eval_run, fit_run
+    from sanf_pipeline.train.config import FitConfig
 
     run = fit_run(pets_cache, "dog", FitConfig(**TINY_FLOW, max_epochs=2, fpr=0.2), tmp_path / "r", quiet=True)
     res = eval_run(run.run_dir, plots=False)
@@ -158,8 +155,8 @@ def test_first_differing_setting_named(change, name):
 
 
 def test_eval_accepts_a_compatible_cache(pets_cache, tmp_path):
-    from sanf_pipeline.jobs import eval_run, fit_run
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.jobs.api import eval_run, fit_run
+    from sanf_pipeline.train.config import FitConfig
 
     run = fit_run(pets_cache, "dog", FitConfig(**TINY_FLOW, max_epochs=1), tmp_path / "r", quiet=True)
     # other images (another seed), float16 storage, classes in another order: the same feature space

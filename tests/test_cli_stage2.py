@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FAST_FIT, assert_user_error
 
-from sanf_pipeline.cli import cli
+from sanf_pipeline.cli.main import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -58,7 +58,7 @@ def test_fit_cli_defaults_equal_fitconfig_defaults():
     """`sanf fit --help` shows the Python API's defaults (the CLI spells them out to avoid importing torch)."""
     import dataclasses
 
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.train.config import FitConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
     checked = []
@@ -105,13 +105,13 @@ def _same(cli_value, api_value) -> bool:
 
 def test_every_command_default_equals_the_api_default():
     """Each `sanf` command's option defaults equal the Python API's (the function or config the command calls)."""
-    from sanf_pipeline.backbones import create_backbone
-    from sanf_pipeline.demo import run_demo
-    from sanf_pipeline.extract import ExtractConfig
-    from sanf_pipeline.features import Normalizer
-    from sanf_pipeline.jobs import baseline_run, eval_run
+    from sanf_pipeline.cli.demo import run_demo
+    from sanf_pipeline.extract.backbones import create_backbone
+    from sanf_pipeline.extract.job import ExtractConfig
+    from sanf_pipeline.flow.normalizer import Normalizer
+    from sanf_pipeline.jobs.api import baseline_run, eval_run
     from sanf_pipeline.sweep import run_sweep
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.train.config import FitConfig
 
     apis = {"extract": (ExtractConfig, {"fmt": "format"}), "fit": (FitConfig, {}), "eval": (eval_run, {}),
             "baseline": (baseline_run, {}), "sweep": (run_sweep, {}), "demo": (run_demo, {})}

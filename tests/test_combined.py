@@ -14,10 +14,11 @@ from sklearn.metrics import roc_auc_score
 
 from sanf_pipeline.cache import open_cache
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.features import pool_square_grid
-from sanf_pipeline.fit_config import FitConfig
-from sanf_pipeline.jobs import eval_run, fit_run, load_run
+from sanf_pipeline.flow.normalizer import pool_square_grid
+from sanf_pipeline.jobs.api import eval_run, fit_run
+from sanf_pipeline.jobs.flow import load_run
 from sanf_pipeline.models import RUN_SCORES, Combined, PatchKNN, resolve_score, score_arrays
+from sanf_pipeline.train.config import FitConfig
 
 
 def _patch_scores(model, patch):

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from conftest import DINOV2_WEIGHTS, SHARED, TINY_FLOW, assert_user_error, extract_config, unpack_cifar_slice
 
-from sanf_pipeline.cli import cli
+from sanf_pipeline.cli.main import cli
 from sanf_pipeline.models import BASELINES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,8 +33,8 @@ def read_csv(path) -> dict[str, dict]:
 
 
 def _fit_eval(cache, out, normal, **fit):
-    from sanf_pipeline.jobs import eval_run, fit_run
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.jobs.api import eval_run, fit_run
+    from sanf_pipeline.train.config import FitConfig
 
     fit_run(cache, normal, FitConfig(**{**TINY_FLOW, "max_epochs": 2, **fit}), out, quiet=True)
     eval_run(out, plots=False, device="cpu")
@@ -42,7 +42,7 @@ def _fit_eval(cache, out, normal, **fit):
 
 
 def _eval_scores(run_dir, data_root) -> dict[str, float]:
-    from sanf_pipeline.evaluate import read_scores_csv
+    from sanf_pipeline.evaluate.metrics import read_scores_csv
 
     ev = read_scores_csv(Path(run_dir) / "scores.csv")
     return {str(Path(data_root) / sid): s for sid, s in zip(ev["sample_id"], ev["score"], strict=True)}
@@ -51,7 +51,7 @@ def _eval_scores(run_dir, data_root) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- tiny random ViT (fast)
 @pytest.fixture(scope="module")
 def tiny(folder_dataset, tmp_path_factory):
-    from sanf_pipeline.extract import extract
+    from sanf_pipeline.extract.job import extract
 
     root = tmp_path_factory.mktemp("tiny")
     extract(extract_config(folder_dataset, root / "cache", dtype="float32"))
@@ -77,7 +77,7 @@ def test_combined_run_detector_equals_eval(tiny, tmp_path, kind):
     """A run with its patch part (4 of 10 rows held out, the least it standardises on): the detector and
     TorchScript give eval's scores for every score kind, and the default is the combined score."""
     from sanf_pipeline import Detector
-    from sanf_pipeline.jobs import eval_run
+    from sanf_pipeline.jobs.api import eval_run
 
     run = _fit_eval(tiny["cache"], tmp_path / "run", "a", val_fraction=0.4)
     config = json.loads((run / "config.json").read_text())
@@ -120,7 +120,7 @@ def test_a_class_too_small_to_standardise_keeps_the_flow_alone(tiny, tmp_path):
 @pytest.mark.parametrize("method", ["knn", "knn-l2", "gaussian", "gaussian-whiten", "patch-knn"])
 def test_baseline_runs_are_detectors(tiny, tmp_path, method):
     from sanf_pipeline import Detector
-    from sanf_pipeline.jobs import baseline_run
+    from sanf_pipeline.jobs.api import baseline_run
 
     res = baseline_run(tiny["cache"], "a", method, tmp_path / method, plots=False, fpr=0.5)
     cal = json.loads((tmp_path / method / "config.json").read_text())["calibration"]
@@ -182,7 +182,7 @@ def test_score_bad_input(tiny, tmp_path):
 
 
 def test_eval_refuses_a_cache_of_another_backbone(tiny, tmp_path, folder_dataset):
-    from sanf_pipeline.extract import extract
+    from sanf_pipeline.extract.job import extract
 
     other = tmp_path / "c28"
     extract(extract_config(folder_dataset, other, image_size=28, limit_per_class=2))
@@ -208,7 +208,7 @@ def test_torchscript_export(tiny, tmp_path):
 
 # ------------------------------------------------------------------------ real weights from ../shared (slow)
 def _real_cache(root: Path, data: Path, backbone: str, weights: Path, **kw) -> Path:
-    from sanf_pipeline.extract import ExtractConfig, extract
+    from sanf_pipeline.extract.job import ExtractConfig, extract
 
     cache = root / f"cache-{backbone}"
     extract(ExtractConfig(backbone=backbone, dataset="folder", data_root=str(data), cache=str(cache),
@@ -240,7 +240,7 @@ def test_score_equals_eval_on_real_weights(real, tmp_path, monkeypatch):
     out = tmp_path / "s.csv"
     test = real["data"] / "test"
     args = ["score", "--run", moved, test, "--out", out, "--device", "cpu", "--num-workers", "0", "--quiet"]
-    from sanf_pipeline import backbones
+    from sanf_pipeline.extract import backbones
 
     def offline(model_name, kwargs):
         raise OSError("offline")
@@ -262,7 +262,7 @@ def test_score_equals_eval_on_real_weights(real, tmp_path, monkeypatch):
     r = sanf(*args, "--weights", other)
     line = assert_user_error(r, "sha256", json.loads((run / "config.json").read_text())["cache"]["backbone"]
                              ["weights"]["sha256"])
-    from sanf_pipeline.backbones import file_sha256
+    from sanf_pipeline.extract.weights import file_sha256
 
     assert file_sha256(other) in line and out.read_text() == "path,score,anomalous,percentile\n"
 
@@ -284,7 +284,7 @@ def test_onnx_matches_pytorch_on_real_images(real, tmp_path, backbone, fusion):
     exported model computes the combined score (flow + patch-knn part)."""
     pytest.importorskip("onnxruntime")
     from sanf_pipeline import Detector
-    from sanf_pipeline.export import check_onnx
+    from sanf_pipeline.detect.export import check_onnx
 
     if backbone == "cnn":
         if not EFFNET_WEIGHTS.is_file():
@@ -313,8 +313,8 @@ def test_every_method_is_an_exportable_detector_on_real_weights(real, tmp_path, 
     """For every registered method on real DINOv2 features: `sanf eval` / `sanf baseline` scores == `sanf score`
     of the same image files == the TorchScript export == the ONNX export (one module behind all four)."""
     from sanf_pipeline import Detector
-    from sanf_pipeline.export import run_onnx
-    from sanf_pipeline.jobs import baseline_run
+    from sanf_pipeline.detect.export import run_onnx
+    from sanf_pipeline.jobs.api import baseline_run
 
     if method in ("flow", "combined"):
         fit = {"val_fraction": 1 / 3, "patch_score": "patch-knn" if method == "combined" else "none"}

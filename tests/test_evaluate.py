@@ -10,10 +10,10 @@ from conftest import three_class_synthetic_cache
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.evaluate import compute_metrics, read_scores_csv
-from sanf_pipeline.jobs import eval_run, fit_run
-from sanf_pipeline.report import markdown_table
-from sanf_pipeline.train import FitConfig
+from sanf_pipeline.evaluate.metrics import compute_metrics, read_scores_csv
+from sanf_pipeline.evaluate.report import markdown_table
+from sanf_pipeline.jobs.api import eval_run, fit_run
+from sanf_pipeline.train.config import FitConfig
 
 TINY = FitConfig(hidden=16, blocks=2, batch_size=16, lr=2e-3, device="cpu", early_stopping=False, epochs=2)
 

@@ -29,8 +29,8 @@ from conftest import (
 from sanf_pipeline.cache import open_cache
 from sanf_pipeline.cache.inspect import verify_cache
 from sanf_pipeline.cache.lock import lock_dir
-from sanf_pipeline.cli import cli
-from sanf_pipeline.extract import ExtractConfig, extract
+from sanf_pipeline.cli.main import cli
+from sanf_pipeline.extract.job import ExtractConfig, extract
 
 
 def sanf(*args):
@@ -123,8 +123,8 @@ def test_torchrun_two_cpu_ranks_equal_single_process(extract_reference, folder_d
 
 # ------------------------------------------------------------------------------------------ pool, layer
 def test_pool_and_layer_are_recorded_and_applied(make_folder_dataset, tmp_path, tiny_vit_kwargs):
-    from sanf_pipeline.backbones import create_backbone
     from sanf_pipeline.data.images import decode_image
+    from sanf_pipeline.extract.backbones import create_backbone
 
     data = make_folder_dataset(n_train=2, n_test=1)
     runs = {"base": {}, "pool": {"pool": 2}, "layer": {"layer": 0}}
@@ -161,8 +161,8 @@ def test_pool_and_layer_are_recorded_and_applied(make_folder_dataset, tmp_path, 
 # -------------------------------------------------------------------------------------- real weights
 @pytest.mark.slow
 def test_real_dinov2_weights_match_a_direct_forward(cifar_slice, tmp_path, monkeypatch):
-    from sanf_pipeline import backbones
     from sanf_pipeline.data.images import decode_image
+    from sanf_pipeline.extract import backbones
 
     if not DINOV2_WEIGHTS.is_file():
         pytest.skip(f"DINOv2 weights not found at {DINOV2_WEIGHTS}")
@@ -200,8 +200,8 @@ def test_real_dinov2_weights_match_a_direct_forward(cifar_slice, tmp_path, monke
 # ------------------------------------------------------------------------ device-side resize and normalisation
 def _direct_forward(data, ids, **kw):
     """Tokens of a direct forward of the float preprocessing the CPU path has always used (PIL resize in numpy)."""
-    from sanf_pipeline.backbones import create_backbone
     from sanf_pipeline.data.images import decode_image
+    from sanf_pipeline.extract.backbones import create_backbone
 
     bb = create_backbone(TINY_VIT, weights="random", image_size=TINY_IMAGE_SIZE, **kw)
     x = torch.stack([bb.preprocess(decode_image(data / i)) for i in ids])
@@ -226,7 +226,7 @@ def test_cpu_path_writes_what_the_float_preprocessing_gives(make_folder_dataset,
 def test_device_resize_matches_pil_within_one_level(size):
     """32 px (and 20 px) images travel as uint8 at their own size and are upsampled by ``normalize``: within one
     uint8 level of PIL's bicubic; larger images are downscaled by PIL in the worker, as before (exact)."""
-    from sanf_pipeline.backbones import Preprocess
+    from sanf_pipeline.extract.preprocess import Preprocess
 
     pre = Preprocess((56, 56), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     rng = np.random.default_rng(size)
@@ -261,8 +261,8 @@ def test_device_resize_extract_within_tolerance_and_recorded(make_folder_dataset
 
 
 def test_mixed_sizes_and_bad_images_in_one_batch():
-    from sanf_pipeline.backbones import Preprocess
-    from sanf_pipeline.extract import _Collate
+    from sanf_pipeline.extract.job import _Collate
+    from sanf_pipeline.extract.preprocess import Preprocess
 
     pre = Preprocess((56, 56), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     small = pre.to_uint8(np.full((32, 32, 3), 100, np.uint8), keep_smaller=True)

@@ -15,13 +15,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import FAST_FIT, REPO, sub_env
 
-from sanf_pipeline import fit_config
-from sanf_pipeline.cli import cli
-from sanf_pipeline.cli_types import fit_param_name, fit_value_type, fit_values
+from sanf_pipeline.cli.main import cli
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.fit_config import IDENTITY_KEY, NOTHING, FitConfig, convert_settings, setting_of, training_length
-from sanf_pipeline.runs import prepare_out_dir, settings_id
+from sanf_pipeline.store.atomic import settings_id
+from sanf_pipeline.store.run_folder import prepare_out_dir
 from sanf_pipeline.sweep.plan import NOT_GRID, parse_fixed, parse_value
+from sanf_pipeline.train import config as fit_config
+from sanf_pipeline.train.config import IDENTITY_KEY, NOTHING, FitConfig, convert_settings, setting_of, training_length
+from sanf_pipeline.train.options import fit_param_name, fit_value_type, fit_values
 
 FIELDS = dataclasses.fields(FitConfig)
 FIT = cli.commands["fit"]
@@ -79,7 +80,7 @@ def test_every_setting_is_a_fit_option_and_the_old_flags_remain():
 
 
 def test_every_setting_but_seed_and_device_is_a_set_key():
-    from sanf_pipeline.cli_types import _shown
+    from sanf_pipeline.train.options import _shown
 
     keys = {f.name for f in FIELDS} - set(NOT_GRID)
     fixed = parse_fixed([f"{f.name}={_shown(f.default)}" for f in FIELDS if f.name in keys])
@@ -171,12 +172,12 @@ def test_grad_clip_zero_means_off_everywhere():
 def test_parsing_options_and_set_values_imports_no_torch():
     code = """
 import sys
-from sanf_pipeline.cli import cli
-from sanf_pipeline.cli_types import fit_values
+from sanf_pipeline.cli.main import cli
+from sanf_pipeline.train.options import fit_values
 ctx = cli.commands["fit"].make_context("fit", ["--cache", "c", "--normal-class", "0", "--fusion", "gap",
                                               "--normalize", "l2", "--betas", "0.8:0.9", "--attn-dim", "none"])
 settings = fit_values(dict(ctx.params))
-from sanf_pipeline.fit_config import FitConfig, training_length
+from sanf_pipeline.train.config import FitConfig, training_length
 FitConfig(**training_length(settings)).settings()
 heavy = [m for m in ("torch", "timm", "numpy") if m in sys.modules]
 assert not heavy, heavy  # `sanf fit --help` and its argument errors stay fast
@@ -293,7 +294,7 @@ def test_an_unfinished_run_of_an_older_identity_version_resumes(tmp_path, monkey
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_finished_run_of_an_older_identity_version_is_still_finished(pets_cache, tmp_path, monkeypatch):
-    from sanf_pipeline.jobs import load_run
+    from sanf_pipeline.jobs.flow import load_run
 
     out = tmp_path / "r"
     args = ("fit", "--cache", pets_cache, "--normal-class", "dog", "--out", out, "--epochs", "1", *FAST_FIT)
@@ -317,7 +318,7 @@ def test_a_finished_run_of_an_older_identity_version_is_still_finished(pets_cach
 def test_baseline_device_option_reaches_baseline_run(pets_cache, tmp_path, monkeypatch):
     import inspect
 
-    from sanf_pipeline import jobs
+    from sanf_pipeline.jobs import api as jobs
 
     device = next(p for p in cli.commands["baseline"].params if p.name == "device")
     assert device.default == "auto" == inspect.signature(jobs.baseline_run).parameters["device"].default

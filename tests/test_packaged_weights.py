@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import SHARED
 
-from sanf_pipeline import packaged_weights as PW
-from sanf_pipeline.backbones import create_backbone, load_state_dict_file, resolve_weights
 from sanf_pipeline.errors import SanfError
+from sanf_pipeline.extract import packaged_weights as PW
+from sanf_pipeline.extract.backbones import create_backbone
+from sanf_pipeline.extract.weights import load_state_dict_file, resolve_weights
 
 ARCH = "tf_efficientnet_lite0"
 SHARED_FILE = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
@@ -93,7 +94,7 @@ def test_search_order(tmp_path, monkeypatch, no_hub):
 @needs_package
 def test_demo_backbone_needs_no_env_and_no_hub(no_hub):
     """The Quick start: `sanf demo` with no $SANF_WEIGHTS_DIR (removed by no_hub) and no hub finds real weights."""
-    from sanf_pipeline.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE
+    from sanf_pipeline.cli.demo import DEMO_BACKBONE, DEMO_IMAGE_SIZE
 
     assert resolve_weights(DEMO_BACKBONE).source == "package"
     bb = create_backbone(DEMO_BACKBONE, image_size=DEMO_IMAGE_SIZE)  # no_hub fails the test on any download

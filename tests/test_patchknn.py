@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
-from sanf_pipeline.cli import cli
+from sanf_pipeline.cli.main import cli
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.jobs import baseline_run
+from sanf_pipeline.jobs.api import baseline_run
 from sanf_pipeline.models import BASELINES, fit_score, needs_patch, score_arrays
 from sanf_pipeline.models.patchknn import (
     PatchKNN,
@@ -211,10 +211,10 @@ def test_multi_layer_cache_feeds_fit_and_baselines(folder_dataset, tmp_path):
     """`--layer 0,1` on a tiny ViT: one cache with both blocks concatenated; fit and every baseline read it."""
     from conftest import TINY_FLOW, TINY_VIT, TINY_VIT_KWARGS, extract_args
 
-    from sanf_pipeline.backbones import create_backbone
     from sanf_pipeline.cache import open_cache
-    from sanf_pipeline.fit_config import FitConfig
-    from sanf_pipeline.jobs import fit_run
+    from sanf_pipeline.extract.backbones import create_backbone
+    from sanf_pipeline.jobs.api import fit_run
+    from sanf_pipeline.train.config import FitConfig
 
     cache = tmp_path / "multi"
     out = CliRunner().invoke(cli, extract_args(folder_dataset, cache, "--layer", "0,1"))

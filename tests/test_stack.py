@@ -10,12 +10,12 @@ import torch
 from conftest import TINY_FLOW
 
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.evaluate import compute_metrics
-from sanf_pipeline.fit_config import FitConfig
-from sanf_pipeline.scoring import score_flow
-from sanf_pipeline.stack import StackMember, fit_stack, score_stack, stack_key
+from sanf_pipeline.evaluate.metrics import compute_metrics
+from sanf_pipeline.flow.score import score_flow
 from sanf_pipeline.sweep.stacked import auto_stack_size, parse_stack, plan_stacks, resolve_stack_size, stackable
-from sanf_pipeline.train import fit_flow
+from sanf_pipeline.train.config import FitConfig
+from sanf_pipeline.train.fit import fit_flow
+from sanf_pipeline.train.stack import StackMember, fit_stack, score_stack, stack_key
 
 TOL = 1e-5
 
@@ -152,7 +152,7 @@ def test_stack_filter_groups_seeds_only():
 def test_stackable_runs(tmp_path):
     """Fresh flow runs stack, input noise and ``min_epoch_steps`` included (the stacked loop honours them);
     baselines and runs with something to resume in their folder do not."""
-    from sanf_pipeline.runs import CHECKPOINT_FILE, MODEL_FILE
+    from sanf_pipeline.store.run_folder import CHECKPOINT_FILE, MODEL_FILE
     from sanf_pipeline.sweep.plan import FLOW, RunSpec
 
     def spec(run_id, method=FLOW, **fit):
@@ -242,7 +242,7 @@ def test_stack_amp_path_follows_the_single_fit(dtype, amp_on_cpu, monkeypatch, o
     """Under autocast the stack takes the single fit's path (the same autocast, and for float16 one GradScaler
     unscaling before the clip each step). The half-precision kernels of a batched and a single flow round
     differently, so the weights agree to half precision, not to float32 rounding."""
-    from sanf_pipeline.train import epoch_steps, make_scaler
+    from sanf_pipeline.train.loop import epoch_steps, make_scaler
 
     blocks, *_ = _blocks(seed=3)
     settings = {**TINY_FLOW, "fusion": "semantic", "normalize": "l2+standardize", "early_stopping": False,
@@ -279,7 +279,8 @@ def test_scaler_step_unscales_before_the_clip_and_skips_overflows(one_torch_thre
     """The shared step with a GradScaler (the float16 path; a CPU scaler runs its logic here): a finite step equals
     the unscaled one exactly (a power-of-two scale is exact, and the clip sees the true gradient); an overflowing
     gradient skips the step and halves the scale without counting as a divergence, which it is without a scaler."""
-    from sanf_pipeline.train import make_optimizer, new_flow, train_step
+    from sanf_pipeline.train.fit import new_flow
+    from sanf_pipeline.train.loop import make_optimizer, train_step
 
     cfg = FitConfig(**TINY_FLOW, grad_clip=1e-3).validate()  # a clip that binds
     gen = torch.Generator().manual_seed(0)

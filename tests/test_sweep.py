@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
+from sanf_pipeline.cli.sweep import report, sweep
 from sanf_pipeline.errors import SanfError
 from sanf_pipeline.sweep import (
     HEATMAP_PNG,
@@ -23,8 +24,7 @@ from sanf_pipeline.sweep import (
     plan_sweep,
     run_sweep,
 )
-from sanf_pipeline.sweep_cli import report, sweep
-from sanf_pipeline.train import FitConfig
+from sanf_pipeline.train.config import FitConfig
 
 FIXED = ["epochs=2", "early_stopping=false", "hidden=32", "blocks=2", "batch_size=16", "lr=2e-3"]
 SET_ARGS = [a for f in FIXED for a in ("--set", f)]
@@ -85,7 +85,7 @@ def test_sweep_writes_runs_summary_and_heatmap(swept):
     md = (out / SUMMARY_MD).read_text()
     assert "M-AUROC" in md and "flow fusion=none" in md and "| 1 dog |" in md
     # a sweep run is an ordinary run folder: `sanf eval --run` accepts it
-    from sanf_pipeline.jobs import eval_run
+    from sanf_pipeline.jobs.api import eval_run
 
     again = eval_run(out / "runs" / "dog-flow-fusion=none-s0", out_dir=out.parent / "re-eval", plots=False)
     assert again.metrics["auroc"] == pytest.approx(metrics(out / "runs" / "dog-flow-fusion=none-s0")["auroc"],
@@ -129,8 +129,8 @@ def same_results(single: Path, swept_run: Path) -> None:
 def test_sweep_run_equals_fit_eval_and_baseline_run(swept, cache, tmp_path):
     """One code path (jobs.py): the pool executor's runs are byte for byte `sanf fit` + `sanf eval` and
     `sanf baseline` (both here on one torch thread, as each pool worker)."""
+    from sanf_pipeline.jobs.api import baseline_run, eval_run, fit_run
     from sanf_pipeline.models import BASELINES
-    from sanf_pipeline.jobs import baseline_run, eval_run, fit_run
 
     out, _ = swept
     cfg = FitConfig(fusion="semantic", epochs=2, early_stopping=False, hidden=32, blocks=2, batch_size=16, lr=2e-3,
@@ -150,7 +150,7 @@ def test_a_sweep_fits_each_patch_part_once(cache, tmp_path, monkeypatch, workers
     """Flow runs that differ in flow settings only (here clamp) share their patch part: one bank per class and
     seed, fitted by whichever worker needs it first, the test split scored against it once; each run still
     equals the same `sanf fit` + `sanf eval` (which fits its own). The parts go once their runs are done."""
-    from sanf_pipeline import jobs
+    from sanf_pipeline.jobs import parts as jobs
 
     calls = tmp_path / "fits.txt"
     real = jobs.fit_patch_part
@@ -167,7 +167,7 @@ def test_a_sweep_fits_each_patch_part_once(cache, tmp_path, monkeypatch, workers
     assert not (res.out_dir / jobs.PARTS_DIR).exists()
     cfg = FitConfig(clamp=3.0, epochs=2, early_stopping=False, hidden=32, blocks=2, batch_size=16, lr=2e-3, seed=1,
                     device="cpu")
-    from sanf_pipeline.jobs import eval_run, fit_run
+    from sanf_pipeline.jobs.api import eval_run, fit_run
 
     fit_run(cache, "dog", cfg, tmp_path / "single", quiet=True)
     eval_run(tmp_path / "single", cache, plots=False)

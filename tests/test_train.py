@@ -11,12 +11,15 @@ from conftest import TINY_FLOW, three_class_synthetic_cache
 
 from sanf_pipeline.cache import SplitView, open_cache
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.evaluate import compute_metrics
-from sanf_pipeline.features import NORMALIZATIONS, Normalizer, pool_square_grid
-from sanf_pipeline.jobs import eval_run, fit_run, load_run
-from sanf_pipeline.runs import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, MODEL_FILE, load_tensors, read_jsonl
-from sanf_pipeline.scoring import score_flow
-from sanf_pipeline.train import FitConfig, fit_flow
+from sanf_pipeline.evaluate.metrics import compute_metrics
+from sanf_pipeline.flow.normalizer import NORMALIZATIONS, Normalizer, pool_square_grid
+from sanf_pipeline.flow.score import score_flow
+from sanf_pipeline.jobs.api import eval_run, fit_run
+from sanf_pipeline.jobs.flow import load_run
+from sanf_pipeline.store.atomic import load_tensors, read_jsonl
+from sanf_pipeline.store.run_folder import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, MODEL_FILE
+from sanf_pipeline.train.config import FitConfig
+from sanf_pipeline.train.fit import fit_flow
 
 TINY = {**TINY_FLOW, "max_epochs": 3, "patience": 2}
 
@@ -127,7 +130,7 @@ def test_stopping_rule():
     """The rule alone: keep the lowest held-out NLL (improving by more than min_delta), stop after patience."""
     import torch
 
-    from sanf_pipeline.train import EarlyStopping
+    from sanf_pipeline.train.loop import EarlyStopping
 
     flow = torch.nn.Linear(2, 2)
     rule = EarlyStopping(enabled=True, patience=2, min_delta=0.1)
@@ -242,7 +245,7 @@ def test_resume_after_interrupt_matches_uninterrupted(cache, tmp_path, early):
 
 
 def test_checkpoint_interval_is_measured_in_seconds_since_the_last_checkpoint(cache, tmp_path, monkeypatch):
-    import sanf_pipeline.train as train_mod
+    import sanf_pipeline.train.fit as train_mod
 
     cfg = FitConfig(**{**TINY, "early_stopping": False, "epochs": 8, "checkpoint_every": 60})
     full = fit_run(cache, 2, cfg, tmp_path / "full", quiet=True)

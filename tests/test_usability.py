@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FAST_FIT, REPO, TINY_FLOW, assert_user_error, sub_env
 
-from sanf_pipeline.cli import cli
+from sanf_pipeline.cli.main import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -65,17 +65,19 @@ def test_argument_errors_fail_before_torch_is_imported(pets_cache, tmp_path):
 
 def test_builtin_choices_are_registered():
     """The names the CLI accepts without importing torch are exactly the registries' built-ins."""
-    from sanf_pipeline import cli_types
+    from sanf_pipeline.cli import options as cli_options
+    from sanf_pipeline.train import options as fit_options
 
-    for load_name, names in cli_types.BUILTIN.items():
-        assert tuple(getattr(cli_types, load_name)()) == names, load_name
+    for load_name, names in fit_options.BUILTIN.items():
+        load = getattr(fit_options, load_name, None) or getattr(cli_options, load_name)
+        assert tuple(load()) == names, load_name
 
 
 # --------------------------------------------------------------- item 8: the baseline default, gaussian-whiten
 def test_baseline_default_is_gaussian_and_the_api_agrees():
     import inspect
 
-    from sanf_pipeline.jobs import baseline_run
+    from sanf_pipeline.jobs.api import baseline_run
 
     method = next(p for p in cli.commands["baseline"].params if p.name == "method")
     assert method.default == "gaussian" == inspect.signature(baseline_run).parameters["method"].default
@@ -86,11 +88,11 @@ def test_gaussian_whiten_is_the_flows_starting_density():
     those inputs is half of it plus a constant: the flow starts exactly at this baseline's density."""
     import torch
 
-    from sanf_pipeline.features import Normalizer
-    from sanf_pipeline.models import fit_score
-    from sanf_pipeline.fit_config import FitConfig
     from sanf_pipeline.flow import SANFlow
-    from sanf_pipeline.scoring import score_flow
+    from sanf_pipeline.flow.normalizer import Normalizer
+    from sanf_pipeline.flow.score import score_flow
+    from sanf_pipeline.models import fit_score
+    from sanf_pipeline.train.config import FitConfig
 
     rng = np.random.default_rng(0)
     d, t = 12, 4
@@ -125,7 +127,7 @@ def test_baseline_k_and_quiet(pets_cache, tmp_path):
 
 # ------------------------------------------------------------------------------- item 9: models a sweep keeps
 def test_sweep_keeps_models_only_when_asked(pets_cache, tmp_path):
-    from sanf_pipeline.jobs import load_run
+    from sanf_pipeline.jobs.flow import load_run
     from sanf_pipeline.sweep import run_sweep
 
     fixed = [f"{k}={v}" for k, v in {**TINY_FLOW, "epochs": 1}.items() if k != "device"]
@@ -184,7 +186,7 @@ def _summary(names=("0", "1"), sweep_name="sweep"):
 
 
 def test_summary_tables_without_noise_or_doubled_names():
-    from sanf_pipeline.report import summary_csv, summary_markdown
+    from sanf_pipeline.evaluate.report import summary_csv, summary_markdown
 
     csv = summary_csv(_summary())
     assert "0.8584" in csv and "0.8583999999999999" not in csv and "0.30000000000000004" not in csv
@@ -195,7 +197,7 @@ def test_summary_tables_without_noise_or_doubled_names():
 
 
 def test_demo_prints_no_markdown_image_line(tmp_path, monkeypatch):
-    import sanf_pipeline.demo as demo
+    import sanf_pipeline.cli.demo as demo
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -208,8 +210,9 @@ def test_demo_prints_no_markdown_image_line(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- item 14: the fit's time estimate
 def test_time_left_comes_from_measured_epochs_only():
-    from sanf_pipeline.fit_config import FitConfig
-    from sanf_pipeline.train import EarlyStopping, time_left
+    from sanf_pipeline.train.config import FitConfig
+    from sanf_pipeline.train.fit import time_left
+    from sanf_pipeline.train.loop import EarlyStopping
 
     es = FitConfig(max_epochs=30, patience=3)
     stop = EarlyStopping(True, 3, 0.0)
@@ -238,9 +241,9 @@ def test_log_lines_use_the_callers_estimate():
 def test_help_texts():
     import dataclasses
 
-    from sanf_pipeline.fit_config import FitConfig
+    from sanf_pipeline.cli.sweep import GRID_KEYS
     from sanf_pipeline.sweep.plan import NOT_GRID
-    from sanf_pipeline.sweep_cli import GRID_KEYS
+    from sanf_pipeline.train.config import FitConfig
 
     assert set(GRID_KEYS) == {f.name for f in dataclasses.fields(FitConfig)} - set(NOT_GRID)
     helps = {name: run(*name.split(), "--help").output for name in ("sweep", "baseline", "report", "demo", "extract")}
@@ -257,7 +260,7 @@ def test_help_texts():
 def test_num_workers_help_states_the_cap(monkeypatch):
     import os
 
-    from sanf_pipeline import extract
+    from sanf_pipeline.extract import job as extract
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     cap = extract._default_workers()
@@ -283,7 +286,7 @@ def test_report_out(pets_cache, tmp_path):
 
 # ------------------------------------------------------------------------------------------ item 16: README
 def test_readme_names_the_files_runs_write():
-    from sanf_pipeline.runs import RESULT_FILES
+    from sanf_pipeline.store.run_folder import RESULT_FILES
 
     readme = (REPO / "README.md").read_text()
     assert "hist.png" not in readme.replace("score_hist.png", "")

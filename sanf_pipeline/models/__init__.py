@@ -4,7 +4,7 @@ Every method is fitted on cached arrays, scores with one batched ``forward(cls, 
 None)``, saves as safetensors + JSON and is a detector: eval, every sweep executor, `sanf score`, ``Detector`` and
 the ONNX/TorchScript export all call these modules.
 
-- ``flow``: ``FlowModel`` (normaliser + SANF flow; fitted by ``train.fit_flow``), and a flow run's ``Combined``
+- ``flow``: ``FlowModel`` (normaliser + SANF flow; fitted by ``train.fit.fit_flow``), and a flow run's ``Combined``
   (flow NLL + patch-knn part, ``combined.py``);
 - the baselines (``BASELINES``, extend with ``register_baseline``): ``knn``, ``knn-l2`` (``knn.py``),
   ``gaussian``, ``gaussian-whiten`` (``gaussian.py``), ``patch-knn`` (``patchknn.py``).

@@ -15,7 +15,8 @@ standard deviation of those held-out scores, ``combined = (nll - m_nll) / s_nll 
 No test data and no anomalies are used. The standardisation needs at least ``MIN_HELD_OUT`` held-out normal images
 (a standard deviation from n images is off by about 1/sqrt(2(n-1)): 41% at 4, 16% at 20); with fewer the run keeps
 the flow alone and says so (``config.json: patch_score_skipped``). The calibrated threshold of the combined score
-is the split-conformal order statistic of the held-out combined scores (``calibration.py``); since the same slice
+is the split-conformal order statistic of the held-out combined scores (``evaluate/calibration.py``); since the same
+slice
 also gave the means and deviations (and, with early stopping, picked the epoch), that threshold's FPR bound is
 approximate, not the conformal guarantee (README).
 
@@ -71,7 +72,7 @@ class Combined(AnomalyModel):
 
     @property
     def description(self) -> str:
-        from ..scoring import SCORE_DESCRIPTIONS
+        from ..flow.score import SCORE_DESCRIPTIONS
 
         return SCORE_DESCRIPTIONS[self.score_kind]
 
@@ -128,7 +129,7 @@ def add_patch_score(result, cfg, train_cls: np.ndarray, train_patch: np.ndarray 
     calibration with the ``patch`` and ``combined`` held-out scores, the threshold then on ``combined``. Nothing when
     ``cfg.patch_score`` is ``none`` or too few rows were held out (``result.patch_score_skipped`` says why).
     ``part``/``held_out_patch``: a bank fitted on the same rows and its held-out scores (a sweep fits each once)."""
-    from ..calibration import calibration_record
+    from ..evaluate.calibration import calibration_record
 
     result.patch_score = None
     result.patch_score_skipped = None

@@ -1,7 +1,7 @@
 """``FlowModel``: the SANF detector, the fitted input normaliser (``features.Normalizer``) followed by the flow
 (``flow.SANFlow``) and its score (``nll``: -log p in nats, the paper's; ``z2``: mean z^2, the official code's).
 Its state dict is a flow run's model file (``normalizer.*``, ``flow.*``). The class-token flow has no spatial
-support: ``forward`` returns no evidence map. Fitting is ``train.fit_flow`` (epochs, early stopping, checkpoints),
+support: ``forward`` returns no evidence map. Fitting is ``train.fit.fit_flow`` (epochs, early stopping, checkpoints),
 reached through ``fit``."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from ..errors import SanfError
-from ..features import Normalizer
-from ..scoring import SCORES, flow_score
+from ..flow.normalizer import Normalizer
+from ..flow.score import SCORES, flow_score
 from .base import AnomalyModel
 
 
@@ -37,7 +37,7 @@ class FlowModel(AnomalyModel):
 
     @property
     def description(self) -> str:
-        from ..scoring import SCORE_DESCRIPTIONS
+        from ..flow.score import SCORE_DESCRIPTIONS
 
         return SCORE_DESCRIPTIONS[self.score_kind]
 
@@ -67,9 +67,9 @@ class FlowModel(AnomalyModel):
 
     def fit(self, cls: np.ndarray, patch: np.ndarray | None = None, *, device=None, quiet: bool = True, cfg=None,
             **fit_options) -> FlowModel:
-        """``train.fit_flow`` with ``cfg`` (a ``FitConfig``); the full ``FitResult`` is kept as ``fit_result``."""
-        from ..fit_config import FitConfig
-        from ..train import fit_flow
+        """``train.fit.fit_flow`` with ``cfg`` (a ``FitConfig``); the full ``FitResult`` is kept as ``fit_result``."""
+        from ..train.config import FitConfig
+        from ..train.fit import fit_flow
 
         cfg = cfg or FitConfig()
         if device is not None:

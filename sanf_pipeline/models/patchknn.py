@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SanfError
-from ..features import pool_grid
+from ..flow.normalizer import pool_grid
 from .base import AnomalyModel, as_tensor
 
 DEFAULT_CORESET = 0.1

@@ -3,8 +3,8 @@ or Ray tasks), resume, summarise.
 
 Modules: ``plan.py`` (options, planned runs, ``plan.json``), ``executors.py`` (how arrays reach the run jobs:
 in process, process pool with shared memory, Ray), ``run.py`` (``run_sweep``: folder, lock, resume),
-``summary.py`` (``summarize``/``write_summary``; tables and heatmap rendered by ``report.py``). Every run is a
-call of the run jobs in ``jobs.py``, the same code `sanf fit` + `sanf eval` and `sanf baseline` run, so a sweep
+``summary.py`` (``summarize``/``write_summary``; tables and heatmap rendered by ``evaluate/report.py``). Every run is a
+call of the run jobs in ``jobs/``, the same code `sanf fit` + `sanf eval` and `sanf baseline` run, so a sweep
 run's ``scores.csv`` is byte-identical to theirs (same torch thread count; tests/test_sweep.py).
 
 Why it is fast: the test split is read from the cache once and scored by every model; each class's training

@@ -1,6 +1,6 @@
 """Running the planned runs of a sweep: in this process, in a local process pool, or as Ray tasks.
 
-Every run goes through ``execute_run``, which hands the arrays to the run jobs of ``jobs.py`` (``flow_job``,
+Every run goes through ``execute_run``, which hands the arrays to the run jobs of ``jobs/`` (``flow_job``,
 ``baseline_job``): the same code path as `sanf fit` + `sanf eval` and `sanf baseline`. What makes a sweep fast is
 only how the arrays reach the jobs: the test split is read once (``_Data``), each class's training block once
 and released after the class's last run (``_schedule``), and no process starts per run.
@@ -36,7 +36,7 @@ from .plan import RAY_MISSING, RunSpec
 def _clean_tmp(run_dir: Path) -> None:
     """Before a run (re)starts: temporary files of an interrupted writer, and a metrics.json that is not this
     run's (a run is only started when it is not finished), so that metrics.json keeps meaning 'complete'."""
-    from ..runs import METRICS_FILE
+    from ..store.run_folder import METRICS_FILE
 
     for stale in run_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
@@ -52,7 +52,7 @@ def _model_extras(ctx: dict) -> dict:
 
 def _drop_model(run_dir: Path, ctx: dict) -> None:
     """Without --keep-models: delete the model once the results are written (a kill before leaves it, harmless)."""
-    from ..runs import MODEL_FILE
+    from ..store.run_folder import MODEL_FILE
 
     if not ctx.get("keep_models", False):
         (run_dir / MODEL_FILE).unlink(missing_ok=True)
@@ -70,10 +70,10 @@ _PARTS: dict = {}  # this process's fitted patch parts (jobs.PatchParts), one st
 
 
 def patch_parts(ctx: dict):
-    """This process's view of the sweep's patch parts (``jobs.PatchParts`` over ``<sweep>/parts``): runs of one
+    """This process's view of the sweep's patch parts (``jobs.parts.PatchParts`` over ``<sweep>/parts``): runs of one
     class and seed that differ in flow settings only fit and score one patch-knn bank, across worker processes
     (runs are planned class by class, seeds innermost, so memory keeps one part per seed)."""
-    from ..jobs import PARTS_DIR, PatchParts
+    from ..jobs.parts import PARTS_DIR, PatchParts
 
     key = ctx["runs_dir"]
     if key not in _PARTS:
@@ -84,7 +84,9 @@ def patch_parts(ctx: dict):
 
 def execute_run(spec: RunSpec, ctx: dict, test: dict, train: dict) -> dict:
     """Run one planned run on in-memory arrays through the run jobs; a SanfError becomes ``{"error": ...}``."""
-    from ..jobs import TestData, TrainData, baseline_job, flow_job
+    from ..jobs.baseline import baseline_job
+    from ..jobs.data import TestData, TrainData
+    from ..jobs.flow import flow_job
 
     t0 = time.perf_counter()
     try:
@@ -130,7 +132,7 @@ class _Data:
         self._test: dict | None = None
 
     def test(self) -> dict:
-        from ..runs import check_finite
+        from ..store.run_folder import check_finite
 
         if self._test is None:
             t = time.perf_counter()
@@ -144,7 +146,7 @@ class _Data:
         return self._test
 
     def train(self, ci: int, patch: bool) -> dict:
-        from ..runs import check_finite
+        from ..store.run_folder import check_finite
 
         t = time.perf_counter()
         cls, tokens = self.cache.split("train").read_class(ci, patch=patch)
@@ -290,9 +292,9 @@ def _pool_task(spec_dict: dict, train_descs: dict) -> dict:
     return execute_run(spec, _WORKER["ctx"], test, train)
 
 
-PRELOAD = ("torch._dynamo", "sanf_pipeline.jobs", "sanf_pipeline.train", "sanf_pipeline.flow",
-           "sanf_pipeline.features", "sanf_pipeline.evaluate", "sanf_pipeline.models", "sanf_pipeline.report",
-           "sklearn.metrics", "sklearn.covariance")
+PRELOAD = ("torch._dynamo", "sanf_pipeline.jobs.flow", "sanf_pipeline.train.fit", "sanf_pipeline.flow",
+           "sanf_pipeline.flow.normalizer", "sanf_pipeline.evaluate.metrics", "sanf_pipeline.models",
+           "sanf_pipeline.evaluate.report", "sklearn.metrics", "sklearn.covariance")
 PRELOAD_PLOTS = ("matplotlib.figure", "matplotlib.backends.backend_agg")
 
 

@@ -44,7 +44,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 # ------------------------------------------------------------------------------------------------ parsing
 def _fit_fields() -> dict[str, dataclasses.Field]:
-    from ..fit_config import FitConfig
+    from ..train.config import FitConfig
 
     return {f.name: f for f in dataclasses.fields(FitConfig)}
 
@@ -56,11 +56,11 @@ def _unknown_key(key: str, what: str) -> SanfError:
 
 def parse_value(key: str, text) -> Any:
     """One value of the FitConfig field ``key`` from text (``2``, ``2.5``, ``true``, ``none``, ``0.9:0.999``),
-    converted by the click type of `sanf fit`'s option for it (``cli_types.fit_value_type``): `--set`/`--grid` and
+    converted by the click type of `sanf fit`'s option for it (``train.options.fit_value_type``): `--set`/`--grid` and
     `sanf fit` accept the same values, ranges included; ``FitConfig.validate`` then checks both alike."""
     import click
 
-    from ..cli_types import fit_value_type
+    from ..train.options import fit_value_type
 
     if key not in _fit_fields():
         raise _unknown_key(key, "setting")
@@ -225,7 +225,7 @@ class RunSpec:
         return self.fit_config().needs_patch
 
     def fit_config(self, device: str | None = None):
-        from ..fit_config import FitConfig
+        from ..train.config import FitConfig
 
         cfg = FitConfig.from_dict(dict(self.fit or {}))
         if device is not None:
@@ -256,7 +256,7 @@ def setting_label(method: str, grid_values: dict) -> str:
 
 
 def _training_length(fixed: dict, grid: dict) -> dict:
-    from ..fit_config import training_length
+    from ..train.config import training_length
 
     return training_length(fixed, set(grid))
 
@@ -281,7 +281,7 @@ def plan_sweep(cache, classes="all", grid=None, methods=(FLOW,), seeds=(0,), fix
     fixed = _training_length(fixed, grid)
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())] or [{}]
     specs: list[RunSpec] = []
-    from ..fit_config import FitConfig
+    from ..train.config import FitConfig
 
     checked: dict[str, dict] = {}
     for ci in class_idx:
@@ -342,7 +342,8 @@ def _class_names(cache) -> list[str]:
 
 def make_plan(specs: list[RunSpec], cache, *, classes: list[int], grid: dict, methods: list[str], seeds: list[int],
               fixed: dict, score: str) -> dict:
-    from ..runs import cache_identity, now
+    from ..store.atomic import now
+    from ..store.run_folder import cache_identity
 
     ident = {"cache_fingerprint": cache.fingerprint, "score": score, "runs": [s.identity() for s in specs]}
     return {
@@ -379,7 +380,8 @@ def _result_identity(spec: RunSpec, ctx: dict) -> dict:
 
 def is_finished(run_dir: Path, spec: RunSpec, fingerprint: str, score: str) -> bool:
     """metrics.json exists (it is written last) and belongs to this planned run."""
-    from ..runs import METRICS_FILE, read_json_file
+    from ..cache.schema import read_json_file
+    from ..store.run_folder import METRICS_FILE
 
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

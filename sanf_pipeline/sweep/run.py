@@ -122,7 +122,8 @@ def _prepare_sweep_dir(out: Path, plan: dict, specs: list[RunSpec], overwrite: b
     """Check or write plan.json; with overwrite, clean run folders the new plan does not contain as they are.
 
     Returns (plan_is_new, removed run ids)."""
-    from ..runs import remove_run_files, write_json_atomic
+    from ..store.atomic import write_json_atomic
+    from ..store.run_folder import remove_run_files
 
     removed: list[str] = []
     if out.exists() and not out.is_dir():
@@ -191,9 +192,9 @@ def _is_gpu(device: str) -> bool:
 
 
 def _parts_left(todo: list[RunSpec], ctx: dict, fingerprint: str) -> dict:
-    """Which shared patch part (``jobs.PatchParts`` key) each flow run with a patch part uses, and how many runs
+    """Which shared patch part (``jobs.parts.PatchParts`` key) each flow run with a patch part uses, and how many runs
     still need each: a part's files go once its last run is done (a part is as large as the class's memory bank)."""
-    from ..jobs import PatchParts
+    from ..jobs.parts import PatchParts
 
     by_run, count = {}, {}
     for s in todo:
@@ -209,7 +210,7 @@ def _parts_left(todo: list[RunSpec], ctx: dict, fingerprint: str) -> dict:
 
 
 def _drop_part(out: Path, left: dict, run_id: str) -> None:
-    from ..jobs import PARTS_DIR
+    from ..jobs.parts import PARTS_DIR
 
     key = left["by_run"].pop(run_id, None)
     if key is None:
@@ -233,7 +234,7 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
     from ..cache import open_cache
     from ..models import RUN_SCORES
     from ..progress import progress_bar
-    from ..runs import cache_identity
+    from ..store.run_folder import cache_identity
 
     t_start = time.perf_counter()
     if executor not in EXECUTORS:

@@ -1,7 +1,8 @@
 """The sweep's stacked executor (``--stack``): flow runs whose settings differ only in seed (and normal class) are
-trained K at a time by ``stack.fit_stack`` and scored against the test split in one pass by ``stack.score_stack``;
-every run folder gets the files ``jobs.flow_job`` writes (``config.json``, ``model.safetensors``,
-``train_log.jsonl``, then ``jobs.eval_flow_job``'s results), so summaries, resume and `sanf eval` see no difference.
+trained K at a time by ``train.stack.fit_stack`` and scored against the test split in one pass by
+``train.stack.score_stack``; every run folder gets the files ``jobs.flow.flow_job`` writes (``config.json``,
+``model.safetensors``, ``train_log.jsonl``, then ``jobs.flow.eval_flow_job``'s results), so summaries, resume and
+`sanf eval` see no difference.
 
 What does not stack goes through the serial executor, one run after the other: baselines, and flow runs with
 something to resume in their folder (an epoch checkpoint or a fitted model), so a sweep killed under the
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SanfError
-from ..fit_config import FitConfig
+from ..train.config import FitConfig
 from .plan import RunSpec
 
 # Fraction of the free GPU memory a stack may plan to use (the rest: allocator slack, other tensors).
@@ -93,7 +94,7 @@ def plan_stacks(keys: Sequence[str], sizes: Sequence[int], stack_size: int) -> l
 
 
 def stackable(spec: RunSpec, runs_dir: Path) -> bool:
-    from ..runs import CHECKPOINT_FILE, MODEL_FILE
+    from ..store.run_folder import CHECKPOINT_FILE, MODEL_FILE
 
     rd = runs_dir / spec.run_id
     if not spec.is_flow or (rd / CHECKPOINT_FILE).exists() or (rd / MODEL_FILE).exists():
@@ -122,10 +123,13 @@ def stack_size_for(todo: list[RunSpec], ctx: dict, cache, stack) -> int:
 
 
 def run_stacked(todo: list[RunSpec], ctx: dict, data, stack_size: int, threads: int, on_done) -> None:
-    from ..jobs import TestData, TrainData, attach_patch_part, eval_flow_job, fit_settings, flow_score_kind
+    from ..jobs.data import TestData, TrainData
+    from ..jobs.flow import eval_flow_job, fit_settings, flow_score_kind
+    from ..jobs.parts import attach_patch_part
     from ..models import FlowModel, resolve_score
-    from ..runs import finish_run, now, start_run_config
-    from ..stack import StackMember, fit_stack, score_stack, stack_key
+    from ..store.atomic import now
+    from ..store.run_folder import finish_run, start_run_config
+    from ..train.stack import StackMember, fit_stack, score_stack, stack_key
     from .executors import (
         _clean_tmp,
         _drop_model,

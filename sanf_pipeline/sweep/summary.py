@@ -1,6 +1,6 @@
 """The summary of a sweep from the files on disk (``plan.json`` + each run's ``metrics.json``; no scoring):
 AUROC per class x setting (mean +- std over seeds), M-AUROC = mean over classes. The tables and the heatmap are
-rendered by ``report.py``."""
+rendered by ``evaluate/report.py``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def _std(xs):
 
 def summarize(sweep_dir) -> dict:
     """The summary of a sweep from the files on disk (plan.json + each run's metrics.json); no scoring."""
-    from ..runs import METRICS_FILE, read_json_file
+    from ..cache.schema import read_json_file
+    from ..store.run_folder import METRICS_FILE
 
     sweep_dir = Path(sweep_dir)
     plan = read_plan(sweep_dir)
@@ -87,8 +88,8 @@ def summarize(sweep_dir) -> dict:
 
 def _refuse_foreign_summary(out: Path) -> None:
     """`sanf report --out`: replace summary files only where a summary.json of sanf's says they are sanf's."""
+    from ..cache.schema import read_json_file
     from ..errors import SanfError
-    from ..runs import read_json_file
 
     names = (SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, HEATMAP_PNG)
     taken = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
@@ -107,10 +108,10 @@ def write_summary(sweep_dir, out=None) -> dict:
     """(Re-)render summary.csv, summary.json, summary.md and heatmap.png from the run folders on disk, into
     ``out`` (default: the sweep folder)."""
     from ..errors import SanfError
-    from ..runs import write_json_atomic, write_text_atomic
+    from ..store.atomic import write_json_atomic, write_text_atomic
 
     sweep_dir = Path(sweep_dir)
-    from ..report import plot_heatmap, summary_csv, summary_markdown
+    from ..evaluate.report import plot_heatmap, summary_csv, summary_markdown
 
     summary = summarize(sweep_dir)
     out = Path(out) if out is not None else sweep_dir

@@ -30,13 +30,13 @@ from conftest import (
 )
 from robust_helpers import TINY_FIT, sanf, tiny_run_fixture  # noqa: F401 (fixtures)
 
-from sanf_pipeline.backbones import create_backbone
 from sanf_pipeline.cache import CacheWriter, open_cache
 from sanf_pipeline.cache.inspect import cache_info, verify_cache
 from sanf_pipeline.cache.synthetic import write_synthetic_cache
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.jobs import eval_run, fit_run
-from sanf_pipeline.train import FitConfig
+from sanf_pipeline.extract.backbones import create_backbone
+from sanf_pipeline.jobs.api import eval_run, fit_run
+from sanf_pipeline.train.config import FitConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 

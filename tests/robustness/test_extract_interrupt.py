@@ -10,8 +10,8 @@ import pytest
 from conftest import cache_path, extract_args
 from robust_helpers import sanf
 
-from sanf_pipeline import extract as E
 from sanf_pipeline.cache import open_cache
+from sanf_pipeline.extract import job as E
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 

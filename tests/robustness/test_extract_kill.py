@@ -19,15 +19,15 @@ from conftest import (
     hand_spec,
     write_hand_cache,
 )
-from robust_helpers import run_killed_at, sanf
+from robust_helpers import fork_server, run_killed_at, sanf  # noqa: F401 (fixtures)
 
 from sanf_pipeline.cache import CacheWriter, open_cache
 from sanf_pipeline.cache.inspect import verify_cache
 from sanf_pipeline.cache.lock import lock_dir
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.extract import extract
+from sanf_pipeline.extract.job import extract
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fork_server")  # tests/conftest.py, robust_helpers.py
 
 N_SHARDS = 6  # folder_dataset with extract_args: 4 train shards, then 2 test shards
 

@@ -174,7 +174,7 @@ def test_fit_overwrite_beside_unrelated_files_keeps_them(pets_cache, tmp_path):
 
 
 def test_remove_run_files_needs_sanf_metadata(tmp_path):
-    from sanf_pipeline.runs import remove_run_files
+    from sanf_pipeline.store.run_folder import remove_run_files
 
     before = user_folder(tmp_path / "u")
     (tmp_path / "u" / "config.json").write_text("{}")

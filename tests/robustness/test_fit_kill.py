@@ -10,18 +10,30 @@ import pytest
 from robust_helpers import (  # noqa: F401 (fixtures)
     EPOCHS,
     fit_args,
+    fork_server,
+    in_epoch,
     log_lines,
+    pause_at,
     read_metrics,
     sanf,
     small_cache_fixture,
-    start_fit,
-    wait_for_epochs,
+    start_sanf,
 )
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fork_server")  # tests/conftest.py, robust_helpers.py
 
 METRIC_KEYS = ("auroc", "aupr", "tpr_at_5_fpr", "n_test", "n_normal", "n_anomalous", "n_nonfinite_scores",
                "epochs_run", "best_epoch", "n_train")
+
+# where the fit stands when it is killed, and the epochs its log holds there. In the middle of an epoch the files are
+# those of its start (nothing is written until it ends), so "in epoch n" stands for anywhere in it.
+KILL_POINTS = {
+    **{str(n): (in_epoch(n + 1), n) for n in range(1, EPOCHS)},
+    "epoch 3's checkpoint in place, its log not": (
+        pause_at("os:replace", at=3, when="after", match="checkpoint.safetensors"), 2),
+    "epoch 4's checkpoint written, not in place": (
+        pause_at("os:replace", at=4, when="before", match="checkpoint.safetensors"), 3),
+}
 
 
 def _fit_and_eval(cache, out) -> dict:
@@ -45,16 +57,14 @@ def reference(small_cache, tmp_path_factory):
     return metrics, _scores(out)
 
 
-@pytest.mark.parametrize("kill_after", [1, 2, 3, 4, 5])
-def test_sigkill_then_rerun_matches_uninterrupted(small_cache, tmp_path, reference, kill_after):
+@pytest.mark.parametrize("point, logged", [pytest.param(*case, id=name) for name, case in KILL_POINTS.items()])
+def test_sigkill_then_rerun_matches_uninterrupted(small_cache, tmp_path, reference, point, logged):
     out = tmp_path / "run"
-    proc = start_fit(small_cache, out)
-    wait_for_epochs(proc, out, kill_after)
+    proc = start_sanf(fit_args(small_cache, out), point=point)
+    proc.wait_paused()
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    done = log_lines(out)
-    assert kill_after <= done < EPOCHS, f"killed after {done} epochs; the kill point was not mid-training"
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert log_lines(out) == logged, "the fit was not killed where this case means to kill it"
     assert not (out / "model.safetensors").exists()
     assert (out / "checkpoint.safetensors").is_file()
 
@@ -67,3 +77,4 @@ def test_sigkill_then_rerun_matches_uninterrupted(small_cache, tmp_path, referen
     assert scores.keys() == ref_scores.keys()
     assert max(abs(scores[k] - ref_scores[k]) for k in scores) <= 1e-9
     assert log_lines(out) == EPOCHS
+    assert not list(out.glob(".*.tmp")), "the killed fit's temporary files were left behind"

@@ -65,7 +65,7 @@ def test_fit_disk_full(small_cache, finished_run, tmp_path, monkeypatch, n_ok):
 
 
 def test_eval_disk_full_keeps_earlier_results(small_cache, tmp_path, monkeypatch):
-    import sanf_pipeline.runs as runs
+    import sanf_pipeline.store.run_folder as runs
 
     out = tmp_path / "run"
     assert sanf(*fit_args(small_cache, out)).exit_code == 0

@@ -10,10 +10,12 @@ from conftest import TINY_FLOW, three_class_synthetic_cache
 
 from sanf_pipeline.cache import SplitView, open_cache
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.jobs import fit_run
-from sanf_pipeline.runs import CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, load_tensors, read_jsonl
-from sanf_pipeline.scoring import score_flow
-from sanf_pipeline.train import FitConfig, fit_flow
+from sanf_pipeline.flow.score import score_flow
+from sanf_pipeline.jobs.api import fit_run
+from sanf_pipeline.store.atomic import load_tensors, read_jsonl
+from sanf_pipeline.store.run_folder import CHECKPOINT_FILE, LOG_FILE, MODEL_FILE
+from sanf_pipeline.train.config import FitConfig
+from sanf_pipeline.train.fit import fit_flow
 
 TINY = {**TINY_FLOW, "max_epochs": 3, "patience": 2}
 
@@ -86,7 +88,7 @@ def _nan_after(monkeypatch, calls: int):
 
 @pytest.mark.parametrize("host_checks", [True, False], ids=["checked-each-step", "checked-per-epoch-as-on-gpu"])
 def test_nan_loss_stops_with_epoch_step_and_keeps_checkpoint(cache, tmp_path, monkeypatch, host_checks):
-    import sanf_pipeline.train as train
+    import sanf_pipeline.train.loop as train
 
     if not host_checks:  # the GPU's step loop: no host sync per step, the first bad step is reported after the epoch
         monkeypatch.setattr(train, "HOST_CHECK_DEVICES", ())

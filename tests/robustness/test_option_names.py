@@ -10,7 +10,7 @@ from conftest import assert_user_error
 from robust_helpers import sanf
 
 import sanf_pipeline
-from sanf_pipeline.cli import cli
+from sanf_pipeline.cli.main import cli
 
 
 def cli_options() -> set[str]:

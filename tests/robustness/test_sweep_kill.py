@@ -8,18 +8,15 @@ writes. Tiny flows on a synthetic cache: each case takes seconds."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import sub_env
-from robust_helpers import run_killed_at, sanf
+from robust_helpers import fork_server, pause_at, run_killed_at, sanf, start_sanf  # noqa: F401 (fixtures)
 
 from sanf_pipeline.sweep import SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, run_sweep, summarize
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fork_server")  # tests/conftest.py, robust_helpers.py
 
 EPOCHS = 3
 N_RUNS = 9  # 3 classes x (flow fusion=none, flow fusion=semantic, knn), in this order per class
@@ -65,10 +62,10 @@ KILL_POINTS = {
         "os:replace", 2, "before", "checkpoint.safetensors", 0,
         [f"{CAT_NONE}/checkpoint.safetensors", f"{CAT_NONE}/.checkpoint.safetensors.*.tmp"]),
     "mid-fit of the second run, a checkpoint written but not its log": (
-        "sanf_pipeline.train:save_tensors_atomic", EPOCHS + 2, "after", "checkpoint", 1,
+        "sanf_pipeline.train.fit:save_tensors_atomic", EPOCHS + 2, "after", "checkpoint", 1,
         [f"{CAT_SEMANTIC}/checkpoint.safetensors", f"{CAT_SEMANTIC}/train_log.jsonl"]),
     "model saved, its results not written": (
-        "sanf_pipeline.runs:save_model", 2, "after", None, 1, [f"{CAT_SEMANTIC}/model.safetensors"]),
+        "sanf_pipeline.store.run_folder:save_model", 2, "after", None, 1, [f"{CAT_SEMANTIC}/model.safetensors"]),
     "writing the fourth run's results (scores written, metrics not in place)": (
         "os:replace", 4, "before", "metrics.json", 3, ["runs/dog-flow-fusion=none-s0/scores.csv"]),
     "writing the summary (csv in place, json not)": (
@@ -121,24 +118,35 @@ def test_killed_pool_worker_is_a_one_line_error_and_rerun_resumes(pets_cache, tm
     assert {name: (out / name).read_bytes() for name in SUMMARY} == reference
 
 
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] in ("Z", "X")  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
 def test_sigkill_from_outside_with_pool_workers(pets_cache, tmp_path):
-    """SIGKILL the parent as soon as a pool worker finished a run (the workers get the parent's death signal)."""
+    """SIGKILL the parent once a pool worker finished a run (the workers get the parent's death signal)."""
     grid = ["fusion=none,semantic"]
     slow = ["--set", "epochs=6", "--set", "early_stopping=false", "--set", "hidden=32", "--set", "blocks=2",
             "--set", "batch_size=8"]
     out = tmp_path / "killed"
     args = ["sweep", "--cache", str(pets_cache), "--out", str(out), "--grid", *grid, "--methods", "flow", "--seeds",
             "0", "--device", "cpu", "--no-plots", "--quiet", *slow]
-    proc = subprocess.Popen([sys.executable, "-m", "sanf_pipeline", *args, "--workers", "2"], env=sub_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("runs/*/metrics.json")):
-        time.sleep(0.01)
+    # each worker (forked: it inherits the point) stops before its second run, so when the first stops one run is
+    # finished and at most one more; polling for a finished run let the others finish too on a loaded machine
+    proc = start_sanf([*args, "--workers", "2"], point=pause_at("sanf_pipeline.sweep.executors:execute_run", at=2))
+    worker = proc.wait_paused()
+    assert worker != proc.pid
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    end = time.monotonic() + 60
+    while not _gone(worker) and time.monotonic() < end:
+        time.sleep(0.01)
+    assert _gone(worker), "a pool worker outlived the sweep that started it"
     done = list(out.glob("runs/*/metrics.json"))
-    assert 0 < len(done) < 6, f"the sweep was not interrupted mid-way ({len(done)} runs finished)"
+    assert 1 <= len(done) <= 2, f"{len(done)} runs finished; each of the two workers should have stopped after one"
     mtimes = {p.parent.name: p.stat().st_mtime_ns for p in done}
     r = sanf(*args, "--workers", "2")
     assert r.exit_code == 0, (r.output, r.exception)

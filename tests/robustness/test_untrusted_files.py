@@ -13,11 +13,12 @@ import torch
 from conftest import TINY_TIMM_KWARGS, TINY_VIT, cache_path, write_hand_cache
 from robust_helpers import sanf, tiny_run_fixture  # noqa: F401 (fixtures)
 
-from sanf_pipeline.backbones import create_backbone
 from sanf_pipeline.data import create_dataset
 from sanf_pipeline.errors import SanfError
-from sanf_pipeline.jobs import eval_run, load_run
-from sanf_pipeline.runs import MODEL_FILE
+from sanf_pipeline.extract.backbones import create_backbone
+from sanf_pipeline.jobs.api import eval_run
+from sanf_pipeline.jobs.flow import load_run
+from sanf_pipeline.store.run_folder import MODEL_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 

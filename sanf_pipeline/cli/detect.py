@@ -1,0 +1,131 @@
+"""`sanf score` and `sanf export`: a trained run used as a detector (thin over detector.py and export.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import SanfError
+from ..train.options import _RegistryChoice
+from .options import SCORE_HELP, _scores
+
+CSV_HEADER = ["path", "score", "anomalous", "percentile"]
+
+
+def _detector_options(f):
+    for opt in reversed([
+        click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+                     help="Run folder from `sanf fit`."),
+        click.option("--weights", help="Backbone weights file [default: --weights-dir, $SANF_WEIGHTS_DIR, the file "
+                                       "used at extraction if still there, then timm's download]; checked against "
+                                       "the run's sha256."),
+        click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files "
+                                                                             "[$SANF_WEIGHTS_DIR]."),
+        click.option("--fpr", type=float, help="Target false-positive rate of the threshold [default: the run's]."),
+        click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True,
+                     help=SCORE_HELP + " Baseline runs have one score."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _scores_csv(rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    for r in rows:
+        w.writerow([r["path"], repr(r["score"]), int(r["anomalous"]), f"{r['percentile']:.4f}"])
+    return buf.getvalue()
+
+
+def _check_out(path: Path, overwrite: bool, what: str) -> None:
+    """Replace only a file sanf wrote before (or anything with --overwrite); never a folder."""
+    if path.is_dir():
+        raise SanfError(f"{path} is a folder; give a file name for {what}")
+    if not path.parent.is_dir():
+        raise SanfError(f"folder {path.parent} does not exist; create it or choose another {what}")
+    if path.exists() and not overwrite:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                head = fh.read(200)
+        except OSError:
+            head = ""
+        ours = head.startswith(",".join(CSV_HEADER)) or ('"format": "sanf-scores"' in head)
+        if not ours:
+            raise SanfError(f"{path} exists and is not a sanf scores file; pass --overwrite or choose another {what}")
+
+
+@click.command("score")
+@_detector_options
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(path_type=Path), help="CSV file (path, score, anomalous, percentile) "
+                                                            "[default: CSV on stdout].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path),
+              help="Also write the results, the threshold and the skipped files as JSON ('-' for stdout).")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="Unreadable images: list and skip, or stop at the first.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), help="DataLoader workers for decoding [cores - 1].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out/--json file that sanf did not write.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def score(run_dir, weights, weights_dir, fpr, score, inputs, out, json_out, on_error, device, batch_size,
+          num_workers, overwrite, quiet):
+    """Score image files, folders (recursive) and glob patterns with a trained run.
+
+    Each image gets its anomaly score, whether it is anomalous at the run's calibrated threshold, and its
+    percentile among the held-out normal training images' scores.
+    """
+    from ..detect.detector import Detector, expand_inputs
+    from ..store.atomic import write_text_atomic
+
+    for p in (out, json_out):
+        if p is not None and str(p) != "-":
+            _check_out(p, overwrite, "--out" if p is out else "--json")
+    expand_inputs(inputs)  # bad paths fail before the backbone loads
+    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device=device, score=score, fpr=fpr)
+    res = det.score(inputs, batch_size=batch_size, num_workers=num_workers, on_error=on_error, quiet=quiet)
+    rows = res.rows()
+    text = _scores_csv(rows)
+    if out is not None:
+        write_text_atomic(out, text)
+    if json_out is not None:
+        doc = json.dumps({"format": "sanf-scores", "run": str(run_dir), "score": det.score_kind,
+                          "threshold": res.threshold, "results": rows, "skipped": res.skipped, "n_scored": len(rows),
+                          "n_flagged": int(res.anomalous.sum()), "n_skipped": len(res.skipped)}, indent=1)
+        if str(json_out) == "-":
+            click.echo(doc)
+        else:
+            write_text_atomic(json_out, doc + "\n")
+    elif out is None:
+        click.echo(text, nl=False)
+    for s in res.skipped[:20]:
+        click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
+    if len(res.skipped) > 20:
+        click.echo(f"... and {len(res.skipped) - 20} more skipped (all are in --json)", err=True)
+    to_stdout = out is None and json_out is None or str(json_out) == "-"
+    click.echo(res.summary() + (f"; results in {out}" if out else ""), err=to_stdout)
+
+
+@click.command("export")
+@_detector_options
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True,
+              help="onnx (opset 17, dynamic batch) or torchscript (traced).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Model file; the sidecar JSON (preprocessing, threshold) goes next to it as <out>.json.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+def export(run_dir, weights, weights_dir, fpr, score, fmt, out, overwrite):
+    """Export a trained run as one model (image tensor in, score out) plus a sidecar JSON."""
+    from ..detect.detector import Detector
+    from ..detect.export import export_detector
+
+    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device="cpu", score=score, fpr=fpr)
+    meta = export_detector(det, out, fmt, overwrite=overwrite)
+    thr = meta["threshold"]
+    click.echo(f"exported {out} ({fmt}{', opset ' + str(meta['opset']) if meta['opset'] else ''}, input "
+               f"{meta['inputs']['images']['shape']}) and {out}.json; threshold "
+               f"{thr['value'] if thr else None} (target FPR {thr['target_fpr'] if thr else None})")

