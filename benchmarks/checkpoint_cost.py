@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sanf_pipeline.runs import CHECKPOINT_FILE
-from sanf_pipeline.train import FitConfig, fit_flow
+from sanf_pipeline.store.run_folder import CHECKPOINT_FILE
+from sanf_pipeline.train.config import FitConfig
+from sanf_pipeline.train.fit import fit_flow
 
 SHAPES = {"EfficientNet-Lite0 last stage (d 1280, 49 tokens)": (1280, 49),
           "DINOv2 ViT-S/14 block 8 (d 384, 256 tokens)": (384, 256)}
@@ -29,7 +30,7 @@ SHAPES = {"EfficientNet-Lite0 last stage (d 1280, 49 tokens)": (1280, 49),
 
 def _fit_seconds(cls, patch, cfg: FitConfig, run_dir: Path | None) -> tuple[float, int, int]:
     """Seconds of one fit; with ``run_dir`` also the checkpoint's size and the number of checkpoints written."""
-    import sanf_pipeline.train as train_mod
+    import sanf_pipeline.train.fit as train_mod
 
     saves = [0]
     real = train_mod._Checkpoint.save

@@ -19,9 +19,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from sanf_pipeline.cache import open_cache
-from sanf_pipeline.features import pool_square_grid
-from sanf_pipeline.fit_config import FitConfig
+from sanf_pipeline.flow.normalizer import pool_square_grid
 from sanf_pipeline.models import PatchKNN, create_baseline, score_arrays
+from sanf_pipeline.train.config import FitConfig
 
 WEIGHTS = (0.5, 1.0)
 

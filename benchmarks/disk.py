@@ -32,8 +32,8 @@ def _mb(n: int) -> str:
 
 def measure(name: str, d: int, t: int, n_test: int, root: Path) -> dict:
     from sanf_pipeline.cache.synthetic import write_synthetic_cache
-    from sanf_pipeline.jobs import eval_run, fit_run
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.jobs.api import eval_run, fit_run
+    from sanf_pipeline.train.config import FitConfig
 
     cache = write_synthetic_cache(root / f"c{d}-{t}", n_classes=2, n_train=40, n_test=n_test // 2, dim=d,
                                   num_tokens=t, dtype="float16")

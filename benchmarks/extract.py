@@ -43,7 +43,7 @@ def unpack_cifar_slice(dest: Path, per_class: int) -> Path:
 
 def bare_forward(backbone, batch: int, size: int, device: torch.device, amp, iters: int) -> float:
     x = torch.randn(batch, 3, size, size, device=device)
-    from sanf_pipeline.extract import _forward
+    from sanf_pipeline.extract.job import _forward
 
     _forward(backbone, x, device, amp)  # warm-up
     if device.type == "cuda":
@@ -71,12 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path, help="append a result table to this file")
     args = p.parse_args(argv)
 
-    from sanf_pipeline.backbones import create_backbone
     from sanf_pipeline.cache import open_cache
     from sanf_pipeline.cache.inspect import disk_size
     from sanf_pipeline.device import precision_dtype as autocast_dtype
     from sanf_pipeline.device import resolve_device
-    from sanf_pipeline.extract import ExtractConfig, extract
+    from sanf_pipeline.extract.backbones import create_backbone
+    from sanf_pipeline.extract.job import ExtractConfig, extract
 
     device = resolve_device(args.device)
     amp = autocast_dtype(args.precision, device)

@@ -56,9 +56,9 @@ def _token_ll(flow, normalizer, cls, patch, batch=64) -> np.ndarray:
 
 
 def run_flow(name, overrides, seed, tr_cls, tr_patch, te_cls, te_patch) -> dict:
-    from sanf_pipeline.fit_config import FitConfig
-    from sanf_pipeline.scoring import score_flow
-    from sanf_pipeline.train import fit_flow
+    from sanf_pipeline.flow.score import score_flow
+    from sanf_pipeline.train.config import FitConfig
+    from sanf_pipeline.train.fit import fit_flow
 
     cfg = FitConfig(**{**overrides, "seed": seed})
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ import time
 import torch
 
 from sanf_pipeline.flow import SANFlow
-from sanf_pipeline.train import FitConfig
+from sanf_pipeline.train.config import FitConfig
 
 
 def step_ms(fused: bool, steps: int = 10) -> float:

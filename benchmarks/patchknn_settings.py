@@ -25,7 +25,7 @@ import torch
 
 def measure(cache: Path, fractions: list[float], neighbourhoods: list[int], normal: str = "good") -> dict:
     from sanf_pipeline.cache import open_cache
-    from sanf_pipeline.evaluate import compute_metrics
+    from sanf_pipeline.evaluate.metrics import compute_metrics
     from sanf_pipeline.models.patchknn import (
         coreset_size,
         greedy_coreset,

@@ -123,9 +123,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sanf_pipeline.backbones import create_backbone
     from sanf_pipeline.device import precision_dtype, resolve_device
-    from sanf_pipeline.extract import ExtractConfig, extract
+    from sanf_pipeline.extract.backbones import create_backbone
+    from sanf_pipeline.extract.job import ExtractConfig, extract
     from sanf_pipeline.sweep import run_sweep, write_summary
 
     base = TINY if args.tiny else FULL

@@ -88,9 +88,10 @@ def score_z2(sweep_dir: Path, cache: Path, setting: str, summary: dict) -> dict[
     from sklearn.metrics import roc_auc_score
 
     from sanf_pipeline.cache import open_cache
-    from sanf_pipeline.jobs import load_run
+    from sanf_pipeline.jobs.flow import load_run
     from sanf_pipeline.models import score_arrays
-    from sanf_pipeline.runs import MODEL_FILE, write_json_atomic
+    from sanf_pipeline.store.atomic import write_json_atomic
+    from sanf_pipeline.store.run_folder import MODEL_FILE
 
     store = sweep_dir / "z2_auroc.json"
     known = json.loads(store.read_text()) if store.exists() else {}
@@ -139,7 +140,7 @@ def _sweep(cache, out, *, report_only: bool, **kw):
 def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None,
              report_only: bool = False) -> tuple[list[str], dict | None]:
     """The fusion modes x seeds and the baselines of one PLAN entry, and z2 beside NLL for the default flow."""
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.train.config import FitConfig
 
     cache = Path(entry["cache"])
     head = f"## {entry['name']}\n\nCache `{cache}`"
@@ -188,7 +189,7 @@ def run_main(entry: dict, seeds: str, out_root: Path, workers: int | None,
 def run_ablations(entry: dict, default: dict, ablation_seeds: str, out_root: Path, workers: int | None,
                   report_only: bool = False) -> list[str]:
     """One sweep per ablated key, each value against the default flow on the same seeds."""
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.train.config import FitConfig
 
     if not entry["ablations"] or default is None:
         return []

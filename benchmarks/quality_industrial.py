@@ -48,9 +48,9 @@ def _layer_tag(layer) -> str:
 
 def _same_cache(path: Path, backbone: str, layer, image_size: int, pool: int) -> bool:
     """A sealed cache at ``path`` built with this backbone, layer, image size and pool (then nothing to extract)."""
-    from sanf_pipeline.backbones import parse_layers
     from sanf_pipeline.cache import open_cache
     from sanf_pipeline.errors import SanfError
+    from sanf_pipeline.extract.backbones import parse_layers
 
     if not (path / "sanf.json").exists():
         return False
@@ -70,8 +70,8 @@ def _same_cache(path: Path, backbone: str, layer, image_size: int, pool: int) ->
 
 def ensure_cache(path: Path, args, layer, pool: int = 1) -> float:
     """Extract ``path`` unless an identical sealed cache is there; returns the seconds spent."""
-    from sanf_pipeline.backbones import parse_layers
-    from sanf_pipeline.extract import ExtractConfig, extract
+    from sanf_pipeline.extract.backbones import parse_layers
+    from sanf_pipeline.extract.job import ExtractConfig, extract
 
     if _same_cache(path, args.backbone, layer, args.image_size, pool):
         return 0.0
@@ -132,7 +132,7 @@ def _seconds(sweep_dir: Path) -> dict[str, float]:
 
 def run_patch_knn(cache: Path, out: Path, args) -> dict:
     """patch-knn (``baseline_run``) on ``cache``; a finished run with the same settings is re-used."""
-    from sanf_pipeline.jobs import baseline_run
+    from sanf_pipeline.jobs.api import baseline_run
     from sanf_pipeline.models.patchknn import DEFAULT_CORESET, DEFAULT_NEIGHBOURHOOD
 
     options = {"coreset": args.coreset if args.coreset is not None else DEFAULT_CORESET,

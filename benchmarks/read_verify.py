@@ -42,8 +42,9 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from sanf_pipeline.evaluate import eval_run
-    from sanf_pipeline.train import FitConfig, fit_run
+    from sanf_pipeline.evaluate.metrics import eval_run
+    from sanf_pipeline.train.config import FitConfig
+    from sanf_pipeline.train.fit import fit_run
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = write_synthetic_cache(Path(tmp) / "cache", n_classes=10, n_train=args.n_train, n_test=args.n_test,

@@ -75,10 +75,10 @@ def main(argv=None) -> int:
     from sanf_pipeline import Detector
     from sanf_pipeline.data.folder import list_image_files
     from sanf_pipeline.data.images import decode_image
-    from sanf_pipeline.export import export_detector, run_onnx
-    from sanf_pipeline.extract import ExtractConfig, extract
-    from sanf_pipeline.jobs import fit_run
-    from sanf_pipeline.train import FitConfig
+    from sanf_pipeline.detect.export import export_detector, run_onnx
+    from sanf_pipeline.extract.job import ExtractConfig, extract
+    from sanf_pipeline.jobs.api import fit_run
+    from sanf_pipeline.train.config import FitConfig
 
     weights = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.safetensors"
     tmp = Path(tempfile.mkdtemp(prefix="sanf-score-bench-"))

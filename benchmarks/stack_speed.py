@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from sanf_pipeline.device import resolve_device
-    from sanf_pipeline.fit_config import FitConfig
-    from sanf_pipeline.stack import StackMember, fit_stack
-    from sanf_pipeline.train import fit_flow
+    from sanf_pipeline.train.config import FitConfig
+    from sanf_pipeline.train.fit import fit_flow
+    from sanf_pipeline.train.stack import StackMember, fit_stack
 
     device = resolve_device(args.device)
     rng = np.random.default_rng(0)

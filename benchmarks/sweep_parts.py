@@ -38,7 +38,10 @@ DRIVER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 args = json.loads(sys.argv[2])
-import sanf_pipeline.jobs as jobs
+try:
+    import sanf_pipeline.jobs.parts as jobs  # the layout since issue 18
+except ImportError:
+    import sanf_pipeline.jobs as jobs
 from sanf_pipeline.sweep import run_sweep
 fits = {"n": 0}
 # count patch-knn bank fits in this process and its forked workers (a file collects them)
