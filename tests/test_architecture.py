@@ -90,3 +90,22 @@ def test_one_import_style(path):
 
     absolute = [node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if absolute_sanf(node)]
     assert not absolute, f"{path.relative_to(PACKAGE)}: absolute sanf imports on lines {absolute}"
+
+
+def test_package_facades_resolve_and_stay_cheap():
+    """`from sanf_pipeline.jobs import fit_run` (the README's Python API) resolves every facade name to its
+    submodule's object, and importing the packages themselves loads no torch."""
+    import importlib
+    import subprocess
+    import sys
+
+    for pkg in ("sanf_pipeline", "sanf_pipeline.extract", "sanf_pipeline.jobs", "sanf_pipeline.train"):
+        mod = importlib.import_module(pkg)
+        api = getattr(mod, "_API", {"Detector": "detect.detector"})
+        for name, sub in api.items():
+            assert getattr(mod, name) is getattr(importlib.import_module(f"{pkg}.{sub}"), name), (pkg, name)
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            mod.nope  # noqa: B018
+    code = "import sys, sanf_pipeline.extract, sanf_pipeline.jobs, sanf_pipeline.train; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -2,8 +2,9 @@
 runs (``baseline``), a sweep's shared patch parts (``parts``) and the single-run API behind the CLI (``api``:
 fit_run, eval_run, baseline_run)."""
 
-# the Python API a user imports from the package itself, loaded on first use (importing the package stays cheap:
-# `sanf --help` and argument errors must not import torch)
+from .. import lazy_api
+
+# the Python API a user imports from the package itself, loaded on first use
 _API = {
     "fit_run": "api",
     "eval_run": "api",
@@ -13,13 +14,5 @@ _API = {
     "TestData": "data",
 }
 
-
-def __getattr__(name):
-    if name in _API:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
+__getattr__ = lazy_api(__name__, _API)
 __all__ = sorted(_API)
