@@ -69,6 +69,7 @@ class PatchParts:
         tensors = {"bank": item["bank"].bank, "held_out": torch.from_numpy(np.asarray(item["held_out"]))}
         if item.get("test") is not None:
             tensors["test"] = torch.from_numpy(np.asarray(item["test"]))
+        self.root.mkdir(parents=True, exist_ok=True)
         save_tensors_atomic(self.root / f"{key}.safetensors", tensors, {"kind": "sanf-patch-part",
                                                                          "bank": item["bank"].config()})
 
