@@ -31,7 +31,7 @@ from ..store.run_folder import (
 from ..train.config import FitConfig, current_run_settings
 from ..train.fit import FitResult
 from .baseline import baseline_identity, baseline_job
-from .data import EvalResult, TestData, TrainData, _mkdir
+from .data import EvalResult, TestData, TrainData, make_out_dir
 from .flow import eval_flow_job, eval_identity, fit_flow_job, fit_settings, load_run
 
 
@@ -127,6 +127,6 @@ def baseline_run(cache, normal_class, method: str = "gaussian", out_dir=None, *,
         refuse_foreign_files(out_dir, (CONFIG_FILE, MODEL_FILE, *RESULT_FILES))  # never replace a user's file
         # (docs/file-safety.md)
         guard_results(out_dir, baseline_identity(method, ci, test.fingerprint, options), overwrite)
-        _mkdir(out_dir)
+        make_out_dir(out_dir)
         return baseline_job(out_dir, method, train, test, plots=plots, options=options, quiet=quiet, fpr=fpr,
                             device=device)

@@ -102,7 +102,7 @@ BaselineRun = EvalResult
 
 
 # ------------------------------------------------------------------------- single runs from a cache (the CLI)
-def _mkdir(out_dir: Path) -> None:
+def make_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise SanfError(f"{out_dir} exists and is not a folder; choose another --out")
     try:

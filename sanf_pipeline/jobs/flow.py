@@ -52,7 +52,7 @@ from ..store.run_folder import (
 )
 from ..train.config import FitConfig, current_run_settings
 from ..train.fit import FitResult, fit_flow
-from .data import EvalResult, TestData, TrainData, _mkdir
+from .data import EvalResult, TestData, TrainData, make_out_dir
 from .parts import PatchParts, attach_patch_part
 
 
@@ -185,7 +185,7 @@ def eval_flow_job(out_dir, flow_model: FlowModel, patch_score: Combined | None, 
     })
     metrics.update(eval_threshold_metrics(config.get("calibration"), score, is_anomaly, scores, fpr))
     out_dir = Path(out_dir)
-    _mkdir(out_dir)
+    make_out_dir(out_dir)
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, train_log=train_log,
                           plots=plots)
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly,
@@ -198,37 +198,27 @@ def _score_test(flow_model: FlowModel, patch_score: Combined | None, test: TestD
     scores (``nll``, ``patch``) that were computed or given. Parts given by the caller are not recomputed; when
     both parts are needed, each block is read once for both."""
     dev = resolve_device(device)
-    given = {k: np.asarray(v, np.float64) for k, v in (("nll", flow_scores), ("patch", patch_scores))
-             if v is not None}
-    if kind not in PATCH_KINDS:
-        if "nll" in given:  # the flow's own score of this kind (flow_score_kind)
-            return given["nll"], {}
-        need = [kind]
-    else:
-        need = [k for k in (("nll", "patch") if kind == "combined" else ("patch",)) if k not in given]
-    model = None
-    if kind not in PATCH_KINDS:
-        model = flow_model.with_score(kind)
-    elif need == ["nll", "patch"]:
-        model = patch_score.with_score("combined")
-    elif need == ["nll"]:
-        model = flow_model.with_score("nll")
-    elif need == ["patch"]:
-        model = patch_score.with_score("patch")
-    parts = dict(given)
-    if model is not None:
+
+    def run(model) -> dict[str, np.ndarray]:
         model.to(dev)
         try:
-            out = score_blocks(model, test.blocks(model.needs_patch), batch_size=batch_size)
+            return score_blocks(model, test.blocks(model.needs_patch), batch_size=batch_size)
         finally:
             model.to("cpu")
-        if kind not in PATCH_KINDS:
-            return out["score"], {}
-        parts.update({k: out[k] for k in ("nll", "patch") if k in out})
-        if need == ["nll"]:
-            parts["nll"] = out["score"]
-        elif need == ["patch"]:
-            parts["patch"] = out["score"]
+
+    if kind not in PATCH_KINDS:  # the flow alone; given flow scores are of this kind (flow_score_kind)
+        scores = run(flow_model.with_score(kind))["score"] if flow_scores is None else flow_scores
+        return np.asarray(scores, np.float64), {}
+    parts = {k: np.asarray(v, np.float64) for k, v in (("nll", flow_scores), ("patch", patch_scores))
+             if v is not None}
+    need_nll, need_patch = kind == "combined" and "nll" not in parts, "patch" not in parts
+    if need_nll and need_patch:  # one pass, each block read once for both parts
+        out = run(patch_score.with_score("combined"))
+        parts.update(nll=out["nll"], patch=out["patch"])
+    elif need_nll:
+        parts["nll"] = run(flow_model.with_score("nll"))["score"]
+    elif need_patch:
+        parts["patch"] = run(patch_score.with_score("patch"))["score"]
     if kind == "patch":
         return parts["patch"], {"patch": parts["patch"]}
     combined = patch_score.combine(torch.from_numpy(parts["nll"]), torch.from_numpy(parts["patch"])).numpy()

@@ -5,6 +5,7 @@ there."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,13 @@ PARTS_DIR = "parts"  # a sweep folder's shared patch parts (sweep/run.py removes
 
 class PatchParts:
     """A sweep's fitted patch parts, by ``models.combined.patch_part_key``: a patch-knn bank, its held-out scores
-    and, once
-    computed, its test scores, so flow runs that differ in flow settings only fit and score one bank. In memory
-    (the ``keep`` most recently used; banks are large) and, with ``root``, in ``root/<key>.safetensors`` so that
+    and, once computed, its test scores, so flow runs that differ in flow settings only fit and score one bank. In
+    memory (the ``keep`` most recently used; banks are large) and, with ``root``, in ``root/<key>.safetensors`` so that
     every worker process of a sweep (and a resumed sweep) finds a part another one fitted; a worker fitting a part
     holds ``root/<key>.lock`` (flock: released by the kernel if the worker dies), so each is fitted once."""
 
     def __init__(self, root=None, keep: int = 2):
         self.root, self.keep, self.items = (Path(root) if root else None), int(keep), {}
-        self.fitted = self.reused = 0
 
     @staticmethod
     def key(cfg: FitConfig, fingerprint: str, class_index: int) -> str:
@@ -73,44 +72,19 @@ class PatchParts:
         save_tensors_atomic(self.root / f"{key}.safetensors", tensors, {"kind": "sanf-patch-part",
                                                                          "bank": item["bank"].config()})
 
-    def _locked(self, key: str):
-        import contextlib
-
-        @contextlib.contextmanager
-        def hold():
-            try:
-                import fcntl
-            except ImportError:  # not POSIX: no lock, at worst two workers fit the same part
-                yield
-                return
-            self.root.mkdir(parents=True, exist_ok=True)
-            with open(self.root / f"{key}.lock", "a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
-
-        return hold()
-
     def fetch(self, key: str, fit) -> dict:
         """The part of ``key``: from memory, from ``root``, or ``fit()`` -> (bank, held-out scores), stored."""
         if key in self.items:
-            self.reused += 1
             return self._remember(key, self.items[key])
         if self.root is None:
             bank, held_out = fit()
-            self.fitted += 1
             return self._remember(key, {"bank": bank.to("cpu"), "held_out": held_out, "test": None})
-        with self._locked(key):
+        with _flock(self.root / f"{key}.lock"):
             item = self._load(key)
-            if item is not None:
-                self.reused += 1
-            else:
+            if item is None:
                 bank, held_out = fit()
                 item = {"bank": bank.to("cpu"), "held_out": held_out, "test": None}
                 self._save(key, item)
-                self.fitted += 1
         return self._remember(key, item)
 
     def test_scores(self, key: str) -> np.ndarray | None:
@@ -124,7 +98,7 @@ class PatchParts:
             return
         item["test"] = np.asarray(scores, np.float64)
         if self.root is not None:
-            with self._locked(key):
+            with _flock(self.root / f"{key}.lock"):
                 if (self.root / f"{key}.safetensors").is_file():
                     self._save(key, item)
 
@@ -132,15 +106,33 @@ class PatchParts:
 def attach_patch_part(result: FitResult, cfg: FitConfig, train: TrainData, fingerprint: str,
                       parts: PatchParts | None = None, *, quiet: bool = True) -> str | None:
     """``models.add_patch_score``, with the sweep's part of the same key when ``parts`` is given (fitted there
-    first if it is new). Returns the part's key (None without ``parts`` or without a patch part)."""
-    from ..models.combined import MIN_HELD_OUT
-
-    tr, va = cfg.held_out_split(len(train.cls))
-    if parts is None or cfg.patch_score == "none" or not result.calibration or len(va) < MIN_HELD_OUT:
+    first if it is new). Returns the part's key (None without ``parts`` or when the run got no patch part)."""
+    if parts is None:
         add_patch_score(result, cfg, train.cls, train.patch, quiet=quiet)
         return None
     key = parts.key(cfg, fingerprint, train.class_index)
-    item = parts.fetch(key, lambda: fit_patch_part(cfg, train.patch, tr, va, quiet=quiet))
-    add_patch_score(result, cfg, train.cls, train.patch, quiet=quiet, part=item["bank"],
-                    held_out_patch=item["held_out"])
-    return key
+
+    def shared(tr, va):
+        item = parts.fetch(key, lambda: fit_patch_part(cfg, train.patch, tr, va, quiet=quiet))
+        return item["bank"], item["held_out"]
+
+    add_patch_score(result, cfg, train.cls, train.patch, quiet=quiet, fit_part=shared)
+    return key if result.patch_score is not None else None
+
+
+@contextlib.contextmanager
+def _flock(path: Path):
+    """Hold an exclusive flock on ``path`` (released by the kernel if the process dies); without fcntl (not POSIX)
+    no lock: at worst two workers fit the same part."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -124,11 +124,12 @@ class Combined(AnomalyModel):
 
 
 def add_patch_score(result, cfg, train_cls: np.ndarray, train_patch: np.ndarray | None, *,
-                    quiet: bool = True, part: PatchKNN | None = None, held_out_patch=None) -> None:
+                    quiet: bool = True, fit_part=None) -> None:
     """Give a fitted flow's ``FitResult`` its patch part (``result.patch_score``, a ``Combined``) and extend its
     calibration with the ``patch`` and ``combined`` held-out scores, the threshold then on ``combined``. Nothing when
     ``cfg.patch_score`` is ``none`` or too few rows were held out (``result.patch_score_skipped`` says why).
-    ``part``/``held_out_patch``: a bank fitted on the same rows and its held-out scores (a sweep fits each once)."""
+    ``fit_part(tr, va) -> (bank, held-out scores)``: where the bank comes from (default ``fit_patch_part``; a sweep
+    passes its shared parts, fitted once per key)."""
     from ..evaluate.calibration import calibration_record
 
     result.patch_score = None
@@ -144,8 +145,10 @@ def add_patch_score(result, cfg, train_cls: np.ndarray, train_patch: np.ndarray 
         result.patch_score_skipped = (f"{len(va)} held-out normal images, fewer than the {MIN_HELD_OUT} the "
                                       f"standardisation needs: the flow alone")
         return
-    if part is None:
+    if fit_part is None:
         part, held_out_patch = fit_patch_part(cfg, train_patch, tr, va, quiet=quiet)
+    else:
+        part, held_out_patch = fit_part(tr, va)
     flow = FlowModel(result.normalizer, result.model)
     combined = Combined(flow, part.to("cpu"), mean_std(nll), mean_std(held_out_patch))
     result.patch_score = combined

@@ -68,12 +68,14 @@ class FlowModel(AnomalyModel):
     def fit(self, cls: np.ndarray, patch: np.ndarray | None = None, *, device=None, quiet: bool = True, cfg=None,
             **fit_options) -> FlowModel:
         """``train.fit.fit_flow`` with ``cfg`` (a ``FitConfig``); the full ``FitResult`` is kept as ``fit_result``."""
+        import dataclasses
+
         from ..train.config import FitConfig
         from ..train.fit import fit_flow
 
         cfg = cfg or FitConfig()
-        if device is not None:
-            cfg.device = str(device)
+        if device is not None:  # the caller's config is left as it was
+            cfg = dataclasses.replace(cfg, device=str(device))
         result = fit_flow(cls, patch if cfg.flow_needs_patch else None, cfg, quiet=quiet, **fit_options)
         self.normalizer, self.flow, self.fit_result = result.normalizer, result.model, result
         return self
