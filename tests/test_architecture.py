@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sanf_pipeline"
 LAYERS = [
     ["__init__", "errors"],  # no sanf imports
     ["progress", "device", "tokens"],  # foundation: progress bars, device and autocast policy, token pooling
-    ["data", "cache", "flow"],  # readers; stores; the SANF modules, their input normaliser and scores
+    ["data", "cache", "flow", "maps"],  # readers; stores; the SANF modules, their input normaliser and scores; maps
     ["store"],  # the files sanf writes: atomic writes, safe reading, run folders
     ["extract", "evaluate"],  # stage one (backbones, weights, the extraction job); metrics, thresholds, reports
     ["train"],  # fitting flows: settings and their option types, one fit, the shared step loop, stacks

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import SanfError
 from .reader import FeatureCache
 from .stores import PROGRESS_DIR
-from .writer import shard_digest
+from .writer import mask_digest, shard_digest
 
 
 def disk_size(path: Path) -> int:
@@ -50,7 +50,29 @@ def cache_info(path) -> dict:
         "versions": meta.get("versions"),
         "created": meta.get("created"),
         "skipped": len(meta.get("skipped", [])),
+        "masks": mask_summary(meta),
     }
+
+
+def mask_summary(meta: dict) -> dict | None:
+    """What ground-truth masks a cache records (from its metadata): split, resolution, how many images have a
+    known mask and how many of those show a defect at that resolution; None when it records none."""
+    masks = meta.get("masks")
+    if not isinstance(masks, dict) or masks.get("split") not in meta.get("splits", {}):
+        return None
+    return {"split": masks["split"], "resolution": list(masks.get("resolution") or []),
+            "n": meta["splits"][masks["split"]]["n"], "n_known": masks.get("n_known"),
+            "n_with_defect": masks.get("n_with_defect"), "rule": masks.get("rule")}
+
+
+def mask_line(info: dict) -> str:
+    """The ``masks`` line of `sanf cache info` (``info``: :func:`cache_info`'s summary)."""
+    m = info.get("masks")
+    if not m:
+        return "masks      none (no ground-truth masks recorded)"
+    h, w = m["resolution"]
+    return (f"masks      {m['split']}: {m['n_known']} of {m['n']} images have a known mask ({m['n_with_defect']} "
+            f"with defect pixels) at {h}x{w}")
 
 
 @dataclass
@@ -102,6 +124,17 @@ def verify_cache(path, progress=None) -> VerifyReport:
             report.rows_checked += stop - start
             if progress:
                 progress(stop - start)
+    for name in cache.splits:
+        if cache.split(name).has_masks:
+            recorded = (meta.get("settings", {}).get("masks") or {}).get("sha256")
+            try:
+                group = cache._group(name)
+                coverage, known = np.asarray(group["mask"][...]), np.asarray(group["mask_known"][...])
+            except Exception as exc:  # a missing array, a damaged chunk file: a problem, not a traceback
+                report.problems.append(f"{name}: the ground-truth masks cannot be read ({type(exc).__name__}: {exc})")
+                continue
+            if mask_digest(coverage, known) != recorded:
+                report.problems.append(f"{name}: the ground-truth masks do not match their checksum")
     if cache.format == "zarr" and (cache.path / PROGRESS_DIR).exists():
         for name in cache.splits:
             if len(cache._store.done_markers(name)) != meta["splits"][name]["shards"]:

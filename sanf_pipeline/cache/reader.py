@@ -3,6 +3,9 @@
 Reads are contiguous slices (one class of one split is one block), which is what both Zarr and HDF5 are
 fast at. Rows whose image was skipped at extraction (``valid == False``) are dropped on every read.
 
+A split extracted from a dataset with ground-truth defect masks (mvtec's test split) also holds ``mask``
+(n, h, w) uint8 coverage and ``mask_known`` (n,) bool, read with :meth:`SplitView.masks` (``extract/masks.py``).
+
 Every read checks what it reads against the sha256 recorded when each shard was written (as HDFS and ZFS check
 blocks on read): the shards a read overlaps are read whole, hashed once per open cache and compared, per array
 (``shard_sha256_arrays``; caches sealed before per-array digests: the combined ``shard_sha256``, which needs all
@@ -82,6 +85,57 @@ class SplitView:
     def _damaged(self, i: int, r0: int, r1: int, what: str) -> SanfError:
         path = self.cache.path
         return SanfError(f"cache {path} is damaged: shard {i} of split {self.name} (rows {r0}:{r1}) {what}; run "
+                         f"`sanf cache verify {path}` and re-extract it (rerun `sanf extract` with --overwrite)")
+
+    # -- ground-truth masks (the test split of a cache extracted from a dataset with masks: extract/masks.py)
+    @property
+    def has_masks(self) -> bool:
+        """Whether this split records ground-truth defect masks."""
+        return self.cache._masks_meta().get("split") == self.name
+
+    def masks(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(coverage uint8 (m, h, w), known bool (m,))`` of rows ``start:stop``, valid ones only (aligned with
+        :meth:`read`): coverage 0..255 of each pixel at ``cache.mask_resolution`` (a pixel is defective when
+        ``coverage >= 128``: ``meta["masks"]["rule"]``); ``known`` False where the image's mask is unknown (a
+        defect image without a mask file; its coverage is all zeros). Checked against the recorded sha256 on the
+        first read of an open cache (``verify``)."""
+        if not self.has_masks:
+            raise SanfError(f"cache {self.cache.path} records no ground-truth masks for split {self.name} (it was "
+                            "extracted from a dataset without masks, e.g. not mvtec's test split); pixel-level "
+                            "evaluation needs a cache extracted with masks")
+        keep = self.valid[start:stop]
+        coverage, known = self._mask_rows(start, stop)
+        return coverage[keep], known[keep]
+
+    def _mask_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        cache, key = self.cache, (self.name, -1, "mask")
+        check = cache.verify and key not in cache._verified
+        a, b = (0, self.n) if check else (start, stop)  # the digest covers the whole arrays
+        try:
+            coverage = np.asarray(self._array("mask")[a:b], dtype=np.uint8)
+            known = np.asarray(self._array("mask_known")[a:b], dtype=bool)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # a missing array, a damaged chunk file
+            raise self._damaged_masks(f"cannot be read ({type(exc).__name__})") from None
+        if cache.mask_resolution is None:
+            raise self._damaged_masks("have no recorded resolution")
+        h, w = cache.mask_resolution
+        if coverage.shape[1:] != (h, w) or len(coverage) != len(known):
+            raise self._damaged_masks(f"have shape {coverage.shape}, not (n, {h}, {w})")
+        if check:
+            from .writer import mask_digest
+
+            recorded = (cache.meta.get("settings", {}).get("masks") or {}).get("sha256")
+            if not recorded:
+                raise self._damaged_masks("have no recorded checksum")
+            if len(coverage) != self.n or mask_digest(coverage, known) != recorded:
+                raise self._damaged_masks("do not match their checksum")
+            cache._verified.add(key)
+            return coverage[start:stop], known[start:stop]
+        return coverage, known
+
+    def _damaged_masks(self, what: str) -> SanfError:
+        path = self.cache.path
+        return SanfError(f"cache {path} is damaged: the ground-truth masks of split {self.name} {what}; run "
                          f"`sanf cache verify {path}` and re-extract it (rerun `sanf extract` with --overwrite)")
 
     @property
@@ -216,6 +270,17 @@ class FeatureCache:
         if per_array and all(isinstance(d, dict) for d in per_array):
             return "arrays", per_array
         return "combined", (self.meta.get("shard_sha256") or {}).get(split, [])
+
+    def _masks_meta(self) -> dict:
+        masks = self.meta.get("masks")
+        return masks if isinstance(masks, dict) else {}
+
+    @property
+    def mask_resolution(self) -> tuple[int, int] | None:
+        """``(h, w)`` of the ground-truth masks the cache records (``eval_resolution`` of the input size), or None
+        when it records none."""
+        res = self._masks_meta().get("resolution")
+        return None if res is None else (int(res[0]), int(res[1]))
 
     @property
     def fingerprint(self) -> str:

@@ -18,7 +18,6 @@ import numpy as np
 
 from ..errors import SanfError
 from .schema import (
-    INDEX_ARRAYS,
     META_FILE,
     ROW_ARRAYS,
     canonical_json,
@@ -127,7 +126,7 @@ class ZarrStore(_Store):
                     chunks=spec["chunks"],
                     shards=spec.get("shards"),
                     dtype=spec["dtype"],
-                    compressors=None,
+                    compressors=_zarr_compressors(spec),
                     fill_value=0,
                 )
             for name, value in index[split].items():
@@ -222,10 +221,13 @@ class H5Store(_Store):
                     # HDF5 refuses chunks larger than the array: a split smaller than one chunk gets smaller chunks
                     chunks = tuple(min(c, n) for c, n in zip(spec["chunks"], spec["shape"], strict=True)) \
                         if spec["shape"][0] else None
-                    ds = group.create_dataset(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=chunks)
-                    if name in INDEX_ARRAYS:
+                    compress = {"compression": "gzip", "compression_opts": 4} if spec.get("compress") and chunks \
+                        else {}
+                    ds = group.create_dataset(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=chunks,
+                                              **compress)
+                    if name not in ROW_ARRAYS:  # INDEX_ARRAYS and the optional ones (masks): written at creation
                         ds[...] = np.load(self.work_dir / split / f"{name}.npy", allow_pickle=False)
-                    elif name in ROW_ARRAYS:
+                    else:
                         n = spec["shape"][0]
                         for shard, start in enumerate(range(0, n, shard_size)):
                             part = self.work_dir / split / "shards" / f"{shard:06d}.{name}.npy"
@@ -243,6 +245,16 @@ class H5Store(_Store):
     def remove(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.path.unlink(missing_ok=True)
+
+
+def _zarr_compressors(spec: dict):
+    """None (stored raw: feature tokens do not compress) unless the layout asks for compression (masks: mostly
+    zeros), then zstd."""
+    if not spec.get("compress"):
+        return None
+    from zarr.codecs import ZstdCodec
+
+    return ZstdCodec(level=3)
 
 
 def _is_tmp_of(name: str, target: str) -> bool:

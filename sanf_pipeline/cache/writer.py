@@ -32,13 +32,19 @@ from .schema import (
 )
 from .stores import format_for_path, open_store
 
+MASK_ARRAYS = ("mask", "mask_known")  # a split's optional ground-truth masks: index arrays, written at creation
+MASK_CHUNK = 64  # masks per chunk of the ``mask`` array
+
 
 @dataclass
 class SplitListing:
-    """One split's samples, already sorted by label."""
+    """One split's samples, already sorted by label; ``masks``: the split's ground-truth masks in that order,
+    ``(coverage uint8 (n, h, w), known bool (n,))``, stored as the index arrays ``mask`` and ``mask_known`` when
+    the cache is created (``extract/masks.py``), or None."""
 
     labels: np.ndarray
     sample_ids: list[str]
+    masks: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -89,6 +95,12 @@ def _layout(spec: CacheSpec) -> dict:
             "sample_id_bytes": {"shape": [len(ids)], "chunks": [max(1, len(ids))], "dtype": "uint8"},
             "sample_id_offsets": {"shape": [n + 1], "chunks": [n + 1], "dtype": "int64"},
         }
+        if listing.masks is not None:
+            _, h, w = listing.masks[0].shape
+            # mostly zeros: compressed (zarr: zstd; hdf5: gzip), in chunks of 64 masks (at 256 px, 4 MB raw)
+            out[split]["mask"] = {"shape": [n, h, w], "chunks": [max(1, min(n, MASK_CHUNK)), h, w],
+                                  "dtype": "uint8", "compress": True}
+            out[split]["mask_known"] = {"shape": [n], "chunks": [max(1, n)], "dtype": "bool"}
     return out
 
 
@@ -102,6 +114,9 @@ def _index(spec: CacheSpec) -> dict:
             "sample_id_bytes": ids,
             "sample_id_offsets": id_offsets,
         }
+        if listing.masks is not None:
+            out[split]["mask"] = np.ascontiguousarray(listing.masks[0], dtype=np.uint8)
+            out[split]["mask_known"] = np.ascontiguousarray(listing.masks[1], dtype=bool)
     return out
 
 
@@ -110,6 +125,14 @@ def shard_digest(rows: dict[str, np.ndarray]) -> str:
     for name in sorted(rows):
         h.update(name.encode())
         h.update(np.ascontiguousarray(rows[name]).tobytes())
+    return h.hexdigest()
+
+
+def mask_digest(masks: np.ndarray, known: np.ndarray) -> str:
+    """sha256 (hex) of a split's mask bytes (uint8 (n, h, w), C order) followed by its known flags' bytes (bool
+    (n,)): recorded in the settings (``settings["masks"]["sha256"]``) and checked by the reader's first mask read."""
+    h = hashlib.sha256(np.ascontiguousarray(masks, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(known, dtype=bool).tobytes())
     return h.hexdigest()
 
 

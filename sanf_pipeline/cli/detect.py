@@ -11,7 +11,7 @@ import click
 
 from ..errors import SanfError
 from ..train.options import _RegistryChoice
-from .options import SCORE_HELP, _scores
+from .options import SCORE_HELP, _scores, map_options
 
 CSV_HEADER = ["path", "score", "anomalous", "percentile"]
 
@@ -28,6 +28,7 @@ def _detector_options(f):
         click.option("--fpr", type=float, help="Target false-positive rate of the threshold [default: the run's]."),
         click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True,
                      help=SCORE_HELP + " Baseline runs have one score."),
+        *map_options(),
     ]):
         f = opt(f)
     return f
@@ -71,24 +72,38 @@ def _check_out(path: Path, overwrite: bool, what: str) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), help="DataLoader workers for decoding [cores - 1].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out/--json file that sanf did not write.")
+@click.option("--maps", "maps_dir", type=click.Path(path_type=Path),
+              help="Folder for each image's overlay PNG (<name>.overlay.png: jet map over the image, predicted "
+                   "region's contour, score and decision) and raw map (<name>.map.npy: float32 at the image's "
+                   "resolution), indexed in sanf-maps.json. Runs whose score has spatial support only.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out/--json file that sanf did not write, and "
+                                                 "the maps of an earlier `sanf score --maps` into the same folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score(run_dir, weights, weights_dir, fpr, score, inputs, out, json_out, on_error, device, batch_size,
-          num_workers, overwrite, quiet):
+def score(run_dir, weights, weights_dir, fpr, score, map_sigma, pixel_rule, inputs, out, json_out, on_error, device,
+          batch_size, num_workers, maps_dir, overwrite, quiet):
     """Score image files, folders (recursive) and glob patterns with a trained run.
 
     Each image gets its anomaly score, whether it is anomalous at the run's calibrated threshold, and its
-    percentile among the held-out normal training images' scores.
+    percentile among the held-out normal training images' scores; with --maps also its anomaly map.
     """
     from ..detect.detector import Detector, expand_inputs
+    from ..detect.overlays import MapWriter
     from ..store.atomic import write_text_atomic
 
     for p in (out, json_out):
         if p is not None and str(p) != "-":
             _check_out(p, overwrite, "--out" if p is out else "--json")
-    expand_inputs(inputs)  # bad paths fail before the backbone loads
-    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device=device, score=score, fpr=fpr)
-    res = det.score(inputs, batch_size=batch_size, num_workers=num_workers, on_error=on_error, quiet=quiet)
+    files = expand_inputs(inputs)  # bad paths fail before the backbone loads
+    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device=device, score=score, fpr=fpr,
+                        map_sigma=map_sigma, pixel_rule=pixel_rule)
+    writer = None
+    if maps_dir is not None:
+        det._require_maps()
+        writer = MapWriter(maps_dir, det, files, overwrite=overwrite)
+    res = det.score(files, batch_size=batch_size, num_workers=num_workers, on_error=on_error, quiet=quiet,
+                    maps=writer is not None, on_batch=writer)
+    if writer is not None:
+        writer.finish(res.skipped)
     rows = res.rows()
     text = _scores_csv(rows)
     if out is not None:
@@ -108,7 +123,8 @@ def score(run_dir, weights, weights_dir, fpr, score, inputs, out, json_out, on_e
     if len(res.skipped) > 20:
         click.echo(f"... and {len(res.skipped) - 20} more skipped (all are in --json)", err=True)
     to_stdout = out is None and json_out is None or str(json_out) == "-"
-    click.echo(res.summary() + (f"; results in {out}" if out else ""), err=to_stdout)
+    where = (f"; results in {out}" if out else "") + (f"; maps in {maps_dir}" if maps_dir else "")
+    click.echo(res.summary() + where, err=to_stdout)
 
 
 @click.command("export")
@@ -118,12 +134,15 @@ def score(run_dir, weights, weights_dir, fpr, score, inputs, out, json_out, on_e
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Model file; the sidecar JSON (preprocessing, threshold) goes next to it as <out>.json.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files.")
-def export(run_dir, weights, weights_dir, fpr, score, fmt, out, overwrite):
-    """Export a trained run as one model (image tensor in, score out) plus a sidecar JSON."""
+def export(run_dir, weights, weights_dir, fpr, score, map_sigma, pixel_rule, fmt, out, overwrite):
+    """Export a trained run as one model (image tensor in; score, and the anomaly map where the score has one, out)
+    plus a sidecar JSON."""
     from ..detect.detector import Detector
-    from ..detect.export import export_detector
+    from ..detect.export import check_export_path, export_detector
 
-    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device="cpu", score=score, fpr=fpr)
+    check_export_path(out, fmt, overwrite)  # before the backbone loads
+    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device="cpu", score=score, fpr=fpr,
+                        map_sigma=map_sigma, pixel_rule=pixel_rule)
     meta = export_detector(det, out, fmt, overwrite=overwrite)
     thr = meta["threshold"]
     click.echo(f"exported {out} ({fmt}{', opset ' + str(meta['opset']) if meta['opset'] else ''}, input "

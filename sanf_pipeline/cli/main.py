@@ -10,7 +10,7 @@ import click
 
 from ..errors import Interrupted, SanfError
 from ..train.options import _RegistryChoice, fit_options, fit_values
-from .options import SCORE_HELP, _baselines, _scores
+from .options import SCORE_HELP, _baselines, _scores, map_options, with_options
 
 
 class _Group(click.Group):
@@ -260,14 +260,17 @@ def fit(cache_path, normal_class, out, overwrite, quiet, **options):
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: the run folder].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
-def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
-    """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, threshold rates, scores, report, plots."""
+@with_options(map_options(switch=True))
+def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite, map_sigma, pixel_rule, maps):
+    """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, threshold rates, scores, report, plots;
+    with anomaly maps, pixel AUROC and AUPRO where the cache records ground-truth masks and an overlay grid."""
     _check_run_dir(run_dir)
     if cache_path is not None:
         _check_cache(cache_path)
     from ..jobs.api import eval_run
 
-    res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device, fpr=fpr)
+    res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device, fpr=fpr, maps=maps,
+                   map_sigma=map_sigma, pixel_rule=pixel_rule)
     m = res.metrics
     thr = m.get("threshold")
     if thr:
@@ -278,6 +281,7 @@ def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
     click.echo(f"{m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, AUPR {m['aupr']:.4f}, "
                f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {m['score']}{parts}); "
                f"results in {res.out_dir} (metrics.json, scores.csv, report.md, plots)")
+    echo_localisation(m.get("localisation"))
 
 
 @cli.command()
@@ -301,7 +305,9 @@ def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def baseline(cache_path, normal_class, method, k, coreset, neighbourhood, out, fpr, device, overwrite, quiet):
+@with_options(map_options(switch=True))
+def baseline(cache_path, normal_class, method, k, coreset, neighbourhood, out, fpr, device, overwrite, quiet,
+             map_sigma, pixel_rule, maps):
     """Score the test split with a baseline on the same cache (same result files as `sanf eval`)."""
     _check_cache(cache_path, normal_class)
     from ..jobs.api import baseline_run
@@ -312,11 +318,21 @@ def baseline(cache_path, normal_class, method, k, coreset, neighbourhood, out, f
     if k is not None:
         options["k"] = k
     res = baseline_run(cache_path, normal_class, method, out, overwrite=overwrite, options=options, fpr=fpr,
-                       quiet=quiet, device=device)
+                       quiet=quiet, device=device, maps=maps, map_sigma=map_sigma, pixel_rule=pixel_rule)
     m = res.metrics
     click.echo(f"{method} {m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, "
                f"AUPR {m['aupr']:.4f}, TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples; "
                f"results in {res.out_dir}")
+    echo_localisation(m.get("localisation"))
+
+
+def echo_localisation(loc: dict | None) -> None:
+    """One line on the maps of an eval: pixel AUROC and AUPRO where there are masks."""
+    if not loc or not loc.get("maps"):
+        return
+    if "pixel_auroc" in loc:
+        click.echo(f"localisation: pixel AUROC {loc['pixel_auroc']:.4f}, AUPRO@{loc['max_fpr']:g} {loc['aupro']:.4f} "
+                   f"on {loc['n_images']} test images with masks ({loc['resolution'][0]}x{loc['resolution'][1]} px)")
 
 
 @cli.command("demo")

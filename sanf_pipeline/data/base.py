@@ -8,6 +8,11 @@ A reader implements two methods:
 * ``_load(i)`` -> uint8 (H, W, 3) for position ``i`` *after* ``limit_per_class`` was applied
   (use ``self.sample_ids[i]`` / ``self._refs[i]``).
 
+A reader with ground-truth defect masks also sets ``provides_masks = True`` and overrides ``mask_ref(i)``
+(same positions as ``_load``): ``""`` for a normal image, known to have no defect pixel; the mask file's path
+relative to ``root`` for an image with one; ``None`` where the mask is unknown (no mask file; every image of a
+reader without masks).
+
 The base class validates arguments, applies ``limit_per_class``, and keeps the object cheap to
 pickle: anything a reader stores in ``self._lazy`` (open memmaps, decoded pickle batches) is
 per-process state, dropped when the dataset is pickled and rebuilt on first use in each worker.
@@ -35,6 +40,8 @@ class ImageDataset:
     needs_root: ClassVar[bool] = True
     #: False when the dataset has no ``category`` choice; passing one is then a user error.
     takes_category: ClassVar[bool] = False
+    #: True for readers that override :meth:`mask_ref` (ground-truth defect masks); False: every ref is None.
+    provides_masks: ClassVar[bool] = False
 
     class_names: list[str]
     labels: np.ndarray
@@ -99,6 +106,20 @@ class ImageDataset:
         if not (img.flags.c_contiguous and img.flags.writeable):
             img = np.array(img, order="C")  # torch.as_tensor warns on read-only arrays
         return img
+
+    def mask_ref(self, i: int) -> str | None:
+        """The ground-truth mask of sample ``i``: ``""`` = a normal image, known to have no defect pixel; a path
+        relative to ``root`` = its mask file; ``None`` = unknown (no mask). This default: always ``None``."""
+        return None
+
+    def mask_refs(self) -> list[str | None]:
+        """``mask_ref(i)`` for every position ``i``."""
+        return [self.mask_ref(i) for i in range(len(self))]
+
+    def has_masks(self) -> bool:
+        """Whether this split has ground-truth masks: at least one sample with a mask file (a split of only normal
+        images, or of defects without mask files, has nothing to evaluate pixels against)."""
+        return self.provides_masks and any(self.mask_refs())
 
     def order_by_label(self) -> np.ndarray:
         """Positions sorted by label, stable (natural order kept within a class); int64 (n,)."""

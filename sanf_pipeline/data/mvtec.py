@@ -1,11 +1,18 @@
 """``mvtec``: MVTec AD layout, ``root/<category>/{train/good, test/<good|defect>}/*.png``.
 
 ``class_names = ["good", <defect types sorted>]`` for both splits (label 0 = normal), taken from the
-category's test folders; train holds only ``good``. Ground-truth masks are ignored. ``category``
-is required. Only the path list is kept in memory.
+category's test folders; train holds only ``good``. ``category`` is required. Only the path list is kept
+in memory.
+
+Ground-truth masks (``root/<category>/ground_truth/<defect>/<stem>_mask.png``, 0 = normal, 255 = defect) are
+what ``mask_ref`` points at, per test image: ``""`` for a ``good`` image (no defect pixel), the mask's path
+relative to ``root`` for a defect image whose mask file exists, ``None`` (unknown) for a defect image without
+one; every train image: ``None``. Masks are only looked up (one ``stat`` per defect image), never decoded here.
 """
 
 from __future__ import annotations
+
+from pathlib import PurePosixPath
 
 import numpy as np
 
@@ -16,11 +23,14 @@ from .images import decode_image
 from .registry import register_dataset
 
 NORMAL = "good"
+GROUND_TRUTH = "ground_truth"
+MASK_SUFFIX = "_mask.png"
 
 
 @register_dataset("mvtec")
 class MVTecDataset(ImageDataset):
     takes_category = True
+    provides_masks = True
 
     def _scan(self):
         available = [c for c in subfolders(self.root) if (self.root / c / "train").is_dir()]
@@ -43,3 +53,13 @@ class MVTecDataset(ImageDataset):
 
     def _load(self, i: int) -> np.ndarray:
         return decode_image(self.root / self.sample_ids[i])
+
+    def mask_ref(self, i: int) -> str | None:
+        if self.split != "test":
+            return None
+        if int(self.labels[i]) == 0:  # class_names[0] is "good"
+            return ""
+        # <category>/test/<defect>/<...>/<stem>.<ext> -> <category>/ground_truth/<defect>/<...>/<stem>_mask.png
+        parts = PurePosixPath(self.sample_ids[i]).parts
+        ref = PurePosixPath(parts[0], GROUND_TRUTH, *parts[2:-1], PurePosixPath(parts[-1]).stem + MASK_SUFFIX)
+        return ref.as_posix() if (self.root / ref).is_file() else None

@@ -36,12 +36,13 @@ from ..errors import SanfError
 
 # ------------------------------------------------------------------------------------------------- the model
 def load_model(run_dir, score: str = "auto"):
-    """The ``models`` module of a finished flow or baseline run, the run's config and the score kind it computes."""
+    """The ``models`` module of a finished flow or baseline run, the run's config, the score kind it computes and
+    the run's held-out normal evidence maps by kind (``jobs.maps``; empty for runs written before maps)."""
     from ..cache.schema import read_json_file
     from ..jobs.flow import load_run
     from ..models import load_baseline, resolve_score
     from ..store.atomic import load_tensors
-    from ..store.run_folder import CONFIG_FILE, MODEL_FILE
+    from ..store.run_folder import CONFIG_FILE, MODEL_FILE, held_out_maps_of
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
@@ -51,19 +52,21 @@ def load_model(run_dir, score: str = "auto"):
             raise SanfError(f"baseline run {run_dir} has no {MODEL_FILE} (written by sanf versions before every "
                             f"baseline was a detector); rerun the same `sanf baseline` command with --overwrite")
         tensors, _ = load_tensors(run_dir / MODEL_FILE)
-        return load_baseline(cfg.get("model"), tensors), cfg, cfg.get("method")  # one score, named by its method
+        # one score, named by its method
+        return load_baseline(cfg.get("model"), tensors), cfg, cfg.get("method"), held_out_maps_of(tensors)
     run = load_run(run_dir, device="cpu")
     kind = resolve_score(score, run.config, run_dir)
-    return run.model(kind), run.config, kind
+    return run.model(kind), run.config, kind, run.held_out_maps
 
 
 class DetectorModel(nn.Module):
     """``images (B, 3, S, S)`` normalised as ``preprocessing`` says -> anomaly scores ``(B,)`` float32: the backbone,
-    the rounding to the cache dtype, then the run's ``models`` module."""
+    the rounding to the cache dtype, then the run's ``models`` module; with a ``head`` (``maps.MapHead``) also the
+    anomaly maps ``(B, S, S)`` float32 at the input size."""
 
-    def __init__(self, backbone, model: nn.Module, feature_dtype: torch.dtype = torch.float32):
+    def __init__(self, backbone, model: nn.Module, feature_dtype: torch.dtype = torch.float32, head=None):
         super().__init__()
-        self.backbone, self.model, self.feature_dtype = backbone, model, feature_dtype
+        self.backbone, self.model, self.feature_dtype, self.head = backbone, model, feature_dtype, head
 
     def features(self, images: torch.Tensor, amp: torch.dtype | None = None):
         with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
@@ -71,9 +74,14 @@ class DetectorModel(nn.Module):
         # as stored in the cache the run was trained on (float16 by default), then float32 as the reader returns
         return cls.to(self.feature_dtype).float(), patch.to(self.feature_dtype).float()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor):
         cls, patch = self.features(images)
-        return self.model(cls, patch)[0].to(torch.float32)
+        return self.outputs(*self.model(cls, patch))
+
+    def outputs(self, score: torch.Tensor, evidence: torch.Tensor | None):
+        if self.head is None:
+            return score.to(torch.float32)
+        return score.to(torch.float32), self.head(evidence)
 
 
 # ------------------------------------------------------------------------------------------- weights, inputs
@@ -167,10 +175,11 @@ def expand_inputs(items) -> list[str]:
 
 class _Items(torch.utils.data.Dataset):
     """Decoded, preprocessed images for DataLoader workers, as on `sanf extract`'s CPU path (``decode_image``, PIL
-    resize, normalise); an unreadable file becomes ``(None, reason)``."""
+    resize, normalise); an unreadable file becomes ``(None, reason, None)``. ``keep_images``: the decoded image
+    travels too (maps are drawn over it at its own resolution)."""
 
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = list(paths), preprocess
+    def __init__(self, paths, preprocess, keep_images: bool = False):
+        self.paths, self.preprocess, self.keep_images = list(paths), preprocess, keep_images
 
     def __len__(self):
         return len(self.paths)
@@ -178,7 +187,11 @@ class _Items(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from ..data.images import decode_image, load_or_reason
 
-        return load_or_reason(lambda: self.preprocess(decode_image(self.paths[i])))
+        image, reason = load_or_reason(lambda: decode_image(self.paths[i]))
+        if image is None:
+            return None, reason, None
+        x, reason = load_or_reason(lambda: self.preprocess(image))
+        return x, reason, (image if self.keep_images and x is not None else None)
 
 
 class _Collate:
@@ -187,12 +200,17 @@ class _Collate:
 
     def __call__(self, items):
         zeros = torch.zeros(3, *self.size)
-        return torch.stack([x if x is not None else zeros for x, _ in items]), [r for _, r in items]
+        return (torch.stack([x if x is not None else zeros for x, _, _ in items]), [r for _, r, _ in items],
+                [im for _, _, im in items])
 
 
 # --------------------------------------------------------------------------------------------------- results
 @dataclass
 class ScoreResult:
+    """What ``Detector.score`` returns. With ``maps=True``: ``maps``, one float32 ``(H, W)`` map per scored image at
+    its own resolution, and ``pixel_threshold`` (the run's threshold on map values; None for runs without held-out
+    maps): an image's predicted defect region is ``map > pixel_threshold["value"]``."""
+
     paths: list[str]
     scores: np.ndarray
     anomalous: np.ndarray
@@ -200,10 +218,18 @@ class ScoreResult:
     threshold: dict | None
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    maps: list[np.ndarray] | None = None
+    pixel_threshold: dict | None = None
 
     def rows(self) -> list[dict]:
         return [{"path": p, "score": float(s), "anomalous": bool(a), "percentile": float(q)}
                 for p, s, a, q in zip(self.paths, self.scores, self.anomalous, self.percentiles, strict=True)]
+
+    def regions(self) -> list[np.ndarray] | None:
+        """The predicted defect region of each image (bool ``(H, W)``); None without maps or a pixel threshold."""
+        if self.maps is None or self.pixel_threshold is None:
+            return None
+        return [m > self.pixel_threshold["value"] for m in self.maps]
 
     def summary(self) -> str:
         thr = (f"threshold {self.threshold['value']:.6g} at target FPR {self.threshold['target_fpr']:g}"
@@ -212,34 +238,67 @@ class ScoreResult:
                 f"skipped ({thr})")
 
 
+@dataclass
+class ScoredBatch:
+    """One batch of ``Detector.score``: the kept files, their scores and decisions, and with maps the decoded images
+    and their maps at their own resolution (what ``on_batch`` receives)."""
+
+    paths: list[str]
+    scores: np.ndarray
+    anomalous: np.ndarray
+    percentiles: np.ndarray
+    images: list[np.ndarray] | None = None
+    maps: list[np.ndarray] | None = None
+
+
 # -------------------------------------------------------------------------------------------------- detector
 class Detector:
     """A finished run as a detector; see the module docstring. ``Detector.load(run_dir)``, then ``score(paths)``."""
 
     def __init__(self, model: DetectorModel, preprocess, *, config: dict, run_dir, device, calibration: dict | None,
-                 threshold: dict | None, score: str, amp: torch.dtype | None):
+                 threshold: dict | None, score: str, amp: torch.dtype | None, head=None, pixel_threshold=None):
         self.model, self.preprocess, self.config, self.run_dir = model, preprocess, config, Path(run_dir)
         self.device, self.calibration, self.threshold, self.score_kind, self.amp = device, calibration, threshold, \
             score, amp
+        self.head, self.pixel_threshold = head, pixel_threshold  # maps.MapHead, jobs.maps.PixelThreshold
         cal = ((calibration or {}).get("scores") or {}).get(score)
         self.calibration_scores = np.asarray(cal if cal else [], np.float64)
 
     @classmethod
     def load(cls, run_dir, *, weights=None, weights_dir=None, device: str = "auto", score: str = "auto",
-             fpr: float | None = None, amp: bool = True) -> Detector:
+             fpr: float | None = None, amp: bool = True, map_sigma: float | None = None,
+             pixel_rule: str | None = None) -> Detector:
+        """``map_sigma`` (the map blur in input pixels) and ``pixel_rule`` (``jobs.maps``): defaults when None."""
         from ..device import amp_dtype, resolve_device
         from ..evaluate.calibration import run_threshold
+        from ..jobs.maps import DEFAULT_PIXEL_RULE, DEFAULT_SIGMA, pixel_threshold_of
+        from ..maps import MapHead
 
         dev = resolve_device(device)
-        model, cfg, score = load_model(run_dir, score)
+        model, cfg, score, held_out = load_model(run_dir, score)
         ident = cfg.get("cache") or {}
         bb = build_backbone(ident.get("backbone") or {}, weights=weights, weights_dir=weights_dir, device=str(dev))
         dtype = {"float16": torch.float16, "float32": torch.float32}.get(str(ident.get("dtype")), torch.float32)
-        detector_model = DetectorModel(bb, model, dtype).to(dev).eval()
+        head = MapHead(bb.preprocess.size, DEFAULT_SIGMA if map_sigma is None else map_sigma) \
+            if model.has_map else None
         calibration = cfg.get("calibration")
         threshold = run_threshold(calibration, score, fpr)
+        pixel = None
+        if head is not None:
+            target = threshold["target_fpr"] if threshold else (fpr or 0.01)
+            pixel = pixel_threshold_of(held_out.get(score), head, target, pixel_rule or DEFAULT_PIXEL_RULE)
+        detector_model = DetectorModel(bb, model, dtype).to(dev).eval()
         return cls(detector_model, bb.preprocess, config=cfg, run_dir=run_dir, device=dev, calibration=calibration,
-                   threshold=threshold, score=score, amp=amp_dtype(dev, amp))
+                   threshold=threshold, score=score, amp=amp_dtype(dev, amp), head=head, pixel_threshold=pixel)
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether the run's score has spatial support (class-token methods give no map)."""
+        return self.head is not None
+
+    def export_model(self) -> DetectorModel:
+        """The module an export traces: scores, and the maps at the input size when the score has them."""
+        return DetectorModel(self.model.backbone, self.model.model, self.model.feature_dtype, self.head)
 
     @property
     def preprocessing(self) -> dict:
@@ -248,11 +307,23 @@ class Detector:
                 "resize": "whole image to input size (no crop), PIL, then /255, minus mean, divided by std",
                 "layout": "NCHW float32 RGB"}
 
-    def score_tensor(self, images: torch.Tensor) -> np.ndarray:
-        """Scores (float64) of a preprocessed batch ``(B, 3, S, S)``."""
+    def score_tensor(self, images: torch.Tensor, *, maps: bool = False):
+        """Scores (float64) of a preprocessed batch ``(B, 3, S, S)``; with ``maps`` also its maps at the input size
+        (float32 ``(B, S, S)``)."""
+        if maps:
+            self._require_maps()
         with torch.inference_mode():
             cls, patch = self.model.features(images.to(self.device), self.amp)
-            return self.model.model(cls, patch)[0].double().cpu().numpy()
+            score, evidence = self.model.model(cls, patch)
+            score = score.double().cpu().numpy()
+            if not maps:
+                return score
+            return score, self.head.to(evidence.device)(evidence).cpu().numpy()
+
+    def _require_maps(self) -> None:
+        if self.head is None:
+            raise SanfError(f"the {self.score_kind} score has no spatial support, so no maps (class-token methods "
+                            f"give none; patch-knn and the combined score do)")
 
     def decide(self, scores) -> tuple[np.ndarray, np.ndarray]:
         from ..evaluate.calibration import percentiles
@@ -263,28 +334,34 @@ class Detector:
         return anomalous, percentiles(self.calibration_scores, s)
 
     def score(self, paths, *, batch_size: int = 32, num_workers: int | None = None, on_error: str = "skip",
-              quiet: bool = True) -> ScoreResult:
-        """Score image files (files, folders, globs; see :func:`expand_inputs`)."""
+              quiet: bool = True, maps: bool = False, on_batch=None) -> ScoreResult:
+        """Score images: files, folders, globs (see :func:`expand_inputs`), or in-memory images (PIL images or
+        uint8 arrays ``(H, W)``/``(H, W, 3|4)``, named ``<image N>``). ``maps``: also each image's anomaly map at its
+        own resolution (``ScoreResult.maps``); ``on_batch(ScoredBatch)`` after every batch (then the maps are not
+        kept in the result: a caller writing them out holds one batch at a time)."""
         from ..extract.job import _default_workers
+        from ..maps import resize_maps
         from ..progress import progress_bar
 
         if on_error not in ("skip", "fail"):
             raise SanfError(f"on_error must be skip or fail, not {on_error!r}")
         if batch_size < 1:
             raise SanfError("--batch-size must be at least 1")
-        files = expand_inputs(paths)
-        items = _Items(files, self.preprocess)
-        workers = min(_default_workers() if num_workers is None else num_workers, max(1, len(files) // batch_size))
+        if maps:
+            self._require_maps()
+        files, items = _inputs(paths, self.preprocess, keep_images=maps or on_batch is not None)
+        workers = 0 if not isinstance(items, _Items) else \
+            min(_default_workers() if num_workers is None else num_workers, max(1, len(files) // batch_size))
         loader = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=workers,
                                              collate_fn=_Collate(self.preprocess.size),
                                              pin_memory=self.device.type == "cuda",
                                              prefetch_factor=4 if workers else None)
-        kept, parts, skipped = [], [], []
+        kept, parts, skipped, kept_maps = [], [], [], []
         t0 = time.perf_counter()
         with progress_bar(quiet) as bar:
             task = bar.add_task("score", total=len(files), rate="")
             start = 0
-            for x, reasons in loader:
+            for x, reasons, images in loader:
                 ok = [i for i, r in enumerate(reasons) if not r]
                 for i, r in enumerate(reasons):
                     if r:
@@ -293,15 +370,66 @@ class Detector:
                                             f"list it and go on)")
                         skipped.append({"path": files[start + i], "reason": r})
                 if ok:
-                    parts.append(self.score_tensor(x[ok] if len(ok) < len(reasons) else x))
-                    kept += [files[start + i] for i in ok]
+                    batch = x[ok] if len(ok) < len(reasons) else x
+                    out = self.score_tensor(batch, maps=maps)
+                    s, m = out if maps else (out, None)
+                    names = [files[start + i] for i in ok]
+                    full = None
+                    if maps:  # each map back to its image's own resolution (the inverse of extraction's resize)
+                        full = [resize_maps(torch.from_numpy(m[j:j + 1]), images[i].shape[:2])[0].numpy()
+                                for j, i in enumerate(ok)]
+                    parts.append(s)
+                    kept += names
+                    if on_batch is not None:
+                        a, q = self.decide(s)
+                        on_batch(ScoredBatch(names, s, a, q, [images[i] for i in ok], full))
+                    elif maps:
+                        kept_maps += full
                 start += len(reasons)
                 bar.update(task, advance=len(reasons),
                            rate=f"{start / max(time.perf_counter() - t0, 1e-9):.1f} img/s")
         scores = np.concatenate(parts) if parts else np.zeros(0)
         anomalous, pct = self.decide(scores)
         return ScoreResult(paths=kept, scores=scores, anomalous=anomalous, percentiles=pct, threshold=self.threshold,
-                           skipped=skipped, seconds=time.perf_counter() - t0)
+                           skipped=skipped, seconds=time.perf_counter() - t0,
+                           maps=kept_maps if maps and on_batch is None else None,
+                           pixel_threshold=self.pixel_threshold.record if maps and self.pixel_threshold else None)
 
 
-__all__ = ["Detector", "DetectorModel", "ScoreResult", "build_backbone", "expand_inputs", "load_model"]
+class _Arrays(torch.utils.data.Dataset):
+    """In-memory images (PIL or uint8 arrays) for ``Detector.score``, preprocessed as files are."""
+
+    def __init__(self, images, preprocess, keep_images: bool):
+        self.images, self.preprocess, self.keep_images = images, preprocess, keep_images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = self.images[i]
+        arr = np.asarray(img.convert("RGB")) if isinstance(img, Image.Image) else np.asarray(img)
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+            return None, f"not a uint8 (H, W) or (H, W, 3|4) image array (got {arr.dtype} {arr.shape})", None
+        if arr.ndim == 2 or arr.shape[2] == 1:
+            arr = np.repeat(arr.reshape(*arr.shape[:2], 1), 3, axis=2)
+        arr = np.ascontiguousarray(arr[:, :, :3])
+        return self.preprocess(arr), "", (arr if self.keep_images else None)
+
+
+def _inputs(paths, preprocess, keep_images: bool):
+    """(names, dataset) of what ``Detector.score`` was given: paths (expanded) or in-memory images."""
+    from PIL import Image
+
+    given = paths if isinstance(paths, (list, tuple)) else [paths]
+    if given and all(isinstance(p, (Image.Image, np.ndarray)) for p in given):
+        return [f"<image {i}>" for i in range(len(given))], _Arrays(list(given), preprocess, keep_images)
+    if any(isinstance(p, (Image.Image, np.ndarray)) for p in given):
+        raise SanfError("give either image files/folders/patterns or in-memory images (PIL or numpy), not both")
+    files = expand_inputs(paths)
+    return files, _Items(files, preprocess, keep_images)
+
+
+__all__ = ["Detector", "DetectorModel", "ScoreResult", "ScoredBatch", "build_backbone", "expand_inputs",
+           "load_model"]

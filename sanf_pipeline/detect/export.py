@@ -2,8 +2,11 @@
 
 The exported graph is ``detect.detector.DetectorModel`` in fp32: ``images`` ``(batch, 3, S, S)`` float32, resized and
 normalised as the sidecar's ``preprocessing`` says, in; ``scores`` ``(batch,)`` float32 (higher = more
-anomalous) out. It holds the backbone, the rounding to the cache dtype, the normaliser (float64 inside), the flow
-and the score. The batch axis is dynamic. ONNX uses opset ``OPSET`` through PyTorch's TorchScript-based
+anomalous) out and, for a score with spatial support (patch-knn, the combined score), ``maps`` ``(batch, S, S)``
+float32: the anomaly map at the input size (``maps.MapHead``: upsampled token evidence, Gaussian blur), which a
+deployment resizes bilinearly to each image's own size (the inverse of the whole-image resize). It holds the
+backbone, the rounding to the cache dtype, the normaliser (float64 inside), the flow and the score. The batch axis
+is dynamic. ONNX uses opset ``OPSET`` through PyTorch's TorchScript-based
 exporter (``torch.onnx.export(dynamo=False)``: the dynamo exporter gives the same graph ~30x slower to export);
 ``pip install 'sanf[export]'`` brings onnx and onnxruntime.
 
@@ -33,12 +36,24 @@ def sidecar(detector, fmt: str, out: Path) -> dict:
 
     cfg = detector.config
     ident = cfg.get("cache") or {}
+    outputs = {"scores": {"shape": ["batch"], "dtype": "float32",
+                          "meaning": SCORE_DESCRIPTIONS.get(detector.score_kind, detector.score_kind)}}
+    maps = None
+    if detector.has_maps:
+        size = detector.preprocessing["input_size"][1:]
+        outputs["maps"] = {"shape": ["batch", *size], "dtype": "float32",
+                           "meaning": "anomaly map at the input size (higher = more anomalous); resize it bilinearly "
+                                      "to the image's own size"}
+        pt = detector.pixel_threshold
+        maps = {"sigma": detector.head.sigma, "pixel_threshold": pt.record if pt else None,
+                "colour_scale": list(pt.colour) if pt else None,
+                "region": "predicted defect region: map > pixel_threshold.value"}
     return {
         "format": SIDECAR_FORMAT, "format_version": 1, "model_file": out.name, "model_format": fmt,
         "opset": OPSET if fmt == "onnx" else None,
         "inputs": {"images": {"shape": ["batch", *detector.preprocessing["input_size"]], "dtype": "float32"}},
-        "outputs": {"scores": {"shape": ["batch"], "dtype": "float32",
-                               "meaning": SCORE_DESCRIPTIONS.get(detector.score_kind, detector.score_kind)}},
+        "outputs": outputs,
+        "maps": maps,
         "preprocessing": detector.preprocessing,
         "threshold": detector.threshold,
         "decision": "anomalous if score > threshold.value",
@@ -50,22 +65,29 @@ def sidecar(detector, fmt: str, out: Path) -> dict:
     }
 
 
-def export_detector(detector, out, fmt: str = "onnx", *, batch: int = 2, overwrite: bool = False) -> dict:
-    """Write the detector's model to ``out`` and its sidecar to ``out`` + ``.json``; returns the sidecar."""
-    from ..store.atomic import write_json_atomic
-
+def check_export_path(out, fmt: str, overwrite: bool) -> tuple[Path, Path]:
+    """The model file and its sidecar, refused before anything loads when they cannot be written."""
     if fmt not in FORMATS:
         raise SanfError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
     side = out.with_name(out.name + ".json")
     for p in (out, side):
-        if p.exists() and not overwrite:
-            raise SanfError(f"{p} exists; pass --overwrite to replace it or choose another --out")
         if p.exists() and p.is_dir():
             raise SanfError(f"{p} is a folder; choose a file name for --out")
+        if p.exists() and not overwrite:
+            raise SanfError(f"{p} exists; pass --overwrite to replace it or choose another --out")
     if not out.parent.is_dir():
         raise SanfError(f"folder {out.parent} does not exist; create it or choose another --out")
-    model = detector.model.to("cpu").eval()
+    return out, side
+
+
+def export_detector(detector, out, fmt: str = "onnx", *, batch: int = 2, overwrite: bool = False) -> dict:
+    """Write the detector's model to ``out`` and its sidecar to ``out`` + ``.json``; returns the sidecar."""
+    from ..store.atomic import write_json_atomic
+
+    out, side = check_export_path(out, fmt, overwrite)
+    model = detector.export_model().to("cpu").eval()
+    names = ["scores", "maps"] if detector.has_maps else ["scores"]
     size = detector.preprocessing["input_size"]
     x = torch.zeros(batch, *size)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -78,8 +100,8 @@ def export_detector(detector, out, fmt: str = "onnx", *, batch: int = 2, overwri
                 except ImportError:
                     raise SanfError("ONNX export needs the onnx package: pip install 'sanf[export]'") from None
                 torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=OPSET,
-                                  input_names=["images"], output_names=["scores"],
-                                  dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}})
+                                  input_names=["images"], output_names=names,
+                                  dynamic_axes={n: {0: "batch"} for n in ["images", *names]})
             else:
                 traced = torch.jit.trace(model, (x,), check_trace=False)
                 traced.save(str(tmp))
@@ -92,24 +114,35 @@ def export_detector(detector, out, fmt: str = "onnx", *, batch: int = 2, overwri
         tmp.unlink(missing_ok=True)
     meta = sidecar(detector, fmt, out)
     write_json_atomic(side, meta)
-    model.to(detector.device)
+    detector.model.to(detector.device)
     return meta
 
 
-def run_onnx(path, images: np.ndarray) -> np.ndarray:
-    """Scores of an exported ONNX detector with onnxruntime on CPU."""
+def run_onnx(path, images: np.ndarray, *, maps: bool = False):
+    """Scores of an exported ONNX detector with onnxruntime on CPU; with ``maps`` (scores, maps)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise SanfError("running ONNX needs onnxruntime: pip install 'sanf[export]'") from None
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})[0]
+    out = sess.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
+    if maps and len(out) < 2:
+        raise SanfError(f"{path} outputs no maps (its score has no spatial support)")
+    return (out[0], out[1]) if maps else out[0]
 
 
 def check_onnx(detector, path, images: torch.Tensor) -> float:
-    """Largest relative difference between onnxruntime and PyTorch scores on ``images``."""
-    ref = detector.model.to("cpu").eval()
+    """Largest relative difference between onnxruntime and PyTorch scores on ``images`` (and, for a detector with
+    maps, the largest difference of the maps relative to their range)."""
+    ref = detector.export_model().to("cpu").eval()
     with torch.no_grad():
-        want = ref(images).double().numpy()
-    got = run_onnx(path, images.numpy()).astype(np.float64)
-    return float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-12)))
+        want = ref(images)
+    if detector.has_maps:
+        got_s, got_m = run_onnx(path, images.numpy(), maps=True)
+        want_s, want_m = want[0].double().numpy(), want[1].double().numpy()
+        span = max(float(want_m.max() - want_m.min()), 1e-12)
+        map_err = float(np.max(np.abs(got_m - want_m)) / span)
+    else:
+        got_s, want_s, map_err = run_onnx(path, images.numpy()), want.double().numpy(), 0.0
+    score_err = float(np.max(np.abs(got_s.astype(np.float64) - want_s) / np.maximum(np.abs(want_s), 1e-12)))
+    return max(score_err, map_err)

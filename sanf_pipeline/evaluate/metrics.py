@@ -96,8 +96,9 @@ def read_scores_csv(path) -> dict:
 
 
 def write_results(out_dir, metrics: dict, sample_ids, labels, is_anomaly, scores, *, train_log=None,
-                  plots: bool = True) -> dict[str, Path]:
-    """Write ``metrics.json``, ``scores.csv``, ``report.md`` and the PNGs into ``out_dir``; returns the paths."""
+                  plots: bool = True, extra_plots: dict | None = None) -> dict[str, Path]:
+    """Write ``metrics.json``, ``scores.csv``, ``report.md`` and the PNGs into ``out_dir``; returns the paths.
+    ``extra_plots``: images already written there that the report shows (``{"maps": file name}``)."""
     from . import report
 
     out_dir = Path(out_dir)
@@ -106,8 +107,10 @@ def write_results(out_dir, metrics: dict, sample_ids, labels, is_anomaly, scores
     if plots:
         paths.update(report.write_plots(out_dir, np.asarray(is_anomaly, bool), sanitize_scores(np.asarray(scores)),
                                         metrics))
-    paths["report"] = report.write_run_report(out_dir, metrics, train_log=train_log,
-                                              plots={k: v.name for k, v in paths.items() if k in ("hist", "roc")})
+    shown = {k: v.name for k, v in paths.items() if k in ("hist", "roc")}
+    shown.update(extra_plots or {})
+    paths.update({k: out_dir / v for k, v in (extra_plots or {}).items()})
+    paths["report"] = report.write_run_report(out_dir, metrics, train_log=train_log, plots=shown)
     write_json_atomic(paths["metrics"], metrics)  # last: its presence means the results are complete
     return paths
 

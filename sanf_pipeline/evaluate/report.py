@@ -146,6 +146,7 @@ def run_report_markdown(metrics: dict, train_log: list[dict] | None = None, plot
     if m.get("n_nonfinite_scores"):
         out.append(f"- **{m['n_nonfinite_scores']} non-finite score(s)**, counted as the most anomalous")
     out += threshold_lines(m)
+    out += localisation_lines(m.get("localisation"), (plots or {}).get("maps"))
     settings = m.get("fit") or m.get("settings")
     if settings:
         out += ["", "## Settings", "", "```", *(f"{k}: {v}" for k, v in sorted(settings.items())), "```"]
@@ -183,6 +184,49 @@ def threshold_lines(m: dict) -> list[str]:
         out.append(f"- {thr['n_calibration']} held-out images cannot guarantee FPR {thr['target_fpr']:g} (needs "
                    f">= {thr['min_n_for_target']}); the threshold is their largest score (FPR bound "
                    f"{thr['fpr_bound']:.3g})")
+    return out
+
+
+def localisation_lines(loc: dict | None, grid: str | None = None) -> list[str]:
+    """The report's localisation section: pixel AUROC and AUPRO overall and per defect type, the pixel threshold and
+    its predicted regions, the overlay grid."""
+    if not loc:
+        return []
+    out = ["", "## Localisation (anomaly maps)", ""]
+    if not loc.get("maps"):
+        return out + [f"- no maps: {loc.get('reason')}"]
+    if "pixel_auroc" in loc:
+        rows = [{"defect type": "all", "pixel AUROC": loc["pixel_auroc"], f"AUPRO@{loc['max_fpr']:g}": loc["aupro"],
+                 "images": loc["n_images"], "regions": loc["n_regions"]}]
+        rows += [{"defect type": t, "pixel AUROC": v["pixel_auroc"], f"AUPRO@{loc['max_fpr']:g}": v["aupro"],
+                  "images": v["n_images"], "regions": v["n_regions"]} for t, v in loc["per_defect"].items()]
+        out += [markdown_table(rows), "",
+                f"- {loc['resolution_rule']} (here {loc['resolution'][0]}x{loc['resolution'][1]}); blur sigma "
+                f"{loc['sigma']:g} px at the {loc['input_size'][0]}x{loc['input_size'][1]} input; per defect type: "
+                f"its images and every normal test image"]
+        if loc.get("n_without_mask"):
+            out.append(f"- {loc['n_without_mask']} anomalous test image(s) have no mask and are left out")
+        if loc.get("n_defect_masks_empty"):
+            out.append(f"- {loc['n_defect_masks_empty']} anomalous image(s) have a mask too small to cover half an "
+                       f"evaluation pixel (no defective pixel at this resolution)")
+    else:
+        out.append(f"- no pixel metrics: {loc.get('pixel_metrics')}")
+    thr = loc.get("pixel_threshold")
+    if thr:
+        out.append(f"- pixel threshold {thr['value']:.6g} ({thr['rule']}: {thr.get('rule_text', '')}; "
+                   f"{thr['n_calibration']} held-out normal values)")
+    if loc.get("predicted_regions"):
+        out += ["", markdown_table([{"pixel rule": r, "threshold": q["threshold"], "mean IoU": q["mean_iou"],
+                                     "mean Dice": q["mean_dice"], "normal images with a region":
+                                         q["normal_images_with_region"]}
+                                    for r, q in loc["predicted_regions"].items()])]
+    if loc.get("pixel_threshold_missing"):
+        out.append(f"- no pixel threshold: {loc['pixel_threshold_missing']}")
+    if grid:
+        out += ["", "Most anomalous, borderline and normal test images (colour: the map; white contour: the predicted "
+                "region; magenta contour: the ground truth):", "", f"![anomaly maps]({grid})"]
+    elif loc.get("overlays"):
+        out.append(f"- no overlays: {loc['overlays']}")
     return out
 
 

@@ -20,12 +20,13 @@ import torch
 
 from ..cache import BackgroundShardWriter, CacheSpec, CacheWriter, SplitListing
 from ..cache.schema import DTYPES, FORMATS, shard_geometry
-from ..cache.writer import check_cache_location
+from ..cache.writer import check_cache_location, mask_digest
 from ..data.images import load_or_reason
 from ..device import PRECISIONS, autocast, precision_dtype, resolve_device
 from ..errors import Interrupted, SanfError
 from ..progress import progress_bar
 from ..store.atomic import package_versions
+from .masks import DEFECT_COVERAGE, RULE, load_masks
 
 ON_ERROR = ("skip", "fail")
 RESIZE_ON = ("auto", "cpu", "device")
@@ -198,6 +199,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         cfg.resize_on == "device" or (cfg.resize_on == "auto" and device.type == "cuda"))
     if device_resize:  # within one uint8 level of PIL's resize, but not the same bits: a resume must not mix them
         settings["resize_on"] = "device"
+    masks_meta = _attach_masks(cfg, datasets, orders, listings, prov["image_size"], settings)
     meta = {
         "dataset": {"name": cfg.dataset, "root": str(cfg.data_root) if cfg.data_root else None,
                     "category": cfg.category, "limit_per_class": cfg.limit_per_class, "splits": dataset_desc},
@@ -209,6 +211,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         "device": str(device),
         "run": {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "shard_size_requested": cfg.shard_size},
     }
+    if masks_meta is not None:
+        meta["masks"] = masks_meta
     spec = CacheSpec(settings=settings, meta=meta, class_names=list(class_names), listings=listings,
                      dim=backbone.dim, num_tokens=backbone.num_tokens, dtype=cfg.dtype,
                      shard_size=shard, chunk_size=chunk)
@@ -233,6 +237,36 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     finally:
         writer.close()
     return result
+
+
+MASK_SPLIT = "test"
+
+
+def _attach_masks(cfg, datasets, orders, listings, image_size, settings) -> dict | None:
+    """When the test split has ground-truth masks: decode them at ``eval_resolution(image_size)`` in the listing
+    order, hand them to the writer (``listings["test"].masks``: stored when the cache is created), add
+    ``settings["masks"]`` (the resolution and :func:`~sanf_pipeline.cache.writer.mask_digest` of the arrays, so a
+    cache with other masks is another cache) and return ``meta["masks"]``. Without masks: None, and ``settings``
+    is left as it was (the fingerprints of caches without masks do not change).
+
+    Masks are decoded on every run, a resume too: the digest must be known before the writer compares settings,
+    and the masks themselves are the only thing it can be taken from (a changed mask file is a changed cache); a
+    few hundred masks take a second or two, next to minutes of extraction."""
+    from ..maps.head import eval_resolution
+
+    ds = datasets.get(MASK_SPLIT)
+    if ds is None or not ds.has_masks():
+        return None
+    h, w = eval_resolution(tuple(image_size))
+    order = orders[MASK_SPLIT]
+    with progress_bar(cfg.quiet) as bar:
+        task = bar.add_task(f"masks {h}x{w}", total=len(order), rate="")
+        masks, known, refs = load_masks(ds, order, (h, w), progress=lambda k: bar.update(task, advance=k))
+    listings[MASK_SPLIT].masks = (masks, known)
+    settings["masks"] = {"resolution": [h, w], "sha256": mask_digest(masks, known)}
+    defective = (masks >= DEFECT_COVERAGE).reshape(len(masks), -1).any(axis=1)
+    return {"split": MASK_SPLIT, "resolution": [h, w], "rule": RULE, "refs": refs, "n_known": int(known.sum()),
+            "n_with_defect": int((known & defective).sum())}
 
 
 def kept_message(writer: CacheWriter) -> str:

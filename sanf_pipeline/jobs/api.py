@@ -33,6 +33,7 @@ from ..train.fit import FitResult
 from .baseline import baseline_identity, baseline_job
 from .data import EvalResult, TestData, TrainData, make_out_dir
 from .flow import eval_flow_job, eval_identity, fit_flow_job, fit_settings, load_run
+from .maps import DEFAULT_PIXEL_RULE, DEFAULT_SIGMA, MapOptions
 
 
 @dataclass
@@ -79,11 +80,14 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
 
 
 def eval_run(run_dir, cache=None, score: str = "auto", *, out_dir=None, overwrite: bool = False,
-             device: str = "auto", batch_size: int = 256, plots: bool = True, fpr: float | None = None) -> EvalResult:
+             device: str = "auto", batch_size: int = 256, plots: bool = True, fpr: float | None = None,
+             maps: bool = True, map_sigma: float = DEFAULT_SIGMA, pixel_rule: str = DEFAULT_PIXEL_RULE) -> EvalResult:
     """`sanf eval`: score the whole test split with a finished run (default: of its own cache) and write the result
     files (default: into the run folder). ``cache`` may be any cache in the run's feature space
     (``evaluate/compat.py``);
-    the normal class is found there by name. ``fpr``: target FPR of the calibrated threshold (default: the run's)."""
+    the normal class is found there by name. ``fpr``: target FPR of the calibrated threshold (default: the run's).
+    ``maps``: the score's anomaly maps (``jobs.maps``: pixel metrics where the cache records masks, overlays),
+    blurred with ``map_sigma`` px, the pixel threshold by ``pixel_rule``."""
     from ..cache import open_cache
     from ..evaluate.compat import check_cache_compatible, normal_class_in
 
@@ -104,12 +108,14 @@ def eval_run(run_dir, cache=None, score: str = "auto", *, out_dir=None, overwrit
         guard_results(out_dir, eval_identity(cfg, c.fingerprint, kind, normal), overwrite)
         return eval_flow_job(out_dir, run.flow_model, run.patch_score, cfg, TestData.from_cache(c, cache_path),
                              score=score, device=str(dev), batch_size=batch_size, plots=plots, run_dir=run_dir,
-                             train_log=log, fpr=fpr, normal_class=normal)
+                             train_log=log, fpr=fpr, normal_class=normal,
+                             maps=MapOptions(map_sigma, pixel_rule, run.held_out_maps) if maps else None)
 
 
 def baseline_run(cache, normal_class, method: str = "gaussian", out_dir=None, *, overwrite: bool = False,
                  plots: bool = True, options: dict | None = None, quiet: bool = False,
-                 fpr: float = 0.01, device: str = "auto") -> EvalResult:
+                 fpr: float = 0.01, device: str = "auto", maps: bool = True, map_sigma: float = DEFAULT_SIGMA,
+                 pixel_rule: str = DEFAULT_PIXEL_RULE) -> EvalResult:
     """`sanf baseline`: fit a baseline on the normal class's training rows, score the test split (streamed from the
     cache in blocks), write the results and the model. ``options``: the method's own settings (``{"k": 5}`` for the
     kNN baselines)."""
@@ -129,4 +135,4 @@ def baseline_run(cache, normal_class, method: str = "gaussian", out_dir=None, *,
         guard_results(out_dir, baseline_identity(method, ci, test.fingerprint, options), overwrite)
         make_out_dir(out_dir)
         return baseline_job(out_dir, method, train, test, plots=plots, options=options, quiet=quiet, fpr=fpr,
-                            device=device)
+                            device=device, maps=MapOptions(map_sigma, pixel_rule) if maps else None)

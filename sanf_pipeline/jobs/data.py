@@ -53,6 +53,12 @@ class TestData:
     fingerprint: str
     cache_path: str
     identity: dict = field(default_factory=dict)
+    mask_reader: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+
+    def masks(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The split's ground-truth masks as the cache records them (coverage 0-255 at the evaluation resolution,
+        and whether each image's mask is known), aligned with ``labels``; None when the cache has none."""
+        return None if self.mask_reader is None else self.mask_reader()
 
     @classmethod
     def from_arrays(cls_, cls, patch, labels, sample_ids, *, num_tokens: int, fingerprint: str, cache_path: str,
@@ -75,8 +81,9 @@ class TestData:
                 check_finite(f"the test features in {cache.path}", cls, patch)
             return cls, patch
 
+        masks = (lambda: split.masks(0, split.n)) if split.has_masks else None
         return cls_(split.labels, split.sample_ids, cache.dim, cache.num_tokens, split.n, read, cache.fingerprint,
-                    str(cache_path if cache_path is not None else cache.path), cache_identity(cache))
+                    str(cache_path if cache_path is not None else cache.path), cache_identity(cache), masks)
 
     def blocks(self, with_patch: bool) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         rows = block_rows(self.dim, self.num_tokens, with_patch)

@@ -47,12 +47,14 @@ from ..store.run_folder import (
     LOG_FILE,
     MODEL_FILE,
     finish_run,
+    held_out_maps_of,
     read_run_config,
     start_run_config,
 )
 from ..train.config import FitConfig, current_run_settings
 from ..train.fit import FitResult, fit_flow
 from .data import EvalResult, TestData, TrainData, make_out_dir
+from .maps import MapOptions, eval_maps
 from .parts import PatchParts, attach_patch_part
 
 
@@ -66,6 +68,7 @@ class LoadedRun:
     flow_model: FlowModel
     extra: dict = field(default_factory=dict)
     patch_score: Combined | None = None
+    held_out_maps: dict = field(default_factory=dict)  # the held-out normal evidence by map kind (jobs.maps)
 
     @property
     def flow(self) -> torch.nn.Module:
@@ -116,7 +119,8 @@ def load_run(run_dir, device: str = "cpu") -> LoadedRun:
     flow_model.to(device)
     if patch_score is not None:
         patch_score.to(device)
-    return LoadedRun(run_dir=run_dir, config=config, flow_model=flow_model, patch_score=patch_score)
+    return LoadedRun(run_dir=run_dir, config=config, flow_model=flow_model, patch_score=patch_score,
+                     held_out_maps=held_out_maps_of(tensors))
 
 
 def flow_needs_patch(config: dict) -> bool:
@@ -154,20 +158,23 @@ def eval_flow_job(out_dir, flow_model: FlowModel, patch_score: Combined | None, 
                   score: str = "auto", device: str = "auto", batch_size: int = 256, plots: bool = True, run_dir=None,
                   train_log: list | None = None, extra_metrics: dict | None = None,
                   flow_scores: np.ndarray | None = None, patch_scores: np.ndarray | None = None,
-                  fpr: float | None = None, normal_class: int | None = None) -> EvalResult:
+                  fpr: float | None = None, normal_class: int | None = None,
+                  maps: MapOptions | None = None) -> EvalResult:
     """Score ``test`` with a fitted flow run (``flow_model``; ``patch_score``: its combined model, None for the flow
     alone) and write the result files into ``out_dir``. ``score``: a kind of ``models.RUN_SCORES`` (``auto``: the
     run's default). ``flow_scores`` / ``patch_scores``: the parts' scores of ``test`` already computed by the caller
     (a stack of flows scored in one pass; a sweep's patch part shared by runs); ``normal_class``: the normal class's
     index in ``test`` when it is another cache than the run's (by name); ``fpr``: target false-positive rate of the
-    calibrated threshold (default: the run's). ``EvalResult.parts`` holds the parts' test scores."""
+    calibrated threshold (default: the run's); ``maps``: make the score's anomaly maps (pixel metrics when the cache
+    records masks, the report's overlays; ``jobs.maps``). ``EvalResult.parts`` holds the parts' test scores."""
     from ..evaluate.calibration import eval_threshold_metrics
 
     requested, score = score, resolve_score(score, config, run_dir or out_dir)
     if score in PATCH_KINDS and patch_score is None:
         raise SanfError(f"the {score} score needs the run's patch part; load the run with jobs.load_run")
     normal = int(config["normal_class"]) if normal_class is None else int(normal_class)
-    scores, parts = _score_test(flow_model, patch_score, test, score, flow_scores, patch_scores, device, batch_size)
+    scores, parts = _score_test(flow_model, patch_score, test, score, flow_scores, patch_scores, device, batch_size,
+                                maps is not None)
     is_anomaly = test.labels != normal
     metrics = compute_metrics(is_anomaly, scores)
     if score == "combined":  # what each part of the combined score alone would have scored (the same runs, no refit)
@@ -186,23 +193,26 @@ def eval_flow_job(out_dir, flow_model: FlowModel, patch_score: Combined | None, 
     metrics.update(eval_threshold_metrics(config.get("calibration"), score, is_anomaly, scores, fpr))
     out_dir = Path(out_dir)
     make_out_dir(out_dir)
+    extra_plots = eval_maps(out_dir, metrics, parts.pop("map", None), maps, test, scores, is_anomaly, normal, score,
+                            config.get("calibration"), fpr) if maps is not None else {}
     paths = write_results(out_dir, metrics, test.sample_ids, test.labels, is_anomaly, scores, train_log=train_log,
-                          plots=plots)
+                          plots=plots, extra_plots=extra_plots)
     return EvalResult(out_dir=out_dir, metrics=metrics, paths=paths, scores=scores, is_anomaly=is_anomaly,
                       parts=parts)
 
 
 def _score_test(flow_model: FlowModel, patch_score: Combined | None, test: TestData, kind: str, flow_scores,
-                patch_scores, device, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                patch_scores, device, batch_size: int, maps: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The run's ``kind`` scores of ``test`` streamed block by block through the run's model, and the parts'
     scores (``nll``, ``patch``) that were computed or given. Parts given by the caller are not recomputed; when
-    both parts are needed, each block is read once for both."""
+    both parts are needed, each block is read once for both. ``maps``: also the evidence (``map``, token grids) of a
+    kind that has it, from the same pass (none when the caller gave the patch part's scores)."""
     dev = resolve_device(device)
 
     def run(model) -> dict[str, np.ndarray]:
         model.to(dev)
         try:
-            return score_blocks(model, test.blocks(model.needs_patch), batch_size=batch_size)
+            return score_blocks(model, test.blocks(model.needs_patch), batch_size=batch_size, maps=maps)
         finally:
             model.to("cpu")
 
@@ -212,17 +222,23 @@ def _score_test(flow_model: FlowModel, patch_score: Combined | None, test: TestD
     parts = {k: np.asarray(v, np.float64) for k, v in (("nll", flow_scores), ("patch", patch_scores))
              if v is not None}
     need_nll, need_patch = kind == "combined" and "nll" not in parts, "patch" not in parts
+    evidence = None
     if need_nll and need_patch:  # one pass, each block read once for both parts
         out = run(patch_score.with_score("combined"))
         parts.update(nll=out["nll"], patch=out["patch"])
+        evidence = out.get("map")
     elif need_nll:
         parts["nll"] = run(flow_model.with_score("nll"))["score"]
     elif need_patch:
-        parts["patch"] = run(patch_score.with_score("patch"))["score"]
+        out = run(patch_score.with_score("patch"))
+        parts["patch"] = out["score"]
+        evidence = out.get("map")
+        if evidence is not None and kind == "combined":
+            evidence = patch_score.standardise_map(torch.from_numpy(evidence)).float().numpy()
     if kind == "patch":
-        return parts["patch"], {"patch": parts["patch"]}
+        return parts["patch"], {"patch": parts["patch"], **({"map": evidence} if evidence is not None else {})}
     combined = patch_score.combine(torch.from_numpy(parts["nll"]), torch.from_numpy(parts["patch"])).numpy()
-    return combined, parts
+    return combined, {**parts, **({"map": evidence} if evidence is not None else {})}
 
 
 def flow_score_kind(kind: str) -> str:

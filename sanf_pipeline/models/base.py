@@ -78,9 +78,10 @@ class AnomalyModel(nn.Module):
 
 @torch.no_grad()
 def score_arrays(model: AnomalyModel, cls: np.ndarray, patch: np.ndarray | None = None, *,
-                 batch_size: int | None = None, progress=None) -> dict[str, np.ndarray]:
+                 batch_size: int | None = None, progress=None, maps: bool = False) -> dict[str, np.ndarray]:
     """The model's ``parts`` (float64 arrays) of in-memory rows, ``batch_size`` rows per forward, on the device the
-    model is on. ``progress(n)`` after each batch."""
+    model is on. ``progress(n)`` after each batch. ``maps``: also ``map``, the per-token evidence ``(n, H, W)``
+    float32 of a model that has one (small: a token grid per image)."""
     was_training = model.training
     model.eval()
     dev = model.device()
@@ -93,6 +94,8 @@ def score_arrays(model: AnomalyModel, cls: np.ndarray, patch: np.ndarray | None 
             for k, v in model.parts(c, p).items():
                 if v.dim() == 1:
                     out.setdefault(k, []).append(v.double().cpu().numpy())
+                elif maps and k == "map":
+                    out.setdefault(k, []).append(v.float().cpu().numpy())
             if progress is not None:
                 progress(len(c))
     finally:
@@ -101,12 +104,12 @@ def score_arrays(model: AnomalyModel, cls: np.ndarray, patch: np.ndarray | None 
 
 
 def score_blocks(model: AnomalyModel, blocks: Iterable[tuple[np.ndarray, np.ndarray | None]], *,
-                 batch_size: int | None = None, progress=None) -> dict[str, np.ndarray]:
+                 batch_size: int | None = None, progress=None, maps: bool = False) -> dict[str, np.ndarray]:
     """``score_arrays`` over row blocks read one at a time (a split streamed from its cache)."""
     parts: dict[str, list[np.ndarray]] = {}
     for cls, patch in blocks:
         if not len(cls):
             continue
-        for k, v in score_arrays(model, cls, patch, batch_size=batch_size, progress=progress).items():
+        for k, v in score_arrays(model, cls, patch, batch_size=batch_size, progress=progress, maps=maps).items():
             parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()} if parts else {"score": np.zeros(0)}

@@ -118,9 +118,19 @@ class Combined(AnomalyModel):
         if self.score_kind == "patch":
             return pp
         nll = self.flow.parts(cls, patch)["score"]
-        m = self.stats
         return {"score": self.combine(nll, pp["score"]), "nll": nll, "patch": pp["score"],
-                "map": ((pp["map"].to(torch.float64) - m[2]) / m[3])}
+                "map": self.standardise_map(pp["map"])}
+
+    def standardise_map(self, distances: torch.Tensor) -> torch.Tensor:
+        """The combined map of the patch part's token distances: standardised as the part's image score."""
+        m = self.stats
+        return (distances.to(torch.float64) - m[2]) / m[3]
+
+    def held_out_maps(self, patch: np.ndarray) -> dict[str, np.ndarray]:
+        """The evidence of both map kinds (``patch``, ``combined``) for held-out normal rows (float32 token grids),
+        which a run keeps for its pixel threshold."""
+        raw = score_arrays(self.with_score("patch"), np.zeros((len(patch), 0)), patch, maps=True)["map"]
+        return {"patch": raw, "combined": self.standardise_map(torch.from_numpy(raw)).float().numpy()}
 
 
 def add_patch_score(result, cfg, train_cls: np.ndarray, train_patch: np.ndarray | None, *,
@@ -134,6 +144,7 @@ def add_patch_score(result, cfg, train_cls: np.ndarray, train_patch: np.ndarray 
 
     result.patch_score = None
     result.patch_score_skipped = None
+    result.held_out_maps = {}
     cal = result.calibration
     if cfg.patch_score == "none" or not cal:
         if cfg.patch_score != "none":
@@ -152,6 +163,8 @@ def add_patch_score(result, cfg, train_cls: np.ndarray, train_patch: np.ndarray 
     flow = FlowModel(result.normalizer, result.model)
     combined = Combined(flow, part.to("cpu"), mean_std(nll), mean_std(held_out_patch))
     result.patch_score = combined
+    if train_patch is not None:
+        result.held_out_maps = combined.held_out_maps(train_patch[va])
     scores = {**cal["scores"], "patch": held_out_patch,
               "combined": combined.combine(torch.from_numpy(nll), torch.from_numpy(held_out_patch)).numpy()}
     result.calibration = calibration_record(scores, fpr=cal["target_fpr"], slice_desc=cal["slice"],

@@ -49,7 +49,10 @@ SCORES_FILE = "scores.csv"
 REPORT_FILE = "report.md"
 HIST_PNG = "score_hist.png"
 ROC_PNG = "roc.png"
-RESULT_FILES = (METRICS_FILE, SCORES_FILE, REPORT_FILE, HIST_PNG, ROC_PNG)
+MAPS_PNG = "maps.png"
+RESULT_FILES = (METRICS_FILE, SCORES_FILE, REPORT_FILE, HIST_PNG, ROC_PNG, MAPS_PNG)
+# the model file's held-out normal evidence maps (token grids, one per map kind), behind a run's pixel threshold
+HELD_OUT_MAP_PREFIX = "held_out_map."
 RUN_FILES = (CONFIG_FILE, MODEL_FILE, CHECKPOINT_FILE, LOG_FILE, *RESULT_FILES)
 
 
@@ -242,7 +245,9 @@ def finish_run(run_dir, config: dict, result) -> None:
         config["patch_score_skipped"] = skipped
     write_json_atomic(run_dir / CONFIG_FILE, config)
     write_jsonl_atomic(run_dir / LOG_FILE, result.log)
-    save_model(run_dir, result.model, result.normalizer, config, extra=None if part is None else part.tensors())
+    extra = {} if part is None else part.tensors()
+    extra.update(held_out_map_tensors(getattr(result, "held_out_maps", None)))
+    save_model(run_dir, result.model, result.normalizer, config, extra=extra)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
@@ -255,6 +260,20 @@ def save_model(run_dir, flow, normalizer, config: dict, extra: dict | None = Non
     path = Path(run_dir) / MODEL_FILE
     save_tensors_atomic(path, tensors, config)
     return path
+
+
+def held_out_map_tensors(maps: dict | None) -> dict:
+    """Held-out evidence maps (``{kind: (n, H, W)}``) as model-file tensors."""
+    import torch
+
+    return {HELD_OUT_MAP_PREFIX + k: torch.as_tensor(np.ascontiguousarray(v, np.float32)) for k, v in
+            (maps or {}).items()}
+
+
+def held_out_maps_of(tensors: dict) -> dict[str, np.ndarray]:
+    """The held-out evidence maps in a model file's tensors (empty for runs written before maps)."""
+    n = len(HELD_OUT_MAP_PREFIX)
+    return {k[n:]: v.float().numpy() for k, v in tensors.items() if k.startswith(HELD_OUT_MAP_PREFIX)}
 
 
 def read_run_config(run_dir) -> dict:
