@@ -192,6 +192,9 @@ def cache_info_cmd(path, as_json):
         done = f", {s['shards_done']}/{s['shards']} shards done" if "shards_done" in s else ""
         click.echo(f"split      {name}: {s['n']} samples ({s.get('n_valid')} valid), {s['shards']} shards{done}")
     click.echo(f"skipped    {info['skipped']} files;  created {info['created']}")
+    from ..cache.inspect import mask_line
+
+    click.echo(mask_line(info))
     versions = info.get("versions") or {}
     click.echo("versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()))
 
