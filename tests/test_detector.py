@@ -94,7 +94,9 @@ def test_combined_run_detector_equals_eval(tiny, tmp_path, kind):
     assert sanf("export", "--run", run, "--score", kind, "--format", "torchscript", "--out", out).exit_code == 0
     x = torch.randn(3, 3, 56, 56)
     with torch.no_grad():
-        np.testing.assert_allclose(torch.jit.load(str(out))(x).numpy(), det.model(x).numpy(), rtol=1e-5, atol=1e-6)
+        got = torch.jit.load(str(out))(x)  # (scores, maps) for a score with maps
+        np.testing.assert_allclose((got[0] if isinstance(got, tuple) else got).numpy(), det.model(x).numpy(),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_flow_alone_run_refuses_patch_scores(tiny, tmp_path):
@@ -344,6 +346,7 @@ def test_every_method_is_an_exportable_detector_on_real_weights(real, tmp_path, 
         r = sanf("export", "--run", run, "--format", fmt, "--out", path, env=env)
         assert r.exit_code == 0, r.output
     with torch.no_grad():
-        np.testing.assert_allclose(torch.jit.load(str(ts))(images).numpy(), eager, rtol=1e-4, atol=1e-5)
+        got = torch.jit.load(str(ts))(images)  # (scores, maps) for a method with maps
+        np.testing.assert_allclose((got[0] if isinstance(got, tuple) else got).numpy(), eager, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(run_onnx(onnx, images.numpy()), eager, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(run_onnx(onnx, images[:1].numpy()), eager[:1], rtol=1e-3, atol=1e-4)  # dynamic batch

@@ -6,7 +6,6 @@ between the eager detector, `sanf score --maps`, TorchScript and ONNX."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -133,14 +133,14 @@ def run_onnx(path, images: np.ndarray, *, maps: bool = False):
 
 def check_onnx(detector, path, images: torch.Tensor) -> float:
     """Largest relative difference between onnxruntime and PyTorch scores on ``images`` (and, for a detector with
-    maps, the largest difference of the maps relative to their range)."""
+    maps, the largest difference of the maps relative to their range or, for a flat map, their size)."""
     ref = detector.export_model().to("cpu").eval()
     with torch.no_grad():
         want = ref(images)
     if detector.has_maps:
         got_s, got_m = run_onnx(path, images.numpy(), maps=True)
         want_s, want_m = want[0].double().numpy(), want[1].double().numpy()
-        span = max(float(want_m.max() - want_m.min()), 1e-12)
+        span = max(float(want_m.max() - want_m.min()), float(np.abs(want_m).max()), 1e-12)
         map_err = float(np.max(np.abs(got_m - want_m)) / span)
     else:
         got_s, want_s, map_err = run_onnx(path, images.numpy()), want.double().numpy(), 0.0
