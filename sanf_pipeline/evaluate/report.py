@@ -213,8 +213,8 @@ def localisation_lines(loc: dict | None, grid: str | None = None) -> list[str]:
         out.append(f"- no pixel metrics: {loc.get('pixel_metrics')}")
     thr = loc.get("pixel_threshold")
     if thr:
-        out.append(f"- pixel threshold {thr['value']:.6g} ({thr['rule']}: {thr.get('rule_text', '')}; "
-                   f"{thr['n_calibration']} held-out normal values)")
+        out.append(f"- pixel threshold {thr['value']:.6g} (rule {thr['rule']}: {thr.get('rule_text', '')}; from "
+                   f"{thr.get('n_images', thr['n_calibration'])} held-out normal images' maps)")
     if loc.get("predicted_regions"):
         out += ["", markdown_table([{"pixel rule": r, "threshold": q["threshold"], "mean IoU": q["mean_iou"],
                                      "mean Dice": q["mean_dice"], "normal images with a region":

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from ..errors import SanfError
-from ..maps import DEFAULT_SIGMA, MapHead, resize_maps
+from ..extract.masks import DEFECT_COVERAGE, RULE
+from ..maps import DEFAULT_SIGMA, MAX_EVAL_SIDE, MapHead, resize_maps
 
 DEFAULT_PIXEL_RULE = "image-max"
 MAP_BATCH = 32  # images per map batch: 32 x 518^2 float32 is 34 MB
-MASK_DEFECTIVE = 128  # coverage (0-255) from which an evaluation pixel counts as defective (extract.masks)
 GRID_PER_GROUP = 4
 
 
@@ -97,13 +97,13 @@ def localisation_metrics(evidence: np.ndarray, head: MapHead, masks, labels: np.
     coverage, known = masks
     rows = np.flatnonzero(known)
     res = tuple(coverage.shape[1:])
-    truth = coverage[rows] >= MASK_DEFECTIVE
+    truth = coverage[rows] >= DEFECT_COVERAGE
     maps = head_maps(head, evidence[rows], res)
     types = [None if labels[i] == normal else class_names[labels[i]] for i in rows]
     out = pixel_metrics(maps, truth, types)
     out.update({"sigma": head.sigma, "input_size": list(head.size), "n_without_mask": int(len(labels) - len(rows)),
-                "resolution_rule": "maps and masks compared at the model's input size, at most 256 px a side; a "
-                                   "pixel is defective when at least half of it is covered by the mask"})
+                "resolution_rule": f"maps and masks compared at the model's input size, at most "
+                                   f"{MAX_EVAL_SIDE} px a side; {RULE}"})
     defect = np.asarray([t is not None for t in types], bool)
     out["n_defect_masks_empty"] = int((defect & ~truth.reshape(len(rows), -1).any(1)).sum())
     if threshold is not None:
@@ -151,7 +151,7 @@ def overlay_grid(out_path, evidence: np.ndarray, head: MapHead, rows: dict[str, 
             if masks is not None and masks[1][i]:
                 cov = torch.from_numpy(masks[0][i:i + 1].astype(np.float32))[:, None]
                 truth = torch.nn.functional.interpolate(cov, size=image.shape[:2], mode="nearest")[0, 0].numpy() \
-                    >= MASK_DEFECTIVE
+                    >= DEFECT_COVERAGE
             tiles.append(overlay(image, amap, vmin=lo, vmax=hi, region=region, truth=truth))
             captions.append(f"{group}: {class_names[labels[i]]} {scores[i]:.4g}")
     if not tiles:
