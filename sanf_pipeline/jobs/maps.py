@@ -31,6 +31,7 @@ from ..maps import DEFAULT_SIGMA, MAX_EVAL_SIDE, MapHead, resize_maps
 DEFAULT_PIXEL_RULE = "image-max"
 MAP_BATCH = 32  # images per map batch: 32 x 518^2 float32 is 34 MB
 GRID_PER_GROUP = 4
+GRID_TILE = 192  # px of a tile's longer side in the report's overlay grid
 
 
 def input_size(identity: dict) -> tuple[int, int] | None:
@@ -144,6 +145,7 @@ def overlay_grid(out_path, evidence: np.ndarray, head: MapHead, rows: dict[str, 
                 image = decode_image(Path(root) / sample_ids[i])
             except Exception as exc:  # noqa: BLE001 - any unreadable image just leaves its tile out
                 return f"cannot read {sample_ids[i]} ({type(exc).__name__}), so no overlays"
+            image = _fit(image, GRID_TILE)  # drawn at the tile's size, so its contours stay visible in the sheet
             amap = head_maps(head, evidence[i:i + 1], image.shape[:2])[0]
             lo, hi = threshold.colour if threshold else (float(amap.min()), float(amap.max()))
             region = amap > threshold.value if threshold else None
@@ -156,8 +158,19 @@ def overlay_grid(out_path, evidence: np.ndarray, head: MapHead, rows: dict[str, 
             captions.append(f"{group}: {class_names[labels[i]]} {scores[i]:.4g}")
     if not tiles:
         return "no test images to show"
-    save_png(out_path, grid(tiles, columns=GRID_PER_GROUP, captions=captions))
+    save_png(out_path, grid(tiles, columns=GRID_PER_GROUP, tile=GRID_TILE, captions=captions))
     return None
+
+
+def _fit(image: np.ndarray, box: int) -> np.ndarray:
+    """``image`` resized (PIL, antialiased) so its longer side is ``box`` px."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = box / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC if scale > 1 else
+                                                     Image.Resampling.LANCZOS))
 
 
 @dataclass
