@@ -22,6 +22,7 @@ LAYERS = [
     ["models"],  # one nn.Module per detection method (flow, combined, baselines) and their registry
     ["jobs"],  # the run jobs every command and the sweep share, and the single-run API
     ["sweep", "detect"],  # many runs from one cache; a run as a detector and its export
+    ["serve"],  # a detector (a run or its ONNX export) as an HTTP service
     ["cli"],  # the `sanf` command
     ["__main__"],
 ]

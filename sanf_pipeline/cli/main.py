@@ -372,9 +372,11 @@ _register_sweep_commands()
 
 def _register_detector_commands() -> None:
     from .detect import export, score
+    from .serve import serve
 
     cli.add_command(score)
     cli.add_command(export)
+    cli.add_command(serve)
 
 
 _register_detector_commands()

@@ -326,12 +326,10 @@ class Detector:
                             f"give none; patch-knn and the combined score do)")
 
     def decide(self, scores) -> tuple[np.ndarray, np.ndarray]:
-        from ..evaluate.calibration import percentiles
+        """(anomalous, percentile) of scores (``evaluate.calibration.decide``)."""
+        from ..evaluate.calibration import decide
 
-        s = np.asarray(scores, np.float64)
-        anomalous = (np.nan_to_num(s, nan=np.inf) > self.threshold["value"]) if self.threshold else \
-            np.zeros(len(s), bool)
-        return anomalous, percentiles(self.calibration_scores, s)
+        return decide(scores, self.threshold, self.calibration_scores)
 
     def score(self, paths, *, batch_size: int = 32, num_workers: int | None = None, on_error: str = "skip",
               quiet: bool = True, maps: bool = False, on_batch=None) -> ScoreResult:

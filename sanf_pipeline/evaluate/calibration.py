@@ -69,6 +69,15 @@ def percentiles(calibration_scores, scores) -> np.ndarray:
     return out
 
 
+def decide(scores, threshold: dict | None, calibration_scores) -> tuple[np.ndarray, np.ndarray]:
+    """(anomalous, percentile) of new scores: ``score > threshold["value"]`` (NaN counts as anomalous; nothing is
+    without a threshold) and :func:`percentiles` among the held-out normal scores. The one rule of `sanf score`, the
+    ``Detector`` and `sanf serve`."""
+    s = np.asarray(scores, np.float64)
+    anomalous = (np.nan_to_num(s, nan=np.inf) > threshold["value"]) if threshold else np.zeros(len(s), bool)
+    return anomalous, percentiles(calibration_scores, s)
+
+
 def _rates(tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> dict[str, np.ndarray]:
     tp, fp = np.asarray(tp, np.float64), np.asarray(fp, np.float64)
     flagged = tp + fp

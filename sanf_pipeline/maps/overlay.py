@@ -1,7 +1,7 @@
 """Pictures of anomaly maps: the jet colour map, a map blended over its image with the predicted and ground-truth
-regions drawn as contours and an optional title band, contact sheets of such pictures, a small colour bar, and the
-atomic writes of a picture (PNG) and of a raw map (``.npy``). Pure numpy + PIL: matplotlib is too slow to import
-and to draw with once per image.
+regions drawn as contours and an optional title band, a map alone as an RGBA layer (``rgba_map``), contact sheets of
+such pictures, a small colour bar, and the atomic writes of a picture (PNG) and of a raw map (``.npy``). Pure numpy +
+PIL: matplotlib is too slow to import and to draw with once per image.
 
 Colours: the predicted region's contour is white (255, 255, 255), the ground-truth region's is magenta
 (255, 0, 255), a colour jet never produces; backgrounds (title band, grid cells, colour-bar labels) are dark grey.
@@ -169,6 +169,20 @@ def overlay(image, amap, *, vmin: float, vmax: float, alpha: float = 0.5, region
             out[contour(mask, width)] = colour
     if title is not None:
         out = np.concatenate([_band(title, hw[1], title_size(hw[1])), out], axis=0)
+    return out
+
+
+def rgba_map(amap, vmin: float, vmax: float) -> np.ndarray:
+    """uint8 ``(H, W, 4)``: the map alone as a layer to lay over its image: RGB = jet(scale(amap, vmin, vmax)) and
+    alpha = that scaled value * 255, so normal pixels are transparent and the most anomalous opaque."""
+    a = np.asarray(amap)
+    if a.ndim != 2:
+        raise SanfError(f"an anomaly map must be 2-D (H, W), got shape {a.shape}")
+    s = scale(a, vmin, vmax)
+    lut = _jet_lut()
+    out = np.empty((*a.shape, 4), np.uint8)
+    out[..., :3] = np.take(lut, (s * np.float32(len(lut) - 1) + np.float32(0.5)).astype(np.int32), axis=0)
+    out[..., 3] = np.rint(s * np.float32(255.0)).astype(np.uint8)
     return out
 
 
