@@ -108,8 +108,11 @@ def build_backbone(prov: dict, *, weights=None, weights_dir=None, device="cpu"):
     elif weights is None:
         choice = resolve_weights(arch, None, weights_dir, tag=tag)
         old = recorded.get("file")
-        if choice.source == "timm" and old and Path(old).is_file():
-            weights = old  # the file used at extraction is still there (same machine)
+        if old and Path(old).is_file() and choice.source in ("timm", "package") and \
+                (choice.source == "timm" or (want and file_sha256(Path(old)) == want)):
+            # the file used at extraction is still there (same machine): before a download, and before weights
+            # shipped in a package, which hold the same tensors in another file (another sha256)
+            weights = old
     if weights is not None and str(weights).lower() not in ("random", "none", "timm", "hub"):
         p = Path(weights).expanduser()
         if p.is_file() and want:
