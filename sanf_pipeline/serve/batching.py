@@ -39,6 +39,7 @@ class _Item:
     request: _Request
     index: int
     value: object = field(repr=False)
+    queued: float = field(default_factory=time.monotonic, repr=False)
 
 
 class Batcher:
@@ -119,7 +120,9 @@ class Batcher:
                 self._cond.wait()
             if self._closed:
                 return None
-            deadline = time.monotonic() + self.window_s
+            # the window runs from when the oldest item began to wait: one queued while a batch was being scored
+            # has waited already, so the worker does not make it wait a whole window more
+            deadline = self._queue[0].queued + self.window_s
             while len(self._queue) < self.max_batch and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
