@@ -1,4 +1,4 @@
-"""Anomaly-map quality and cost (issue 19): pixel AUROC, AUPRO@0.3 and the predicted regions of both pixel-threshold
+"""Anomaly-map quality and cost: pixel AUROC, AUPRO@0.3 and the predicted regions of both pixel-threshold
 rules (``image-max``, ``pixel``) for patch-knn and the default detector (``sanf fit`` defaults: flow + patch part,
 the combined score), on the two halves of a test split with ground-truth masks, plus what the maps cost in
 ``sanf eval`` and ``sanf score``. Everything runs through the project's own CLI (``python -m sanf_pipeline`` as
@@ -41,7 +41,8 @@ Run (the caches and runs go under ``--work``, default ``benchmarks/.work/localis
         --image-size 224 --markdown benchmarks/localisation.md
 
 ``--markdown FILE`` replaces this run's section (keyed by its title) in FILE, or adds it; the file's preamble is
-kept, so several data sets and backbones collect in one file.
+kept, so several data sets and backbones collect in one file. ``--report-only`` runs no command: it re-renders the
+section from the finished runs and the recorded timings (the halves are recomputed in-process).
 """
 
 from __future__ import annotations
@@ -50,67 +51,18 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
+from bench_table import Runner, layer_tag, same_cache, upsert_section  # noqa: E402
+
 NORMAL = "good"
 RULES = ("image-max", "pixel")
 TOL = 1e-6  # in-process vs metrics.json on the whole test split (same code, same CPU: should be ~0)
-
-
-def _layer_tag(layer) -> str:
-    if layer in (None, ""):
-        return "Llast"
-    return "L" + str(layer).replace(",", "+").replace(" ", "")
-
-
-def _same_cache(path: Path, backbone: str, layer, image_size: int, pool: int) -> bool:
-    """A sealed cache at ``path`` built with this backbone, layer, image size and pool (nothing to extract)."""
-    from sanf_pipeline.cache import open_cache
-    from sanf_pipeline.errors import SanfError
-    from sanf_pipeline.extract.backbones import parse_layers
-
-    if not (path / "sanf.json").exists():
-        return False
-    try:
-        with open_cache(path) as c:
-            bb = c.backbone
-            masks = c.split("test").has_masks
-    except SanfError:
-        return False
-    n = bb.get("num_layers", 1 << 30)
-    want = parse_layers(layer)
-    want = tuple(w % n for w in want) if isinstance(want, tuple) else (None if want is None else want % n)
-    got = bb.get("layer")
-    got = tuple(got) if isinstance(got, list) else got
-    return (masks and backbone in (bb.get("name"), bb.get("arch"), bb.get("alias")) and got == want
-            and list(bb.get("image_size") or []) == [image_size, image_size] and int(bb.get("pool", 1)) == pool)
-
-
-class Runner:
-    """Runs ``python -m sanf_pipeline ...`` subprocesses, logs their output, returns their wall seconds."""
-
-    def __init__(self, log: Path, echo: bool):
-        self.log, self.echo = log, echo
-
-    def __call__(self, *args) -> float:
-        cmd = [sys.executable, "-m", "sanf_pipeline", *map(str, args)]
-        shown = "sanf " + " ".join(map(str, args))
-        if self.echo:
-            print(f"+ {shown}", flush=True)
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        secs = time.perf_counter() - t
-        with self.log.open("a") as f:
-            f.write(f"$ {shown}\n{proc.stdout}{proc.stderr}[rc {proc.returncode}, {secs:.2f} s]\n\n")
-        if proc.returncode:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"failed (rc {proc.returncode}): {shown}")
-        return secs
 
 
 def _load_timings(path: Path) -> dict:
@@ -211,6 +163,19 @@ def _table(results: dict, half: str) -> list[str]:
     return rows
 
 
+def _verdict(results: dict) -> str:
+    """Which pixel rule gives the better predicted regions on the selection half (mean IoU, then normal images)."""
+    parts = []
+    for key in ("patch-knn", "default"):
+        rq = results[key]["selection"]["regions"]
+        iou = {r: rq[r]["mean_iou"] for r in RULES}
+        nwr = {r: rq[r]["normal_images_with_region"] for r in RULES}
+        best = max(RULES, key=lambda r: (iou[r], -nwr[r]))
+        parts.append(f"{key}: {best} (IoU {iou['image-max']:.3f} vs {iou['pixel']:.3f}, normal with region "
+                     f"{nwr['image-max']:.3f} vs {nwr['pixel']:.3f}; image-max vs pixel)")
+    return "Better pixel rule on the selection half (higher mean IoU): " + "; ".join(parts) + "."
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, required=True, help="folder holding <category>/{train,test,ground_truth}")
@@ -226,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--title", help="section title [default: category, backbone, layer, pool, size]")
     p.add_argument("--markdown", type=Path, help="replace (or add) this run's section in this file")
     p.add_argument("--verbose", action="store_true", help="print each command")
+    p.add_argument("--report-only", action="store_true",
+                   help="run no command: re-render the section from the finished runs and recorded timings")
     args = p.parse_args(argv)
     cat_dir = args.data_root / args.category
     if not (cat_dir / "train").is_dir() or not (cat_dir / "test").is_dir():
@@ -234,7 +201,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{cat_dir}/ground_truth is not a folder: pixel metrics need masks")
 
     short = args.backbone.split("/")[-1]
-    name = f"{args.category}-{short}-{args.image_size}-{_layer_tag(args.layer)}" + (
+    name = f"{args.category}-{short}-{args.image_size}-{layer_tag(args.layer)}" + (
         f"-pool{args.pool}" if args.pool > 1 else "")
     cache = args.work / "cache" / name
     runs = args.work / "runs" / name
@@ -244,46 +211,57 @@ def main(argv=None) -> int:
     timings = _load_timings(tfile)
     t0 = time.perf_counter()
 
+    if args.report_only:
+        missing = [k for k in ("eval_maps", "eval_nomaps", "score_maps", "score_plain", "patch-knn", "fit")
+                   if k not in timings]
+        if missing or not same_cache(cache, args.backbone, args.layer, args.image_size, args.pool, masks=True):
+            raise SystemExit(f"--report-only: nothing finished to report in {runs} (missing: "
+                             f"{', '.join(missing) or 'the cache'}); run without it first")
     # 1. the cache
-    if not _same_cache(cache, args.backbone, args.layer, args.image_size, args.pool):
+    elif not same_cache(cache, args.backbone, args.layer, args.image_size, args.pool, masks=True):
         ext = ["extract", "--dataset", "mvtec", "--category", args.category, "--data-root", args.data_root,
                "--backbone", args.backbone]
         ext += ["--weights", args.weights] if args.weights else []
         ext += ["--layer", args.layer] if args.layer not in (None, "") else []
         ext += ["--pool", args.pool] if args.pool != 1 else []
         ext += ["--image-size", args.image_size, "--cache", cache, "--quiet"]
-        if cache.exists() and not _same_cache(cache, args.backbone, args.layer, args.image_size, args.pool):
+        if cache.exists() and not same_cache(cache, args.backbone, args.layer, args.image_size, args.pool, masks=True):
             ext.append("--overwrite")
         timings["extract"] = sanf(*ext)
         _save_timings(tfile, timings)
     # 2. patch-knn (default settings, maps on)
-    pk = runs / "patch-knn"
-    if not ((pk / "metrics.json").exists() and "patch-knn" in timings):
+    pk, run = runs / "patch-knn", runs / "default"
+    if not args.report_only and not ((pk / "metrics.json").exists() and "patch-knn" in timings):
         timings["patch-knn"] = sanf("baseline", "--cache", cache, "--normal-class", NORMAL, "--method", "patch-knn",
                                     "--out", pk, "--quiet")
         _save_timings(tfile, timings)
     # 3. the default detector: fit, then eval with and without maps, alternated
-    run = runs / "default"
-    if not ((run / "model.safetensors").exists() and "fit" in timings):
+    if not args.report_only and not ((run / "model.safetensors").exists() and "fit" in timings):
         timings["fit"] = sanf("fit", "--cache", cache, "--normal-class", NORMAL, "--out", run, "--quiet")
         _save_timings(tfile, timings)
     ev_maps, ev_plain = [], []
-    for _ in range(args.repeats):
+    for _ in range(0 if args.report_only else args.repeats):
         ev_maps.append(sanf("eval", "--run", run))
         ev_plain.append(sanf("eval", "--run", run, "--no-maps", "--out", runs / "default-nomaps"))
     # 4. sanf score of every test image, with and without --maps
     sc_maps, sc_plain = [], []
     csv_maps, csv_plain, maps_dir = runs / "score-maps.csv", runs / "score-plain.csv", runs / "score-maps"
     score = ["score", "--run", run, cat_dir / "test", "--quiet"] + (["--weights", args.weights] if args.weights else [])
-    for _ in range(args.repeats):
+    for _ in range(0 if args.report_only else args.repeats):
         for f in (csv_maps, csv_plain):
             f.unlink(missing_ok=True)
         shutil.rmtree(maps_dir, ignore_errors=True)
         sc_maps.append(sanf(*score, "--out", csv_maps, "--maps", maps_dir))
         sc_plain.append(sanf(*score, "--out", csv_plain))
-    n_map_files = len(list(maps_dir.glob("**/*.map.npy")))
-    timings.update({"eval_maps": ev_maps, "eval_nomaps": ev_plain, "score_maps": sc_maps, "score_plain": sc_plain})
-    _save_timings(tfile, timings)
+    if args.report_only:
+        ev_maps, ev_plain = timings["eval_maps"], timings["eval_nomaps"]
+        sc_maps, sc_plain = timings["score_maps"], timings["score_plain"]
+        n_map_files = timings.get("n_map_files", len(list(maps_dir.glob("**/*.map.npy"))))
+    else:
+        n_map_files = len(list(maps_dir.glob("**/*.map.npy")))
+        timings.update({"eval_maps": ev_maps, "eval_nomaps": ev_plain, "score_maps": sc_maps,
+                        "score_plain": sc_plain, "n_map_files": n_map_files})
+        _save_timings(tfile, timings)
 
     # 5. the halves, in-process, checked against the runs' own metrics on the whole split
     results, worst = {}, {}
@@ -298,52 +276,61 @@ def main(argv=None) -> int:
     meta = json.loads((cache / "sanf.json").read_text())
     n_train = meta["dataset"]["splits"]["train"]["n"]
     a = results["default"]
-    title = args.title or (f"{args.category}, {short} {_layer_tag(args.layer)}"
+    title = args.title or (f"{args.category}, {short} {layer_tag(args.layer)}"
                            + (f" pool {args.pool}" if args.pool > 1 else "") + f", {args.image_size} px")
-    cmd = "python benchmarks/localisation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/localisation.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                         if a != "--report-only")
     grid = "x".join(map(str, meta.get("grid") or ["?"]))
     counts = "; ".join(
-        f"{h} half {a[h]['n_normal']} normal + {a[h]['n_anomalous']} anomalous ({a[h]['n_with_mask']} with a mask, "
-        f"{a[h]['n_regions']} defect regions)" for h in ("selection", "report"))
+        f"{h} half {a[h]['n_normal']} normal + {a[h]['n_anomalous']} anomalous ({a[h]['n_with_mask']} with a known "
+        f"mask, {a[h]['n_regions']} defect regions)" for h in ("selection", "report"))
     res = a["all"]["resolution"]
 
     def ratio(x, y):
         return f"{min(x) / min(y):.2f}" if x and y else "n/a"
 
+    def runs_s(x):
+        return f"{min(x):.1f} ({', '.join(f'{v:.1f}' for v in x)})"
+
     cost = ["| step | wall s | ratio |", "|---|---|---|",
             f"| `sanf extract` (train + test) | {_secs(timings.get('extract'))} | |",
             f"| `sanf baseline --method patch-knn` (fit + eval with maps) | {timings['patch-knn']:.0f} | |",
             f"| `sanf fit` (defaults) | {timings['fit']:.0f} | |",
-            f"| `sanf eval` with maps / `--no-maps` | {min(ev_maps):.1f} / {min(ev_plain):.1f} | "
+            f"| `sanf eval` with maps / `--no-maps` | {runs_s(ev_maps)} / {runs_s(ev_plain)} | "
             f"{ratio(ev_maps, ev_plain)} |",
             f"| `sanf score` of the {meta['dataset']['splits']['test']['n']} test images with `--maps` / without | "
-            f"{min(sc_maps):.1f} / {min(sc_plain):.1f} | {ratio(sc_maps, sc_plain)} |"]
+            f"{runs_s(sc_maps)} / {runs_s(sc_plain)} | {ratio(sc_maps, sc_plain)} |"]
+    n_empty = json.loads((run / "metrics.json").read_text())["localisation"].get("n_defect_masks_empty", 0)
     thr = ", ".join(f"{k} {results[k]['target_fpr']:g}" for k in results)
     lines = [f"## {title}", "", f"Command: `{cmd}`", "",
              f"Data: `{cat_dir}`, {n_train} normal training images; test classes {', '.join(meta['class_names'])} "
              f"(normal = `{NORMAL}`); {counts}. Cache `{grid}` token grid, d {meta['dim']}; maps and masks compared "
-             f"at {res[0]}x{res[1]} px (the model's input size). Pixel thresholds from each run's held-out normal "
+             f"at {res[0]}x{res[1]} px (the model's input size; {n_empty} defect image(s) with a mask empty at that "
+             f"resolution, left out of IoU). Pixel thresholds from each run's held-out normal "
              f"training maps at its target FPR ({thr}); whole-split numbers recomputed in-process match each run's "
              f"metrics.json (largest difference {max(worst.values()):.1g}).", "",
              "**Selection half** (even positions; where the pixel rule is chosen):", "", *_table(results, "selection"),
-             "", "**Report half** (odd positions; the numbers to quote):", "", *_table(results, "report"), "",
+             "", _verdict(results), "",
+             "**Report half** (odd positions; the numbers to quote):", "", *_table(results, "report"), "",
              "IoU: mean over the half's defect images with a mask of the predicted region's (map > pixel threshold) "
              "IoU with the mask (an empty prediction scores 0); normal with region: share of the half's normal "
              "images with any predicted pixel. The patch flow of issue 20 does not exist yet, so it has no row.", "",
-             f"Cost (whole test split, 2-core shared CPU; eval and score: min of {args.repeats} alternated runs; "
-             f"each is a whole process, start-up included; score with maps wrote {n_map_files} maps and overlays):",
+             f"Cost (whole test split, 2-core CPU shared with other jobs; eval and score: min of {len(ev_maps)} "
+             f"alternated runs, each run in brackets; each is a whole process, start-up included; score with maps "
+             f"wrote {n_map_files} raw maps and overlays at the images' own resolution):",
              "", *cost, "",
              f"Whole test split (metrics.json): patch-knn image AUROC {_f(results['patch-knn']['all']['auroc'])}, "
              f"pixel AUROC {_f(results['patch-knn']['all']['pixel_auroc'])}, AUPRO "
              f"{_f(results['patch-knn']['all']['aupro'])}; default {_f(a['all']['auroc'])}, "
-             f"{_f(a['all']['pixel_auroc'])}, {_f(a['all']['aupro'])}. Total time of this invocation "
-             f"{time.perf_counter() - t0:.0f} s.", ""]
+             f"{_f(a['all']['pixel_auroc'])}, {_f(a['all']['aupro'])}. "
+             + ("Section re-rendered with --report-only from the finished runs and the recorded timings."
+                if args.report_only else f"Total time of this invocation {time.perf_counter() - t0:.0f} s."), ""]
     section = "\n".join(lines)
     (runs / "section.md").write_text(section)
     (runs / "results.json").write_text(json.dumps({"title": title, "command": cmd, "results": results,
                                                    "timings": timings}, indent=1, default=float))
     if args.markdown:
-        _upsert(args.markdown, title, section)
+        upsert_section(args.markdown, title, section, HEADER)
     print(section)
     return 0
 
@@ -357,22 +344,16 @@ one of two fixed halves of the test split (within each class folder, sorted by s
 *selection*, odd = *report*); the table says which. Pixel metrics at the model's input size (at most 256 px a side),
 AUPRO up to FPR 0.3. All on a shared 2-core CPU.
 
+Data (the commands' `--data-root`, unzipped from the project's shared folder, see `../shared/README.md`):
+`unzip ../shared/data/loco-juice-bottle.zip -d benchmarks/.work/localisation/data` (MVTec LOCO AD `juice_bottle`,
+partial: the official validation images as test/good; `--data-root benchmarks/.work/localisation/data`) and
+`unzip ../shared/data/bsdata-ballscrew.zip -d benchmarks/.work/localisation/data` (BSData ball-screw pitting;
+`--data-root benchmarks/.work/localisation/data/bsdata_ballscrew`).
+
 Published context, **on MVTec AD (15 categories), not on these sets**: PatchCore (WRN-50) pixel AUROC 98.1, PRO 94.4;
 CFlow-AD pixel AUROC 98.6, PRO 94.6. The sets here are harder in different ways (MVTec LOCO's logical anomalies are
 mostly not local texture changes; BSData's pitting regions are small), so those numbers are context, not a target.
 """
-
-
-def _upsert(path: Path, title: str, section: str) -> None:
-    text = path.read_text() if path.exists() else HEADER
-    head = f"## {title}\n"
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -36,36 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
+from bench_table import layer_tag, same_cache, upsert_section  # noqa: E402
+
 NORMAL = "good"
 CLASS_BASELINES = "knn,knn-l2,gaussian"
-
-
-def _layer_tag(layer) -> str:
-    if layer in (None, ""):
-        return "Llast"
-    return "L" + str(layer).replace(",", "+").replace(" ", "")
-
-
-def _same_cache(path: Path, backbone: str, layer, image_size: int, pool: int) -> bool:
-    """A sealed cache at ``path`` built with this backbone, layer, image size and pool (then nothing to extract)."""
-    from sanf_pipeline.cache import open_cache
-    from sanf_pipeline.errors import SanfError
-    from sanf_pipeline.extract.backbones import parse_layers
-
-    if not (path / "sanf.json").exists():
-        return False
-    try:
-        with open_cache(path) as c:
-            bb = c.backbone
-    except SanfError:
-        return False
-    want = parse_layers(layer)
-    got = bb.get("layer")
-    got = tuple(got) if isinstance(got, list) else got
-    want = tuple(w % bb.get("num_layers", 1 << 30) for w in want) if isinstance(want, tuple) else (
-        None if want is None else want % bb.get("num_layers", 1 << 30))
-    return (backbone in (bb.get("name"), bb.get("arch"), bb.get("alias")) and got == want
-            and list(bb.get("image_size") or []) == [image_size, image_size] and int(bb.get("pool", 1)) == pool)
 
 
 def ensure_cache(path: Path, args, layer, pool: int = 1) -> float:
@@ -73,7 +48,7 @@ def ensure_cache(path: Path, args, layer, pool: int = 1) -> float:
     from sanf_pipeline.extract.backbones import parse_layers
     from sanf_pipeline.extract.job import ExtractConfig, extract
 
-    if _same_cache(path, args.backbone, layer, args.image_size, pool):
+    if same_cache(path, args.backbone, layer, args.image_size, pool):
         return 0.0
     t = time.perf_counter()
     extract(ExtractConfig(backbone=args.backbone, dataset="mvtec", data_root=str(args.data_root),
@@ -199,12 +174,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.data_root / args.category}/train is not a folder: expected MVTec layout")
 
     short = args.backbone.split("/")[-1]
-    name = f"{args.category}-{short}-{args.image_size}-{_layer_tag(args.layer)}"
+    name = f"{args.category}-{short}-{args.image_size}-{layer_tag(args.layer)}"
     cache = args.cache or Path("cache/industrial") / name
     patch_layer = args.patch_layer if args.patch_layer is not None else args.layer
     same_patch = args.patch_cache is None and str(patch_layer) == str(args.layer) and args.patch_pool == 1
     patch_cache = args.patch_cache or (cache if same_patch else Path("cache/industrial") / (
-        f"{args.category}-{short}-{args.image_size}-{_layer_tag(patch_layer)}"
+        f"{args.category}-{short}-{args.image_size}-{layer_tag(patch_layer)}"
         + (f"-pool{args.patch_pool}" if args.patch_pool > 1 else "")))
     out = args.out or Path("sweeps/industrial") / name
     t0 = time.perf_counter()
@@ -252,7 +227,7 @@ def main(argv=None) -> int:
     meta = json.loads((cache / "sanf.json").read_text())
     n_train = meta["dataset"]["splits"]["train"]["n"]
     n_test = meta["dataset"]["splits"]["test"]["n"]
-    title = args.title or f"{args.category}, {args.backbone} {_layer_tag(args.layer)}, {args.image_size} px"
+    title = args.title or f"{args.category}, {args.backbone} {layer_tag(args.layer)}, {args.image_size} px"
     cmd = "python benchmarks/quality_industrial.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
                                                                if a != "--report-only")
     best_base = max((v for v in results["baselines"].values() if v is not None), default=None)
@@ -270,7 +245,7 @@ def main(argv=None) -> int:
     (out / "table.md").write_text(section)
     (out / "results.json").write_text(json.dumps({"title": title, "command": cmd, **results}, indent=1))
     if args.markdown:
-        _upsert(args.markdown, title, section)
+        upsert_section(args.markdown, title, section, HEADER)
     print(section)
     return 0
 
@@ -283,18 +258,6 @@ settings of the variant named in the row (`defaults` = the defaults of the commi
 length by early stopping on held-out *normal training* NLL; class-token baselines on the same cache; patch-knn on the
 cache named in the section. All on a shared 2-core CPU.
 """
-
-
-def _upsert(path: Path, title: str, section: str) -> None:
-    text = path.read_text() if path.exists() else HEADER
-    head = f"## {title}\n"
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

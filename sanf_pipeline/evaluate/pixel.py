@@ -153,9 +153,11 @@ def pixel_metrics(maps, masks, defect_types, *, max_fpr: float = DEFAULT_MAX_FPR
         raise SanfError("a normal image (defect type None) has defective pixels in its mask; check the masks")
     overall = _localisation(maps, masks, max_fpr)
     per_defect = {}
-    for name in sorted({t for t in types if t is not None}):
+    names = sorted({t for t in types if t is not None})
+    for name in names:
         mine = np.array([t == name for t in types], bool)
-        m = _localisation(maps[mine | normal], masks[mine | normal], max_fpr)
+        # one defect type pools exactly the images of the whole: the same numbers, not computed twice
+        m = overall if len(names) == 1 else _localisation(maps[mine | normal], masks[mine | normal], max_fpr)
         per_defect[name] = {"pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "n_images": int(mine.sum()),
                             "n_regions": m["n_regions"]}
     return {"pixel_auroc": overall["pixel_auroc"], "aupro": overall["aupro"], "max_fpr": max_fpr,
