@@ -211,7 +211,8 @@ def eval_maps(out_dir, metrics: dict, evidence: np.ndarray | None, options: MapO
         if threshold is not None:
             loc["pixel_threshold"] = threshold.record
     if threshold is None:
-        loc["pixel_threshold_missing"] = "the run keeps no held-out normal maps (written by an older sanf); refit it"
+        loc["pixel_threshold_missing"] = ("the run keeps no held-out normal maps (too few training images to hold any "
+                                          "out, or a run of an older sanf: refit it)")
     image_thr = (metrics.get("threshold") or {}).get("value")
     rows = grid_rows(scores, is_anomaly, image_thr)
     root = (identity.get("dataset") or {}).get("root")
