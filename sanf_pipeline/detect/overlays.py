@@ -86,7 +86,7 @@ class MapWriter:
             raise SanfError(f"cannot create --maps {f}: {exc.strerror or exc}") from None
 
     def __call__(self, batch) -> None:
-        from ..maps.overlay import overlay, save_png, save_raw_map
+        from ..maps.overlay import colour_range, overlay, save_png, save_raw_map
 
         det = self.detector
         pt = det.pixel_threshold
@@ -95,7 +95,7 @@ class MapWriter:
                                            strict=True):
             name = self.names[path]
             png, npy = _files(name)
-            lo, hi = pt.colour if pt else (float(amap.min()), float(amap.max()))
+            lo, hi = colour_range(amap, pt.colour if pt else None)
             decision = "ANOMALOUS" if a else "normal"
             title = f"{Path(path).name}: score {s:.4g}, {decision}" + (
                 f" (threshold {thr['value']:.4g})" if thr else "")

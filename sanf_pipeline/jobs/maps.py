@@ -134,7 +134,7 @@ def overlay_grid(out_path, evidence: np.ndarray, head: MapHead, rows: dict[str, 
                  labels, class_names, scores, threshold: PixelThreshold | None, masks=None) -> str | None:
     """Write the report's overlay grid PNG; returns None, or why there is none (the images cannot be read)."""
     from ..data.images import decode_image
-    from ..maps.overlay import grid, overlay, save_png
+    from ..maps.overlay import colour_range, grid, overlay, save_png
 
     if root is None or not Path(root).is_dir():
         return f"the data root {root} recorded in the cache is not here, so no overlays"
@@ -147,7 +147,7 @@ def overlay_grid(out_path, evidence: np.ndarray, head: MapHead, rows: dict[str, 
                 return f"cannot read {sample_ids[i]} ({type(exc).__name__}), so no overlays"
             image = _fit(image, GRID_TILE)  # drawn at the tile's size, so its contours stay visible in the sheet
             amap = head_maps(head, evidence[i:i + 1], image.shape[:2])[0]
-            lo, hi = threshold.colour if threshold else (float(amap.min()), float(amap.max()))
+            lo, hi = colour_range(amap, threshold.colour if threshold else None)
             region = amap > threshold.value if threshold else None
             truth = None
             if masks is not None and masks[1][i]:

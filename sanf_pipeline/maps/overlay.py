@@ -47,6 +47,16 @@ def _jet_lut() -> np.ndarray:
     return jet(np.linspace(0.0, 1.0, 4096, dtype=np.float32))
 
 
+def colour_range(amap, run_scale=None) -> tuple[float, float]:
+    """The ``(vmin, vmax)`` a map is coloured on: the run's fixed scale when it has one (pictures then compare),
+    else the map's own finite range; ``(0, 0)`` for a map with no finite value (nothing to show)."""
+    if run_scale is not None:
+        return float(run_scale[0]), float(run_scale[1])
+    a = np.asarray(amap, np.float64)
+    finite = a[np.isfinite(a)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+
+
 def scale(amap, vmin: float, vmax: float) -> np.ndarray:
     """float32 ``(amap - vmin) / (vmax - vmin)`` clipped to [0, 1]; NaN -> 0. ``vmax <= vmin`` (a constant map's
     range) gives all 0: nothing stands out, so nothing is coloured as anomalous."""

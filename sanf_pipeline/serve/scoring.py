@@ -101,15 +101,10 @@ class Scorer:
     def render(self, result: dict, filename: str) -> dict:
         """A finished result as the JSON of one image: the map as a base64 RGBA PNG at the image's resolution (RGB:
         jet of the map on the run's colour scale, else the map's own min/max; alpha: the same scaled value)."""
-        from ..maps.overlay import rgba_map
+        from ..maps.overlay import colour_range, rgba_map
 
         m = result.get("map")
-        png = None
-        if m is not None:
-            lo, hi = self.colour if self.colour is not None else (float(np.nanmin(m)), float(np.nanmax(m)))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                lo = hi = 0.0  # an all-NaN map: nothing to show (scale gives 0 for an empty range)
-            png = png_base64(rgba_map(m, lo, hi))
+        png = None if m is None else png_base64(rgba_map(m, *colour_range(m, self.colour)))
         return json_safe({"filename": filename, "score": result["score"], "anomalous": result["anomalous"],
                           "percentile": result["percentile"], "threshold": result["threshold"],
                           "target_fpr": result["target_fpr"], "width": result["width"], "height": result["height"],
