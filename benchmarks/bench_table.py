@@ -104,3 +104,23 @@ class Runner:
             sys.stderr.write(proc.stdout + proc.stderr)
             raise SystemExit(f"failed (rc {proc.returncode}): {shown}")
         return secs
+
+
+HALVES_RULE = ("within each class folder, test images sorted by sample id (the path relative to the data root): even "
+               "positions (0, 2, 4, ...) = *selection* half, odd = *report* half")
+
+
+def halves(labels, sample_ids) -> dict:
+    """Row indices of the selection (even positions) and report (odd) halves of a test split: per class, by sorted
+    sample id (``HALVES_RULE``). Every default is chosen on the selection half; numbers are reported on the other."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    ids = np.asarray(sample_ids, dtype=object)
+    sel, rep = [], []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rows = rows[np.argsort(ids[rows].astype(str), kind="stable")]
+        sel.extend(rows[0::2].tolist())
+        rep.extend(rows[1::2].tolist())
+    return {"selection": np.sort(np.asarray(sel, int)), "report": np.sort(np.asarray(rep, int))}

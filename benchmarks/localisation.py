@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
-from bench_table import Runner, layer_tag, same_cache, upsert_section  # noqa: E402
+from bench_table import Runner, halves, layer_tag, same_cache, upsert_section  # noqa: E402
 
 NORMAL = "good"
 RULES = ("image-max", "pixel")
@@ -74,15 +74,7 @@ def _save_timings(path: Path, timings: dict) -> None:
 
 
 def _halves(test) -> dict[str, np.ndarray]:
-    """Row indices of the selection (even positions) and report (odd) halves: per class, by sorted sample id."""
-    sel, rep = [], []
-    ids = np.asarray(test.sample_ids, dtype=object)
-    for c in np.unique(test.labels):
-        rows = np.flatnonzero(test.labels == c)
-        rows = rows[np.argsort(ids[rows].astype(str), kind="stable")]
-        sel.extend(rows[0::2].tolist())
-        rep.extend(rows[1::2].tolist())
-    return {"selection": np.sort(np.asarray(sel, int)), "report": np.sort(np.asarray(rep, int))}
+    return halves(test.labels, test.sample_ids)
 
 
 def half_metrics(run_dir: Path, cache: Path) -> dict:

@@ -1,35 +1,39 @@
-"""Quality on an inspection data set in MVTec layout (issue 12): the flow (fusion none / semantic, seeds, optional
-flow-setting variants such as old vs new defaults) against every baseline (knn, knn-l2, gaussian on class tokens;
-patch-knn on patch tokens), on one backbone. Runs on any MVTec-layout root:
+"""Quality on an inspection data set in MVTec layout: sanf's default detector, its parts and every candidate rule
+against the baselines, on the *selection* and *report* halves of the test split. Runs on any MVTec-layout root:
 
     DATA/<category>/train/good/*.png             normal training images
     DATA/<category>/test/good/*.png              normal test images
     DATA/<category>/test/<defect>/*.png          anomalous test images (any number of defect folders)
 
-    python benchmarks/quality_industrial.py --data-root DATA --category bottle \\
-        --backbone vit_small_patch14_dinov2 --weights vit_small_patch14_dinov2.*.safetensors --layer 8 \\
-        --markdown benchmarks/quality_industrial.md
+    python benchmarks/quality_industrial.py --data-root DATA --category bottle --backbone tf_efficientnet_lite0 \\
+        --weights tf_efficientnet_lite0.in1k.safetensors --markdown benchmarks/quality_industrial.md
 
-It extracts the cache (skipped when a sealed cache with the same backbone, layer and image size is already at
-``--cache``), runs the flow sweeps and the class-token baselines with ``sanf sweep`` (normal class ``good``; the
-defect classes have no training images), runs ``patch-knn`` on ``--patch-cache`` (by default the same cache; give
-``--patch-layer`` to extract a second cache of another layer for it, e.g. a mid-level CNN stage), and writes the
-table. Every run is resumable: rerunning re-uses finished runs. ``--markdown FILE`` replaces this run's section
-(keyed by its title) in FILE, so several data sets and backbones collect in one file.
+What it does, all with the checkout's own code and defaults:
 
-Flow variants (the hook for comparing default sets): ``--variant NAME=KEY=V;KEY=V`` (repeatable) adds a flow
-sweep with those fixed ``sanf fit`` settings (``sanf sweep --set``); ``--variant defaults=`` is the plain
-``sanf fit`` defaults of the checkout it runs in (since issue 12 the combined score: flow NLL + patch part); with no
-``--variant`` the script compares it with the flow alone, ``flow-only=patch_score=none``, and the paper's rule,
-``paper=keep_initial=false;patch_score=none``. E.g.
-``--variant "paper=lr=5e-5;hidden=1024" --variant defaults=``.
+1. extracts the cache as the plain `sanf extract --backbone B --dataset mvtec` does (the backbone's recipe: a
+   semantic class token and local patch tokens in one pass; skipped when a sealed cache with those settings is at
+   ``--cache``);
+2. per seed (``--seeds``), fits the default detector exactly as `sanf fit` does (``FitConfig(seed=s)``: the
+   class-token flow and its local part) and scores the test split: the **default** row;
+3. fits the other local part (``patch-knn`` or ``patch-flow``, whichever the default is not) on the same rows, so
+   every candidate combination is measured on the same flow: flow alone, local part alone, and each
+   local part combined with the flow by each rule (``sum`` and ``max`` of the held-out-standardised scores, and
+   Fisher's combination of the two split-conformal p-values, ``fisher``);
+4. the baselines on the same cache (``knn``, ``knn-l2``, ``gaussian`` on class tokens; ``patch-knn`` on patch
+   tokens), and ``patch-knn`` on ``--reference-cache`` when given (e.g. the CNN mid-level stages for a ViT cache);
+5. with ``--fusion-ablation``, the patch flow without its class-token context (``condition=position``), seed 0;
+6. the memory of each local part's model and its scoring time per image (one run, ratios).
+
+Halves (``bench_table.HALVES_RULE``): within each class folder, test images sorted by sample id; even positions =
+*selection* half (where defaults are chosen), odd = *report* half (the numbers to quote). Training length: early
+stopping on held-out *normal* training images only. ``--markdown FILE`` replaces this run's section in FILE.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,226 +41,250 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_table beside it, also when loaded by path
-from bench_table import layer_tag, same_cache, upsert_section  # noqa: E402
+from bench_table import HALVES_RULE, command_line, halves, upsert_section  # noqa: E402
 
 NORMAL = "good"
-CLASS_BASELINES = "knn,knn-l2,gaussian"
+CLASS_BASELINES = ("knn", "knn-l2", "gaussian")
+RULES = ("sum", "max", "fisher")
 
 
-def ensure_cache(path: Path, args, layer, pool: int = 1) -> float:
-    """Extract ``path`` unless an identical sealed cache is there; returns the seconds spent."""
-    from sanf_pipeline.extract.backbones import parse_layers
+def ensure_cache(args) -> float:
+    """The plain `sanf extract` of the data set at ``args.cache`` (nothing when that cache is already there)."""
+    from sanf_pipeline.cache import open_cache
+    from sanf_pipeline.errors import SanfError
     from sanf_pipeline.extract.job import ExtractConfig, extract
 
-    if same_cache(path, args.backbone, layer, args.image_size, pool):
-        return 0.0
+    if (Path(args.cache) / "sanf.json").exists():
+        try:
+            with open_cache(args.cache) as c:
+                bb = c.backbone
+            if args.backbone in (bb.get("name"), bb.get("arch"), bb.get("alias")) and bb.get("recipe"):
+                return 0.0
+        except SanfError:
+            pass
     t = time.perf_counter()
     extract(ExtractConfig(backbone=args.backbone, dataset="mvtec", data_root=str(args.data_root),
-                          category=args.category, cache=str(path), weights=args.weights, image_size=args.image_size,
-                          layer=parse_layers(layer), pool=pool, device=args.device, batch_size=32,
-                          num_workers=args.num_workers, quiet=args.quiet))
+                          category=args.category, cache=str(args.cache), weights=args.weights,
+                          image_size=args.image_size, device=args.device, batch_size=32, quiet=args.quiet,
+                          overwrite=True))
     return time.perf_counter() - t
 
 
-# the current sanf fit defaults, and the paper-faithful training-length rule they replaced (best *trained* epoch)
-# the default detector (flow + patch part, combined score), the flow alone, and the paper's rule (best trained epoch)
-DEFAULT_VARIANTS = ["defaults=", "flow-only=patch_score=none", "paper=keep_initial=false;patch_score=none"]
+def auroc(y, s) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
 
 
-def parse_variants(items) -> list[tuple[str, dict]]:
-    from sanf_pipeline.sweep import parse_fixed
+def fisher(held_a, held_b, a, b) -> np.ndarray:
+    """Fisher's combination of the split-conformal p-values of two scores (held-out normal scores as reference)."""
+    def pval(held, x):
+        held = np.sort(np.asarray(held, np.float64))
+        return (1.0 + len(held) - np.searchsorted(held, x, side="left")) / (len(held) + 1.0)
 
-    out = []
-    for item in items or DEFAULT_VARIANTS:
-        name, _, rest = item.partition("=")
-        if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise SystemExit(f"--variant needs NAME=KEY=V;KEY=V (NAME letters, digits, _.-), got {item!r}")
-        out.append((name, parse_fixed([s for s in rest.split(";") if s.strip()])))
-    return out
+    return -2.0 * (np.log(pval(held_a, a)) + np.log(pval(held_b, b)))
 
 
-def _sweep(cache: Path, out: Path, args, **kw):
-    from types import SimpleNamespace
+def combos(nll, held_nll, local, held_local) -> dict[str, np.ndarray]:
+    """Each rule's combination of the flow NLL and a local score (test rows), standardised on the held-out rows."""
+    from sanf_pipeline.models.combined import mean_std
 
-    from sanf_pipeline.sweep import run_sweep, summarize
-
-    if args.report_only:  # what is finished; unfinished runs show as missing
-        return SimpleNamespace(summary=summarize(out)) if (out / "plan.json").exists() else None
-    return run_sweep(cache, out, classes=NORMAL, plots=False, workers=args.workers, device=args.device,
-                     quiet=args.quiet, overwrite=args.overwrite, **kw)
+    (m1, s1), (m2, s2) = mean_std(held_nll), mean_std(held_local)
+    a, b = (nll - m1) / s1, (local - m2) / s2
+    return {"sum": a + b, "max": np.maximum(a, b), "fisher": fisher(held_nll, held_local, nll, local)}
 
 
-def _row_stats(summary: dict, setting: str) -> dict:
-    rows = [r for r in summary["runs"] if r["setting"] == setting and r["status"] == "finished"]
-    au = [r["auroc"] for r in rows]
-    best = [r["best_epoch"] for r in rows if r.get("best_epoch") is not None]
-    return {"aurocs": au, "seeds": [r["seed"] for r in rows], "best_epochs": best,
-            "aupr": float(np.mean([r["aupr"] for r in rows])) if rows else None}
+def timed_scores(model, cls, patch) -> tuple[np.ndarray, float]:
+    from sanf_pipeline.models import score_arrays
 
-
-def _seconds(sweep_dir: Path) -> dict[str, float]:
-    log = sweep_dir / "sweep_log.jsonl"
-    out: dict[str, float] = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                out[r.get("run_id", "")] = out.get(r.get("run_id", ""), 0.0) + float(r.get("seconds") or 0.0)
-    return out
-
-
-def run_patch_knn(cache: Path, out: Path, args) -> dict:
-    """patch-knn (``baseline_run``) on ``cache``; a finished run with the same settings is re-used."""
-    from sanf_pipeline.jobs.api import baseline_run
-    from sanf_pipeline.models.patchknn import DEFAULT_CORESET, DEFAULT_NEIGHBOURHOOD
-
-    options = {"coreset": args.coreset if args.coreset is not None else DEFAULT_CORESET,
-               "neighbourhood": args.neighbourhood if args.neighbourhood is not None else DEFAULT_NEIGHBOURHOOD}
-    mfile = out / "metrics.json"
-    if mfile.exists():
-        m = json.loads(mfile.read_text())
-        if m.get("options") == options and m.get("cache_fingerprint") and not args.overwrite:
-            return m
-    if args.report_only:
-        return {"options": options, "auroc": None}
     t = time.perf_counter()
-    m = baseline_run(cache, NORMAL, "patch-knn", out, overwrite=True, plots=False, options=options).metrics
-    m["seconds"] = time.perf_counter() - t
-    mfile.write_text(json.dumps(m, indent=1, sort_keys=True))
-    return m
+    s = score_arrays(model, cls, patch)["score"]
+    return s, (time.perf_counter() - t) / max(1, len(cls))
 
 
-def _pm(values) -> str:
-    if not values:
-        return "missing"
-    return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
+def model_bytes(model) -> int:
+    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
 
 
-def _grid_desc(cache: Path) -> str:
-    meta = json.loads((cache / "sanf.json").read_text())
-    bb = meta.get("backbone") or {}
-    layer = bb.get("layer")
-    return (f"`{cache}` (layer {'last' if layer is None else layer}, d {meta['dim']}, "
-            f"{'x'.join(map(str, meta.get('grid') or ['?']))} grid)")
+def run_seed(args, seed: int, train_cls, train_patch, test_cls, test_patch, out: Path) -> dict:
+    """The default detector of one seed, the other local part on the same rows, and every combination."""
+    from sanf_pipeline.jobs.api import fit_run
+    from sanf_pipeline.jobs.flow import load_run
+    from sanf_pipeline.models import score_arrays
+    from sanf_pipeline.models.combined import LOCAL_PARTS, fit_patch_part
+    from sanf_pipeline.train.config import FitConfig
+
+    cfg = FitConfig(seed=seed, device=args.device)
+    t = time.perf_counter()
+    fit_run(args.cache, NORMAL, cfg, out / f"default-s{seed}", quiet=True)
+    fit_s = time.perf_counter() - t
+    run = load_run(out / f"default-s{seed}", device=args.device)
+    res = {"fit_s": fit_s, "best_epoch": run.config.get("best_epoch", run.config.get("fit", {}).get("best_epoch"))}
+    tr, va = cfg.held_out_split(len(train_cls))
+    combined = run.patch_score
+    default_local = combined.patch.name if combined is not None else None
+    if combined is None:  # the flow alone (too few held-out images)
+        res["scores"] = {"default": score_arrays(run.flow_model, test_cls, test_patch)["score"]}
+        return res
+    parts = score_arrays(combined, test_cls, test_patch)
+    res["scores"] = {"default": parts["score"], "flow": parts["nll"]}
+    held_nll = np.asarray(run.config["calibration"]["scores"]["nll"], np.float64)
+    for name in LOCAL_PARTS:
+        t = time.perf_counter()
+        if name == default_local:
+            part = combined.patch
+            held = np.asarray(run.config["calibration"]["scores"]["patch"], np.float64)
+            part_fit_s = None
+        else:
+            part, held = fit_patch_part(dataclasses.replace(cfg, patch_score=name), train_cls, train_patch, tr, va)
+            part_fit_s = time.perf_counter() - t
+        local, per_image = timed_scores(part, test_cls, test_patch)
+        res["scores"][name] = local
+        for rule, s in combos(parts["nll"], held_nll, local, held).items():
+            res["scores"][f"flow {rule} {name}"] = s
+        res[f"{name} model bytes"] = model_bytes(part)
+        res[f"{name} s/image"] = per_image
+        res[f"{name} fit s"] = part_fit_s
+        if name == "patch-flow":
+            res["patch-flow settings"] = part.settings()
+    res["default_local"] = default_local
+    res["default_rule"] = combined.rule
+    return res
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", type=Path, required=True, help="folder holding <category>/{train,test}/...")
-    p.add_argument("--category", required=True, help="the category folder under --data-root")
-    p.add_argument("--backbone", required=True, help="timm model name or sanf alias")
-    p.add_argument("--weights", help="weights file (default: $SANF_WEIGHTS_DIR, then timm)")
-    p.add_argument("--layer", help="layer(s) of the main cache (flows, class-token baselines), e.g. 8 [default: last]")
-    p.add_argument("--patch-layer", help="layer(s) of the patch-knn cache, e.g. 3 or 2,3 [default: --layer]")
-    p.add_argument("--patch-pool", type=int, default=1, help="--pool of the patch-knn cache [default: 1]")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--cache", type=Path, help="main cache [default: cache/industrial/<category>-<backbone>-...]")
-    p.add_argument("--patch-cache", type=Path, help="patch-knn cache [default: see --patch-layer]")
-    p.add_argument("--out", type=Path, help="sweep folders [default: sweeps/industrial/<main cache name>]")
-    p.add_argument("--fusions", default="none,semantic", help="flow fusion modes; the first gets --seeds")
-    p.add_argument("--seeds", default="0,1,2", help="flow seeds of the first fusion mode")
-    p.add_argument("--other-seeds", help="flow seeds of the other fusion modes [default: --seeds]")
-    p.add_argument("--variant", action="append", metavar="NAME=KEY=V;KEY=V",
-                   help="a flow-setting variant (repeatable; default: DEFAULT_VARIANTS)")
-    p.add_argument("--no-flow", action="store_true", help="baselines only")
-    p.add_argument("--coreset", type=float, help="patch-knn coreset fraction [default: patchknn.DEFAULT_CORESET]")
-    p.add_argument("--neighbourhood", type=int, help="patch-knn neighbourhood [default: patchknn's]")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers of the extraction")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--title", help="section title [default: category, backbone, layers]")
-    p.add_argument("--markdown", type=Path, help="replace (or add) this run's section in this file")
-    p.add_argument("--overwrite", action="store_true", help="let a changed plan replace a sweep's plan")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--report-only", action="store_true", help="tabulate what is finished; run nothing")
-    args = p.parse_args(argv)
-    if not (args.data_root / args.category / "train").is_dir():
-        raise SystemExit(f"{args.data_root / args.category}/train is not a folder: expected MVTec layout")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data-root", required=True, type=Path)
+    ap.add_argument("--category", required=True)
+    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--weights")
+    ap.add_argument("--image-size", type=int, help="[default: the recipe's, as `sanf extract`]")
+    ap.add_argument("--cache", type=Path, help="[default: benchmarks/.work/cache/<category>-<backbone>]")
+    ap.add_argument("--reference-cache", type=Path, help="a second cache whose patch-knn is a baseline row")
+    ap.add_argument("--reference-label", default="patch-knn, reference cache")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--fusion-ablation", action="store_true", help="also the patch flow without class-token context")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, help="run folders [default: benchmarks/.work/runs/<cache name>]")
+    ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--json", type=Path, help="also write every number as JSON")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    here = Path(__file__).resolve().parent
+    args.cache = args.cache or here / ".work" / "cache" / f"{args.category}-{args.backbone}"
+    out = args.out or here / ".work" / "runs" / Path(args.cache).name
+    seeds = [int(s) for s in args.seeds.split(",")]
 
-    short = args.backbone.split("/")[-1]
-    name = f"{args.category}-{short}-{args.image_size}-{layer_tag(args.layer)}"
-    cache = args.cache or Path("cache/industrial") / name
-    patch_layer = args.patch_layer if args.patch_layer is not None else args.layer
-    same_patch = args.patch_cache is None and str(patch_layer) == str(args.layer) and args.patch_pool == 1
-    patch_cache = args.patch_cache or (cache if same_patch else Path("cache/industrial") / (
-        f"{args.category}-{short}-{args.image_size}-{layer_tag(patch_layer)}"
-        + (f"-pool{args.patch_pool}" if args.patch_pool > 1 else "")))
-    out = args.out or Path("sweeps/industrial") / name
+    from sanf_pipeline.cache import open_cache
+    from sanf_pipeline.models import create_baseline
+
     t0 = time.perf_counter()
-    ext_s = 0.0 if args.report_only else ensure_cache(cache, args, args.layer)
-    if patch_cache != cache and not args.report_only:
-        ext_s += ensure_cache(patch_cache, args, patch_layer, args.patch_pool)
+    extract_s = ensure_cache(args)
+    with open_cache(args.cache) as c:
+        good = c.class_index(NORMAL)
+        train_cls, train_patch = c.split("train").read_class(good, patch=True)
+        test = c.split("test")
+        test_cls, test_patch = test.read(0, test.n, patch=True)
+        labels, ids, bb = test.labels, test.sample_ids, c.backbone
+        grid, dim, patch_dim = c.meta.get("grid"), c.dim, c.patch_dim
+    y = (labels != good).astype(int)
+    half = halves(labels, ids)
 
-    rows: list[tuple[str, str, str, str]] = []  # setting, AUROC, best epochs, compute
-    results: dict = {"flows": {}, "baselines": {}}
-    fusions = [f.strip() for f in args.fusions.split(",") if f.strip()]
-    variants = parse_variants(args.variant)
-    if not args.no_flow:
-        for vname, fixed in variants:
-            for i, fusion in enumerate(fusions):
-                seeds = args.seeds if i == 0 else (args.other_seeds or args.seeds)
-                sdir = out / f"flow-{vname}-{fusion}"
-                res = _sweep(cache, sdir, args, methods="flow", seeds=seeds, fixed={**fixed, "fusion": fusion})
-                label = f"flow {vname} fusion={fusion}" + (f" ({';'.join(f'{k}={v}' for k, v in fixed.items())})"
-                                                           if fixed else "")
-                if res is None:
-                    rows.append((label, "not run", "-", "-"))
-                    continue
-                setting = res.summary["settings"][0]
-                st = _row_stats(res.summary, setting)
-                secs = sum(_seconds(sdir).values())
-                rows.append((label, _pm(st["aurocs"]), ",".join(map(str, st["best_epochs"])) or "-",
-                             f"{secs / max(len(st['aurocs']), 1):.0f} s/run, seeds {seeds}"))
-                results["flows"][label] = st
-    bdir = out / "baselines"
-    res = _sweep(cache, bdir, args, methods=CLASS_BASELINES, seeds="0")
-    secs = _seconds(bdir)
-    for method in CLASS_BASELINES.split(",") if res is not None else []:
-        st = _row_stats(res.summary, method)
-        rows.append((method, _pm(st["aurocs"]), "-", f"{sum(v for k, v in secs.items() if k.endswith(method)):.1f} s"))
-        results["baselines"][method] = st["aurocs"][0] if st["aurocs"] else None
-    pm = run_patch_knn(patch_cache, out / ("patch-knn" if patch_cache == cache else f"patch-knn-{patch_cache.name}"),
-                       args)
-    pk_label = f"patch-knn (coreset {pm['options']['coreset']:g}, {pm['options']['neighbourhood']}x" \
-               f"{pm['options']['neighbourhood']} neighbourhood)"
-    rows.append((pk_label, "not run" if pm["auroc"] is None else f"{pm['auroc']:.4f}", "-",
-                 f"{pm.get('seconds', float('nan')):.0f} s"))
-    results["baselines"]["patch-knn"] = pm["auroc"]
-    results["patch_knn_settings"] = pm.get("settings")
+    rows: dict[str, list[dict[str, float]]] = {}
 
-    meta = json.loads((cache / "sanf.json").read_text())
-    n_train = meta["dataset"]["splits"]["train"]["n"]
-    n_test = meta["dataset"]["splits"]["test"]["n"]
-    title = args.title or f"{args.category}, {args.backbone} {layer_tag(args.layer)}, {args.image_size} px"
-    cmd = "python benchmarks/quality_industrial.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
-                                                               if a != "--report-only")
-    best_base = max((v for v in results["baselines"].values() if v is not None), default=None)
-    lines = [f"## {title}", "", f"Command: `{cmd}`", "",
-             f"Data: `{args.data_root}/{args.category}`, {n_train} normal training images, {n_test} test images "
-             f"(classes {', '.join(meta['class_names'])}; normal = `{NORMAL}`). Main cache {_grid_desc(cache)}; "
-             f"patch-knn cache {_grid_desc(patch_cache)}. "
-             + ("Table rendered with --report-only from the finished runs (rows 'not run' were not computed)."
-                if args.report_only else f"Extraction in this invocation {ext_s:.0f} s; total "
-                f"{time.perf_counter() - t0:.0f} s (finished runs re-used)."), "",
-             "| method | AUROC (mean ± std over seeds) | best epoch per seed | compute |", "|---|---|---|---|",
-             *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "",
-             f"Best baseline: {best_base:.4f}." if best_base is not None else "", ""]
+    def add(name, scores):
+        rows.setdefault(name, []).append({h: auroc(y[r], scores[r]) for h, r in half.items()})
+
+    per_seed = []
+    for seed in seeds:
+        res = run_seed(args, seed, train_cls, train_patch, test_cls, test_patch, out)
+        per_seed.append(res)
+        for name, s in res["scores"].items():
+            add(name, s)
+    extra = {}
+    if args.fusion_ablation:
+        from sanf_pipeline.models.patchflow import PatchFlow
+
+        for cond in ("class+position", "position"):
+            m = PatchFlow(condition=cond, seed=0).fit(train_cls, train_patch, device=args.device)
+            s, _ = timed_scores(m, test_cls, test_patch)
+            add(f"patch-flow alone, condition {cond} (seed 0)", s)
+            extra[cond] = min(m.history)
+    base_s = {}
+    for method in (*CLASS_BASELINES, "patch-knn"):
+        t = time.perf_counter()
+        m = create_baseline(method).fit(train_cls, train_patch if method == "patch-knn" else None,
+                                        device=args.device)
+        add(f"baseline {method}", timed_scores(m, test_cls, test_patch if method == "patch-knn" else None)[0])
+        base_s[method] = time.perf_counter() - t
+    if args.reference_cache:
+        with open_cache(args.reference_cache) as rc:
+            g = rc.class_index(NORMAL)
+            rcls, rpatch = rc.split("train").read_class(g, patch=True)
+            rt = rc.split("test")
+            if list(rt.sample_ids) != list(ids):
+                raise SystemExit("the reference cache's test split lists other images")
+            tcls, tpatch = rt.read(0, rt.n, patch=True)
+        m = create_baseline("patch-knn").fit(rcls, rpatch, device=args.device)
+        add(f"baseline {args.reference_label}", timed_scores(m, tcls, tpatch)[0])
+
+    # the table
+    default_local, default_rule = per_seed[0].get("default_local"), per_seed[0].get("default_rule")
+    title = f"{args.category}, {bb.get('arch')} ({bb.get('recipe') or 'layer ' + str(bb.get('layer'))})"
+    lines = [f"## {title}", "",
+             f"{time.strftime('%Y-%m-%d')}. Command: `{command_line('quality_industrial.py', argv)}`", "",
+             f"Cache: class token d={dim} (layer {bb.get('layer')}), patch tokens d={patch_dim} "
+             f"(layer {bb.get('patch_layer', bb.get('layer'))}) on a {grid} grid, {bb.get('image_size')} px. "
+             f"{len(train_cls)} normal training images; test {len(y)} images, selection half {len(half['selection'])} "
+             f"({int(y[half['selection']].sum())} anomalous), report half {len(half['report'])} "
+             f"({int(y[half['report']].sum())} anomalous). Default detector of this checkout: flow + {default_local}, "
+             f"rule {default_rule}. Seeds {args.seeds}: mean (min-max).", "",
+             "| detector | selection half AUROC | report half AUROC |", "|---|---|---|"]
+    for name, vals in rows.items():
+        lines.append(f"| {name} | {_fmt([v['selection'] for v in vals])} | {_fmt([v['report'] for v in vals])} |")
+    r0 = per_seed[0]
+    cost = [f"default fit (flow + its local part) {np.mean([r['fit_s'] for r in per_seed]):.0f} s per seed"]
+    for name in ("patch-knn", "patch-flow"):
+        if f"{name} model bytes" in r0:
+            fit_s = [r[f"{name} fit s"] for r in per_seed if r.get(f"{name} fit s") is not None]
+            cost.append(f"{name}: model {r0[f'{name} model bytes'] / 2**20:.2f} MiB, scoring "
+                        f"{1e3 * np.mean([r[f'{name} s/image'] for r in per_seed]):.1f} ms/image"
+                        + (f", fit {np.mean(fit_s):.0f} s" if fit_s else ""))
+    if "patch-flow settings" in r0:
+        st = r0["patch-flow settings"]
+        cost.append(f"patch-flow: best epoch {[r['patch-flow settings']['best_epoch'] for r in per_seed]} of "
+                    f"{st['epochs_run'] - 1} run, {st['parameters']} parameters, held-out token NLL "
+                    f"{st['held_out_nll'][0]} -> {min(st['held_out_nll'])} nats (seed {seeds[0]})")
+    if extra:
+        cost.append("fusion ablation, best held-out token NLL (seed 0): with class token "
+                    f"{extra['class+position']:.3f}, position only {extra['position']:.3f} nats")
+    cost.append(f"extraction in this invocation {extract_s:.0f} s; total {time.perf_counter() - t0:.0f} s "
+                f"(2 shared CPU cores)")
+    lines += ["", *(f"- {c}" for c in cost), ""]
     section = "\n".join(lines)
-    (out / "table.md").write_text(section)
-    (out / "results.json").write_text(json.dumps({"title": title, "command": cmd, **results}, indent=1))
+    print(section)
     if args.markdown:
         upsert_section(args.markdown, title, section, HEADER)
-    print(section)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "cost": cost}, indent=1))
     return 0
 
 
-HEADER = """# Quality on industrial inspection sets (MVTec layout)
+HEADER = f"""# Quality on inspection sets (MVTec layout): the default detector and its candidates
 
-Produced by `benchmarks/quality_industrial.py` (its docstring: data layout, options); one section per data set and
-backbone, each with the exact command. Normal class `good`; AUROC with the anomalies positive. Flows: `sanf fit`
-settings of the variant named in the row (`defaults` = the defaults of the commit that produced the section), training
-length by early stopping on held-out *normal training* NLL; class-token baselines on the same cache; patch-knn on the
-cache named in the section. All on a shared 2-core CPU.
+Produced by `benchmarks/quality_industrial.py` (its docstring says what it runs); one section per data set and
+backbone with the exact command. Normal class `good`; image AUROC with the anomalies positive. Halves: {HALVES_RULE}.
+Every default is chosen on the selection half; quote the report half. Rows: `default` = `sanf fit` with the
+checkout's defaults; `flow` = its class-token flow NLL alone; `patch-knn`/`patch-flow` = a local part alone, fitted
+on the same rows; `flow R part` = the two combined by rule R (`sum`/`max` of the held-out-standardised scores,
+`fisher` = Fisher's combination of their split-conformal p-values); `baseline ...` = `sanf baseline` methods fitted
+on all training images.
 """
 
 

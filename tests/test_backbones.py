@@ -150,8 +150,9 @@ def test_several_vit_layers_are_concatenated_in_one_pass(tmp_path, layers):
     x = _x()
     with torch.inference_mode():
         cls, patch = bb(x)
-        outs = ref.forward_intermediates(x, indices=want, norm=True, return_prefix_tokens=True, output_fmt="NLC",
-                                         intermediates_only=True)
+        # one layer at a time: timm returns several in block order, the cache concatenates them in the order given
+        outs = [ref.forward_intermediates(x, indices=[i], norm=True, return_prefix_tokens=True, output_fmt="NLC",
+                                          intermediates_only=True)[0] for i in want]
     torch.testing.assert_close(patch, torch.cat([p for p, _ in outs], dim=2))
     torch.testing.assert_close(cls, torch.cat([c[:, 0] for _, c in outs], dim=1))
 

@@ -280,10 +280,11 @@ def _real_images(data: Path, n: int = 6) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize(("backbone", "fusion"), [("vit", "none"), ("vit", "gap"), ("vit", "learnable"),
                                                   ("vit", "semantic"), ("cnn", "semantic"), ("vit", "combined"),
-                                                  ("cnn", "combined")])
+                                                  ("cnn", "combined"), ("cnn", "patch-flow")])
 def test_onnx_matches_pytorch_on_real_images(real, tmp_path, backbone, fusion):
     """fusion "combined": the default fusion with 4 of 12 rows held out, so the run has its patch part and the
-    exported model computes the combined score (flow + patch-knn part)."""
+    exported model computes the combined score (flow + patch-knn part; "patch-flow": + the patch flow, by max). The
+    CNN cache is the default extraction's: the final pool as class token, stages 2+3 as patch tokens."""
     pytest.importorskip("onnxruntime")
     from sanf_pipeline import Detector
     from sanf_pipeline.detect.export import check_onnx
@@ -294,8 +295,10 @@ def test_onnx_matches_pytorch_on_real_images(real, tmp_path, backbone, fusion):
         cache = _real_cache(tmp_path, real["data"], "tf_efficientnet_lite0", EFFNET_WEIGHTS)
     else:
         cache = real["cache"]
-    combined = fusion == "combined"
+    combined = fusion in ("combined", "patch-flow")
     fit = {"val_fraction": 1 / 3} if combined else {"fusion": fusion}
+    if fusion == "patch-flow":  # the conditional patch flow as the local part, combined by max
+        fit.update(patch_score="patch-flow", combine="max")
     run = _fit_eval(cache, tmp_path / "run", "airplane", **fit)
     out = tmp_path / "m.onnx"
     r = sanf("export", "--run", run, "--out", out, env={"SANF_WEIGHTS_DIR": str(DINOV2_WEIGHTS.parent)})

@@ -40,6 +40,7 @@ def cache_info(path) -> dict:
         "fingerprint": meta.get("fingerprint"),
         "size_bytes": disk_size(cache.path),
         "dim": meta["dim"],
+        "patch_dim": meta.get("patch_dim") or meta["dim"],
         "num_tokens": meta["num_tokens"],
         "dtype": meta["dtype"],
         "shard_size": meta["shard_size"],

@@ -295,6 +295,11 @@ class FeatureCache:
         return int(self.meta["dim"])
 
     @property
+    def patch_dim(self) -> int:
+        """The patch tokens' width (``dim`` unless they come from other layers than the class token)."""
+        return int(self.meta.get("patch_dim") or self.meta["dim"])
+
+    @property
     def num_tokens(self) -> int:
         return int(self.meta["num_tokens"])
 

@@ -37,7 +37,8 @@ TARGET_CHUNK_BYTES = 4 * 1024 * 1024
 MAX_SHARD_ROWS = 128
 
 
-def shard_geometry(num_tokens: int, dim: int, itemsize: int, batch_size: int) -> tuple[int, int]:
+def shard_geometry(num_tokens: int, dim: int, itemsize: int, batch_size: int, *,
+                   patch_dim: int | None = None) -> tuple[int, int]:
     """Rows per shard and per chunk: at most ``MAX_SHARD_ROWS`` samples and 64 MB (a writer holds one in RAM) a
     shard, chunks near 4 MB.
 
@@ -45,7 +46,7 @@ def shard_geometry(num_tokens: int, dim: int, itemsize: int, batch_size: int) ->
     the features) does not depend on where a run was interrupted; a chunk divides its shard, so a shard is
     written as a unit. A resumed cache keeps the geometry it was created with, whatever the batch size.
     """
-    row_bytes = max(1, (num_tokens + 1) * dim * itemsize)
+    row_bytes = max(1, (num_tokens * (patch_dim or dim) + dim) * itemsize)
     batches = max(1, min(TARGET_SHARD_BYTES // (row_bytes * batch_size), MAX_SHARD_ROWS // batch_size))
     shard = int(batches * batch_size)
     chunk_cap = max(1, TARGET_CHUNK_BYTES // row_bytes)

@@ -69,6 +69,7 @@ class CacheSpec:
     shard_size: int
     chunk_size: int
     splits: list[str] = field(default_factory=list)
+    patch_dim: int | None = None  # the patch tokens' width when they come from other layers than the class token
 
     def __post_init__(self):
         self.splits = list(self.listings)
@@ -83,9 +84,9 @@ def _layout(spec: CacheSpec) -> dict:
         out[split] = {
             "cls": {"shape": [n, spec.dim], "chunks": [c, spec.dim], "shards": [s, spec.dim], "dtype": spec.dtype},
             "patch": {
-                "shape": [n, spec.num_tokens, spec.dim],
-                "chunks": [c, spec.num_tokens, spec.dim],
-                "shards": [s, spec.num_tokens, spec.dim],
+                "shape": [n, spec.num_tokens, spec.patch_dim or spec.dim],
+                "chunks": [c, spec.num_tokens, spec.patch_dim or spec.dim],
+                "shards": [s, spec.num_tokens, spec.patch_dim or spec.dim],
                 "dtype": spec.dtype,
             },
             "valid": {"shape": [n], "chunks": [c], "shards": [s], "dtype": "bool"},
@@ -253,6 +254,7 @@ class CacheWriter:
             "settings": spec.settings,
             "class_names": spec.class_names,
             "dim": spec.dim,
+            **({"patch_dim": spec.patch_dim} if spec.patch_dim not in (None, spec.dim) else {}),
             "num_tokens": spec.num_tokens,
             "dtype": spec.dtype,
             "shard_size": spec.shard_size,

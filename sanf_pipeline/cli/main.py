@@ -90,10 +90,16 @@ def _check_run_dir(run_dir: Path) -> None:
                                 "timm's pretrained download only (no weights folder) [default: the search order in "
                                 "the README: --weights-dir/$SANF_WEIGHTS_DIR first].")
 @click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
-@click.option("--image-size", type=int, help="Input size in pixels (ViT position embeddings are resampled).")
-@click.option("--layer", help="Take the tokens of this block (0-based, negative from the end; CNNs: feature stage); "
-              "several, e.g. 8,11 or 2,3: concatenated on one grid in one pass (README).")
-@click.option("--pool", type=int, default=1, show_default=True, help="Average-pool the patch grid KxK.")
+@click.option("--image-size", type=int, help="Input size in pixels (ViT position embeddings are resampled) "
+              "[default: 224 for DINOv2, else the size the model is built for].")
+@click.option("--layer", help="The class token's block (0-based, negative from the end; CNNs: feature stage), and "
+              "the patch tokens' too unless --patch-layer is given; several, e.g. 8,11 or 2,3: concatenated on one "
+              "grid in one pass [default, with neither flag: the backbone's recipe, CNNs the final pool + stages "
+              "at strides 8 and 16 pooled 2x2, DINOv2 block 8 of 12, other ViTs the last block + block 2/3 deep "
+              "for patches; `sanf backbones` shows it].")
+@click.option("--patch-layer", help="Take the patch tokens from this block or these stages instead (e.g. 2,3), in "
+              "the same pass: a semantic class token and local patch tokens in one cache.")
+@click.option("--pool", type=int, help="Average-pool the patch grid KxK [default: the recipe's (2 for CNNs), else 1].")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), help="Store format [default: zarr].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
@@ -116,7 +122,8 @@ def _check_run_dir(run_dir: Path) -> None:
               help="Where images smaller than the input size are upsampled (auto: on the device when it is a GPU; "
                    "cpu: PIL in the DataLoader workers). Within one uint8 level of each other; recorded in the cache.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (GPU; compiling takes a while).")
-def extract(backbone, dataset, data_root, category, cache, weights, weights_dir, image_size, layer, pool, fmt,
+def extract(backbone, dataset, data_root, category, cache, weights, weights_dir, image_size, layer, patch_layer,
+            pool, fmt,
             dtype, precision, device, batch_size, num_workers, limit_per_class, splits, on_error, num_shards,
             shard_index, shard_size, overwrite, quiet, model_kwargs, resize_on, compile_):
     """Run a frozen backbone over a dataset once and cache class and patch tokens."""
@@ -134,7 +141,8 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
         backbone=backbone, dataset=dataset, data_root=str(data_root) if data_root else None, category=category,
         cache=str(cache or default_cache_path(dataset, category)), weights=weights,
         weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size,
-        layer=parse_layers(layer), pool=pool, format=fmt, dtype=dtype, precision=precision, device=device,
+        layer=parse_layers(layer), patch_layer=parse_layers(patch_layer), pool=pool, format=fmt, dtype=dtype,
+        precision=precision, device=device,
         batch_size=batch_size,
         num_workers=num_workers, limit_per_class=limit_per_class, splits=tuple(splits) or ("train", "test"),
         on_error=on_error, num_shards=num_shards, shard_index=shard_index, shard_size=shard_size,
@@ -154,9 +162,13 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
 def backbones_cmd():
     """List the backbone aliases and the timm models they stand for."""
     from ..extract.aliases import list_backbones
+    from ..extract.recipes import RECIPE_SUMMARY
 
     for row in list_backbones():
         click.echo(f"{row['alias']:<16} {row['model']:<44} {row.get('description', '')}")
+    click.echo("\nWithout --layer/--patch-layer, `sanf extract` takes (any timm model name works too):")
+    for line in RECIPE_SUMMARY:
+        click.echo(f"  {line}")
 
 
 @cli.group("cache")
@@ -183,7 +195,10 @@ def cache_info_cmd(path, as_json):
     w = bb.get("weights") or {}
     click.echo(f"backbone   {bb.get('arch')} weights={w.get('file') or w.get('source')} "
                f"sha256={str(w.get('sha256'))[:16]} image_size={bb.get('image_size')} "
-               f"layer={bb.get('layer')} pool={bb.get('pool')} grid={bb.get('grid')}")
+               f"layer={bb.get('layer')}"
+               + (f" patch_layer={bb.get('patch_layer')} (d={bb.get('patch_dim')})" if bb.get("patch_layer") is not None
+                  else "")
+               + f" pool={bb.get('pool')} grid={bb.get('grid')}")
     ds = info.get("dataset") or {}
     click.echo(f"dataset    {ds.get('name')} root={ds.get('root')} category={ds.get('category')} "
                f"limit_per_class={ds.get('limit_per_class')}")

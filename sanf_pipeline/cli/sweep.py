@@ -13,11 +13,11 @@ from .options import SCORE_HELP, _scores
 
 # FitConfig's fields minus seed and device, spelled out so that `sanf sweep --help` need not import torch;
 # tests/test_usability.py checks the list against FitConfig
-GRID_KEYS = ("amp", "attn_dim", "batch_size", "betas", "blocks", "checkpoint_every", "clamp", "early_stopping",
-             "epochs", "eps", "eval_batch_size", "fpr", "fusion", "grad_clip", "heads", "hidden", "keep_initial", "lr",
-             "main_input", "max_epochs", "min_delta", "min_epoch_steps", "noise", "normalize", "patch_coreset",
-             "patch_neighbourhood", "patch_score", "patience", "spatial_channels", "token_pool", "val_fraction",
-             "weight_decay")
+GRID_KEYS = ("amp", "attn_dim", "batch_size", "betas", "blocks", "checkpoint_every", "clamp", "combine",
+             "early_stopping", "epochs", "eps", "eval_batch_size", "fpr", "fusion", "grad_clip", "heads", "hidden",
+             "keep_initial", "lr", "main_input", "max_epochs", "min_delta", "min_epoch_steps", "noise", "normalize",
+             "patch_coreset", "patch_neighbourhood", "patch_score", "patience", "spatial_channels", "token_pool",
+             "val_fraction", "weight_decay")
 
 
 def _default_out(cache: Path) -> Path:

@@ -123,6 +123,7 @@ def build_backbone(prov: dict, *, weights=None, weights_dir=None, device="cpu"):
     name = f"{arch}.{tag}" if tag else arch
     bb = create_backbone(name, weights=weights, weights_dir=weights_dir, image_size=_image_size(prov),
                          layer=prov.get("layer"), pool=int(prov.get("pool") or 1), device=device,
+                         patch_layer=prov.get("patch_layer"),
                          model_kwargs=prov.get("model_kwargs") or None)
     if want and bb.weights_sha256 and bb.weights_sha256 != want:
         raise SanfError(f"the backbone weights found ({bb.weights_file or bb.weights_source}) have sha256 "

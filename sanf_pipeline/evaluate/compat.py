@@ -27,9 +27,11 @@ def feature_space(identity: dict) -> list[tuple[str, object]]:
         ("weights sha256", sha if sha else f"<no hash; source {source}>"),
         ("image size", _norm(bb.get("image_size"))),
         ("layer", bb.get("layer")),
+        ("patch layer", bb.get("patch_layer")),
         ("pooling", bb.get("pool", 1)),
         ("token grid", _norm(grid)),
         ("token width", identity.get("dim")),
+        ("patch token width", identity.get("patch_dim") or identity.get("dim")),
         ("token count", identity.get("num_tokens")),
     ]
 

@@ -20,6 +20,13 @@ parameters) whose forward maps a normalised image batch ``(B, 3, S, S)`` to ``(c
   each stage's global average pool) side by side, so ``dim`` = the sum of the layers' widths and every
   stage-two command reads the cache unchanged. The provenance records ``layer`` as the list and
   ``layer_dims``, the width of each layer's channel block.
+* ``patch_layer=M`` (CLI ``--patch-layer``; one or several) takes the **patch tokens from other layers than the
+  class token**, in the same single pass: ``cls`` from ``layer`` (None: the model's final output, a ViT's last
+  block after the norm or a CNN's ``forward_features`` global-pooled), ``patch`` from ``patch_layer`` (several:
+  concatenated on one grid as above). So one cache holds a semantic class token and local patch tokens; the
+  provenance records ``patch_layer`` and ``patch_dim`` (the patch tokens' width, which then differs from ``dim``).
+  ``recipe=True`` with neither given takes the backbone's recommended layers (``recipes.py``: what `sanf extract`
+  writes by default).
 * ``pool=K`` average-pools the patch grid KxK the right way: ``(B, N, d) -> (B, d, H, W) -> avg_pool2d ->
   (B, N', d)``. The grid must be divisible by K; otherwise :class:`SanfError` (no ceil-mode partial
   windows, so every pooled token averages exactly K*K positions).
@@ -109,6 +116,19 @@ def parse_layers(value) -> int | tuple[int, ...] | None:
     return int(value)
 
 
+def _one_or_list(layers: list[int] | None) -> int | list[int] | None:
+    return None if layers is None else layers[0] if len(layers) == 1 else layers
+
+
+def _reductions(model: nn.Module) -> list[int]:
+    """The stride of each timm feature stage (CNNs; empty when the model does not say)."""
+    info = getattr(model, "feature_info", None) or []
+    try:
+        return [int(f["reduction"]) for f in info]
+    except (TypeError, KeyError):
+        return []
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
 
@@ -128,9 +148,11 @@ class Backbone(nn.Module):
         weights_sha256: str | None,
         image_size: int | tuple[int, int] | None,
         layer: int | tuple[int, ...] | None,
-        pool: int,
+        pool: int | None,
         device: torch.device,
         model_kwargs: dict[str, Any],
+        patch_layer: int | tuple[int, ...] | None = None,
+        recipe: bool = False,
     ):
         super().__init__()
         from timm.data import resolve_data_config
@@ -142,9 +164,6 @@ class Backbone(nn.Module):
         self.weights_sha256 = weights_sha256
         self.model_kwargs = dict(model_kwargs)
         self.kind = "vit" if _is_token_model(model) else "cnn"
-        self.pool = int(pool)
-        if self.pool < 1:
-            raise SanfError(f"--pool must be >= 1, got {pool}")
 
         # input size
         if self.kind == "vit" and getattr(model.patch_embed, "img_size", None) is not None:
@@ -181,25 +200,33 @@ class Backbone(nn.Module):
             n_layers = len(getattr(model, "feature_info", []) or [])
             what = "feature stages"
         self.num_layers = n_layers
-        layer = parse_layers(layer)
-        layers = None if layer is None else [layer] if isinstance(layer, int) else list(layer)
-        if layers is not None:
-            if not hasattr(model, "forward_intermediates"):
-                raise SanfError(f"--layer is not supported for {arch} (timm has no forward_intermediates)")
-            for one in layers:
-                if not -n_layers <= one < n_layers:
-                    raise SanfError(f"--layer {one} is out of range for {arch}: it has {n_layers} {what} "
-                                    f"(0..{n_layers - 1}, or negative from the end)")
-            layers = [one % n_layers for one in layers]
-            if len(set(layers)) != len(layers):
-                raise SanfError(f"--layer names a layer twice: {layer}")
-            if hasattr(model, "prune_intermediate_layers"):
-                try:
-                    model.prune_intermediate_layers([max(layers)], prune_norm=False, prune_head=True)
-                except Exception:  # noqa: BLE001 - pruning is only a speed-up
-                    pass
-        self.layers = layers
-        self.layer = None if layers is None else layers[0] if len(layers) == 1 else layers
+        layer, patch_layer = parse_layers(layer), parse_layers(patch_layer)
+        self.recipe = None
+        if recipe and layer is None and patch_layer is None:
+            from .recipes import default_layers
+
+            self.recipe = default_layers(self.kind, arch, n_layers, _reductions(model))
+            layer, patch_layer = self.recipe.layer, self.recipe.patch_layer
+        pool_by_recipe = self.recipe is not None and pool is None
+        if pool_by_recipe:
+            pool = self.recipe.pool
+        self.pool = 1 if pool is None else int(pool)
+        if self.pool < 1:
+            raise SanfError(f"--pool must be >= 1, got {pool}")
+        self.layers = self._check_layers(layer, "--layer", arch, n_layers, what)
+        self.patch_layers = self._check_layers(patch_layer, "--patch-layer", arch, n_layers, what)
+        # a ViT's final output is its last block; a CNN's (conv head included) needs every stage
+        cls_needed = self.layers or ([n_layers - 1] if self.kind == "vit" else None)
+        wanted = sorted(set((cls_needed or []) + (self.patch_layers or [])))
+        if wanted and not hasattr(model, "forward_intermediates"):
+            raise SanfError(f"--layer/--patch-layer is not supported for {arch} (timm has no forward_intermediates)")
+        if wanted and cls_needed and hasattr(model, "prune_intermediate_layers"):
+            try:
+                model.prune_intermediate_layers([max(wanted)], prune_norm=False, prune_head=True)
+            except Exception:  # noqa: BLE001 - pruning is only a speed-up
+                pass
+        self.layer = _one_or_list(self.layers)
+        self.patch_layer = _one_or_list(self.patch_layers)
         # NHWC (channels_last) is the faster memory layout for convolutions on both GPU and CPU
         self.channels_last = self.kind == "cnn"
 
@@ -217,20 +244,25 @@ class Backbone(nn.Module):
             if size[0] % ps[0] or size[1] % ps[1]:
                 raise SanfError(
                     f"--image-size {size[0]} is not a multiple of {arch}'s patch size {ps[0]}; "
-                    f"use e.g. {size[0] // ps[0] * ps[0]} or {(size[0] // ps[0] + 1) * ps[0]}"
+                    f"use e.g. {max(ps[0], size[0] // ps[0] * ps[0])} or {(size[0] // ps[0] + 1) * ps[0]}"
                 )
             if tuple(pe.img_size) != size and not getattr(model, "dynamic_img_size", False):
                 raise SanfError(f"{arch} was built for {tuple(pe.img_size)} px inputs, not {size}")
             raw_grid = (size[0] // ps[0], size[1] // ps[1])
             width = int(getattr(model, "embed_dim", None) or model.num_features)
             self.layer_dims = [width] * len(self.layers or [None])
+            self.patch_layer_dims = [width] * len(self.patch_layers or self.layers or [None])
         else:
             with torch.inference_mode():
-                fmaps = self._feature_maps(torch.zeros(1, 3, *size, device=device))
-            raw_grid = (max(int(f.shape[2]) for f in fmaps), max(int(f.shape[3]) for f in fmaps))
-            self.layer_dims = [int(f.shape[1]) for f in fmaps]
+                cls_maps, patch_maps = self._feature_maps(torch.zeros(1, 3, *size, device=device))
+            raw_grid = (max(int(f.shape[2]) for f in patch_maps), max(int(f.shape[3]) for f in patch_maps))
+            self.layer_dims = [int(f.shape[1]) for f in cls_maps]
+            self.patch_layer_dims = [int(f.shape[1]) for f in patch_maps]
         self.dim = sum(self.layer_dims)
+        self.patch_dim = sum(self.patch_layer_dims)
         self.raw_grid = raw_grid
+        if pool_by_recipe and (raw_grid[0] % self.pool or raw_grid[1] % self.pool):
+            self.pool = 1  # a small input whose fine grid is odd: the recipe's pooling would not tile it
         if raw_grid[0] % self.pool or raw_grid[1] % self.pool:
             raise SanfError(
                 f"--pool {self.pool} does not divide the {raw_grid[0]}x{raw_grid[1]} token grid of {arch} at "
@@ -244,23 +276,50 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> Backbone:
         return super().train(False)
 
-    def _feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The feature map of each selected CNN stage, channels-first, each on its own grid."""
+    @staticmethod
+    def _check_layers(layer, option: str, arch: str, n_layers: int, what: str) -> list[int] | None:
+        layers = None if layer is None else [layer] if isinstance(layer, int) else list(layer)
+        if layers is None:
+            return None
+        for one in layers:
+            if not -n_layers <= one < n_layers:
+                raise SanfError(f"{option} {one} is out of range for {arch}: it has {n_layers} {what} "
+                                f"(0..{n_layers - 1}, or negative from the end)")
+        layers = [one % n_layers for one in layers]
+        if len(set(layers)) != len(layers):
+            raise SanfError(f"{option} names a layer twice: {layer}")
+        return layers
+
+    def _intermediates(self, x: torch.Tensor, indices: list[int], *, final: bool, **kw):
         m = self.model
-        if self.layers is None:
+        if final:
+            out, inter = m.forward_intermediates(x, indices=indices, intermediates_only=False, stop_early=False, **kw)
+            return out, dict(zip(indices, inter, strict=True))
+        inter = m.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True, **kw)
+        return None, dict(zip(indices, inter, strict=True))
+
+    def _feature_maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The feature maps of the class-token stages and of the patch stages (the same list without
+        ``patch_layer``), channels-first, each on its own grid."""
+        m = self.model
+        if self.layers is None and self.patch_layers is None:
             fmaps = [m.forward_features(x)]
+            if getattr(m, "output_fmt", "NCHW") == "NHWC":
+                fmaps = [fmaps[0].permute(0, 3, 1, 2)]
+            cls_maps = patch_maps = fmaps
         else:
-            fmaps = list(m.forward_intermediates(x, indices=self.layers, intermediates_only=True, stop_early=True))
-        for fmap in fmaps:
+            wanted = sorted(set((self.layers or []) + (self.patch_layers or [])))
+            final, by_index = self._intermediates(x, wanted, final=self.layers is None)
+            cls_maps = [final] if self.layers is None else [by_index[i] for i in self.layers]
+            patch_maps = [by_index[i] for i in (self.patch_layers or self.layers)]
+        for fmap in (*cls_maps, *patch_maps):
             if fmap.ndim != 4:
                 raise SanfError(f"{self.arch}: expected a feature map (B, C, H, W), got shape {tuple(fmap.shape)}")
-        if self.layers is None and getattr(m, "output_fmt", "NCHW") == "NHWC":
-            fmaps = [fmaps[0].permute(0, 3, 1, 2)]
-        return fmaps
+        return cls_maps, patch_maps
 
     def _cnn_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmaps = self._feature_maps(x)
-        cls = torch.cat([f.mean(dim=(2, 3)) for f in fmaps], dim=1)
+        cls_maps, fmaps = self._feature_maps(x)
+        cls = torch.cat([f.mean(dim=(2, 3)) for f in cls_maps], dim=1)
         grid = self.raw_grid
         # one grid for all stages: the finest, coarser stages upsampled bilinearly (PatchCore's choice)
         fmaps = [f if tuple(f.shape[2:]) == grid else
@@ -271,25 +330,26 @@ class Backbone(nn.Module):
 
     def _vit_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, npt = self.model, self.num_prefix_tokens
-        if self.layers is None:
+        if self.layers is None and self.patch_layers is None:
             tokens = m.forward_features(x)
-            outs = [(tokens[:, npt:], tokens[:, :npt])]
+            cls_outs = patch_outs = [(tokens[:, npt:], tokens[:, :npt])]
         else:
-            outs = m.forward_intermediates(
-                x, indices=self.layers, norm=True, return_prefix_tokens=True, stop_early=True,
-                output_fmt="NLC", intermediates_only=True,
-            )
-            outs = [out if isinstance(out, (tuple, list)) else (out, None) for out in outs]
+            last = self.num_layers - 1  # the final output is the last block after the norm, as forward_features
+            cls_idx = self.layers or [last]
+            patch_idx = self.patch_layers or cls_idx
+            _, by_index = self._intermediates(x, sorted(set(cls_idx + patch_idx)), final=False, norm=True,
+                                              return_prefix_tokens=True, output_fmt="NLC")
+            by_index = {k: v if isinstance(v, (tuple, list)) else (v, None) for k, v in by_index.items()}
+            cls_outs, patch_outs = [by_index[i] for i in cls_idx], [by_index[i] for i in patch_idx]
         n = self.raw_grid[0] * self.raw_grid[1]
-        clss, patches = [], []
-        for patch, prefix in outs:
+        for patch, _ in (*cls_outs, *patch_outs):
             if patch.ndim != 3 or patch.shape[1] != n:
                 raise SanfError(f"{self.arch}: expected {n} patch tokens, got shape {tuple(patch.shape)}")
-            clss.append(prefix[:, 0] if self.has_class_token and prefix is not None else patch.mean(dim=1))
-            patches.append(patch)
-        if len(outs) == 1:
-            return clss[0], patches[0]
-        return torch.cat(clss, dim=1), torch.cat(patches, dim=2)
+        clss = [prefix[:, 0] if self.has_class_token and prefix is not None else patch.mean(dim=1)
+                for patch, prefix in cls_outs]
+        patches = [patch for patch, _ in patch_outs]
+        return (clss[0] if len(clss) == 1 else torch.cat(clss, dim=1),
+                patches[0] if len(patches) == 1 else torch.cat(patches, dim=2))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.device != self.device:
@@ -321,6 +381,9 @@ class Backbone(nn.Module):
             "image_size": list(self.data_config["input_size"][1:]),
             "layer": self.layer,
             **({"layer_dims": list(self.layer_dims)} if self.layers and len(self.layers) > 1 else {}),
+            **({"patch_layer": self.patch_layer, "patch_layer_dims": list(self.patch_layer_dims),
+                "patch_dim": self.patch_dim} if self.patch_layers else {}),
+            **({"recipe": self.recipe.name} if self.recipe is not None else {}),
             "num_layers": self.num_layers,
             "pool": self.pool,
             "grid": list(self.grid),
@@ -338,8 +401,8 @@ class Backbone(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return (f"arch={self.arch}, kind={self.kind}, dim={self.dim}, grid={self.grid}, layer={self.layer}, "
-                f"pool={self.pool}, weights={self.weights_source}")
+        return (f"arch={self.arch}, kind={self.kind}, dim={self.dim}, patch_dim={self.patch_dim}, grid={self.grid}, "
+                f"layer={self.layer}, patch_layer={self.patch_layer}, pool={self.pool}, weights={self.weights_source}")
 
 
 def create_backbone(
@@ -349,20 +412,31 @@ def create_backbone(
     weights_dir: str | os.PathLike | None = None,
     image_size: int | tuple[int, int] | None = None,
     layer: int | tuple[int, ...] | str | None = None,
-    pool: int = 1,
+    pool: int | None = 1,
     device: str | torch.device = "auto",
     model_kwargs: dict[str, Any] | None = None,
+    patch_layer: int | tuple[int, ...] | str | None = None,
+    recipe: bool = False,
 ) -> Backbone:
     """A frozen backbone for alias or timm model ``name`` (see the module docstring).
 
     ``image_size``: input size in pixels (ViTs are built for it, position embeddings resampled; CNNs
     only change the preprocessing). ``model_kwargs``: extra ``timm.create_model`` arguments (e.g. a tiny
-    ``depth``/``embed_dim`` for tests), recorded in the provenance.
+    ``depth``/``embed_dim`` for tests), recorded in the provenance. ``recipe``: with no ``layer``/``patch_layer``,
+    take the backbone's recommended layers and pooling (``pool=None``: the recipe's), and, with no ``image_size``,
+    its recommended size (``recipes.py``).
     """
+    for value in ([image_size] if isinstance(image_size, int) else list(image_size or [])):
+        if int(value) < 1:
+            raise SanfError(f"--image-size must be a positive number of pixels, got {value}")
     alias, arch, tag = resolve_name(name)
     dev = resolve_device(device)
     kwargs = dict(model_kwargs or {})
     kwargs["num_classes"] = 0
+    if recipe and image_size is None:
+        from .recipes import default_image_size
+
+        image_size = default_image_size(arch)
     if image_size is not None:
         kwargs.setdefault("img_size", image_size)
     choice = resolve_weights(arch, weights, weights_dir, tag=tag)
@@ -413,4 +487,5 @@ def create_backbone(
     return Backbone(
         model, name=str(name), alias=alias, arch=arch, tag=tag, weights=choice, weights_sha256=sha,
         image_size=image_size, layer=layer, pool=pool, device=dev, model_kwargs=dict(model_kwargs or {}),
+        patch_layer=patch_layer, recipe=recipe,
     )

@@ -45,8 +45,10 @@ class ExtractConfig:
     weights: str | None = None
     weights_dir: str | None = None
     image_size: int | None = None
-    layer: int | tuple[int, ...] | None = None  # several: concatenated (backbones.py)
-    pool: int = 1
+    layer: int | tuple[int, ...] | None = None  # the class token's (and patches' without patch_layer)
+    patch_layer: int | tuple[int, ...] | None = None  # the patch tokens' layer(s), several concatenated
+    pool: int | None = None  # None: the recipe's without layer flags, else 1
+    recipe: bool = True  # no layer flags: the backbone's recommended layers, pool and size (recipes.py)
     format: str | None = None
     dtype: str = "float16"
     precision: str = "auto"
@@ -76,8 +78,10 @@ class ExtractConfig:
             raise SanfError(f"--on-error must be skip or fail, not {self.on_error!r}")
         if self.batch_size < 1:
             raise SanfError("--batch-size must be at least 1")
-        if self.pool < 1:
+        if self.pool is not None and self.pool < 1:
             raise SanfError("--pool must be at least 1")
+        if self.image_size is not None and self.image_size < 1:
+            raise SanfError(f"--image-size must be a positive number of pixels, got {self.image_size}")
         if not 0 <= self.shard_index < self.num_shards:
             raise SanfError(f"--shard-index must be in 0..{self.num_shards - 1}")
 
@@ -176,13 +180,14 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             raise SanfError(f"the splits of {cfg.dataset} disagree on class names")
     backbone = create_backbone(cfg.backbone, weights=cfg.weights, weights_dir=cfg.weights_dir,
                                image_size=cfg.image_size, layer=cfg.layer, pool=cfg.pool, device=str(device),
-                               model_kwargs=cfg.model_kwargs)
+                               model_kwargs=cfg.model_kwargs, patch_layer=cfg.patch_layer, recipe=cfg.recipe)
     orders = {s: ds.order_by_label() for s, ds in datasets.items()}
     listings = {s: SplitListing(np.asarray(ds.labels)[orders[s]], [ds.sample_ids[i] for i in orders[s]])
                 for s, ds in datasets.items()}
 
     itemsize = np.dtype(cfg.dtype).itemsize
-    shard, chunk = shard_geometry(backbone.num_tokens, backbone.dim, itemsize, cfg.batch_size)
+    shard, chunk = shard_geometry(backbone.num_tokens, backbone.dim, itemsize, cfg.batch_size,
+                                  patch_dim=backbone.patch_dim)
     if cfg.shard_size:
         shard = chunk = int(cfg.shard_size)
     prov = backbone.provenance()
@@ -191,6 +196,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         "dataset": {"name": cfg.dataset, "category": cfg.category, "limit_per_class": cfg.limit_per_class,
                     "listing": {s: listing_digest(v.labels, v.sample_ids) for s, v in listings.items()}},
         "backbone": {**{k: prov.get(k) for k in ("arch", "tag", "model_kwargs", "image_size", "layer", "pool")},
+                     **({"patch_layer": prov["patch_layer"]} if prov.get("patch_layer") is not None else {}),
                      "weights": prov["weights"]["sha256"] or prov["weights"]["source"]},
         "dtype": cfg.dtype,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
@@ -214,7 +220,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if masks_meta is not None:
         meta["masks"] = masks_meta
     spec = CacheSpec(settings=settings, meta=meta, class_names=list(class_names), listings=listings,
-                     dim=backbone.dim, num_tokens=backbone.num_tokens, dtype=cfg.dtype,
+                     dim=backbone.dim, num_tokens=backbone.num_tokens, dtype=cfg.dtype, patch_dim=backbone.patch_dim,
                      shard_size=shard, chunk_size=chunk)
     writer = CacheWriter(cfg.cache, spec, fmt=cfg.format, overwrite=cfg.overwrite,
                          num_shards_total=cfg.num_shards, shard_index=cfg.shard_index)
@@ -307,7 +313,8 @@ def _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result
                 pin_memory=device.type == "cuda", persistent_workers=False,
                 prefetch_factor=4 if workers else None)
     dtype = np.dtype(cfg.dtype)
-    shard_bytes = max(j.stop - j.start for j in jobs) * (backbone.num_tokens + 1) * backbone.dim * dtype.itemsize
+    shard_bytes = max(j.stop - j.start for j in jobs) * (backbone.num_tokens * backbone.patch_dim + backbone.dim) \
+        * dtype.itemsize
     bg = BackgroundShardWriter(writer, depth=max(2, min(16, PENDING_SHARD_BYTES // max(1, shard_bytes))))
     forward = _Forward(backbone, device, amp, dtype, compile=cfg.compile)
     started = time.perf_counter()
@@ -341,7 +348,7 @@ class _ShardFiller:
 
     def __init__(self, cfg, backbone, dataset, order, jobs, dtype, bg, result):
         self.cfg, self.dataset, self.order, self.dtype, self.bg, self.result = cfg, dataset, order, dtype, bg, result
-        self.dim, self.tokens = backbone.dim, backbone.num_tokens
+        self.dim, self.tokens, self.patch_dim = backbone.dim, backbone.num_tokens, backbone.patch_dim
         self.jobs = iter(jobs)
         self._next_job()
 
@@ -351,7 +358,7 @@ class _ShardFiller:
             return
         n = self.job.stop - self.job.start
         self.cls = np.zeros((n, self.dim), self.dtype)
-        self.patch = np.zeros((n, self.tokens, self.dim), self.dtype)
+        self.patch = np.zeros((n, self.tokens, self.patch_dim), self.dtype)
         self.valid = np.ones(n, bool)
         self.skipped: list[dict] = []
         self.fill = 0

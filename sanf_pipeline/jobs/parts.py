@@ -113,7 +113,7 @@ def attach_patch_part(result: FitResult, cfg: FitConfig, train: TrainData, finge
     key = parts.key(cfg, fingerprint, train.class_index)
 
     def shared(tr, va):
-        item = parts.fetch(key, lambda: fit_patch_part(cfg, train.patch, tr, va, quiet=quiet))
+        item = parts.fetch(key, lambda: fit_patch_part(cfg, train.cls, train.patch, tr, va, quiet=quiet))
         return item["bank"], item["held_out"]
 
     add_patch_score(result, cfg, train.cls, train.patch, quiet=quiet, fit_part=shared)

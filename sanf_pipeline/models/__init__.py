@@ -7,7 +7,8 @@ the ONNX/TorchScript export all call these modules.
 - ``flow``: ``FlowModel`` (normaliser + SANF flow; fitted by ``train.fit.fit_flow``), and a flow run's ``Combined``
   (flow NLL + patch-knn part, ``combined.py``);
 - the baselines (``BASELINES``, extend with ``register_baseline``): ``knn``, ``knn-l2`` (``knn.py``),
-  ``gaussian``, ``gaussian-whiten`` (``gaussian.py``), ``patch-knn`` (``patchknn.py``).
+  ``gaussian``, ``gaussian-whiten`` (``gaussian.py``), ``patch-knn`` (``patchknn.py``), ``patch-flow`` (the
+  conditional flow over patch tokens, ``patchflow.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .combined import PATCH_KINDS, RUN_SCORES, Combined, add_patch_score, resolv
 from .flow import FlowModel, flow_uses_patch
 from .gaussian import Gaussian
 from .knn import KNN
+from .patchflow import PatchFlow
 from .patchknn import PatchKNN
 
 BASELINES: dict[str, Callable[..., AnomalyModel]] = {
@@ -30,11 +32,13 @@ BASELINES: dict[str, Callable[..., AnomalyModel]] = {
     "gaussian": lambda: Gaussian(l2=False),
     "gaussian-whiten": lambda: Gaussian(l2=True),
     "patch-knn": PatchKNN,
+    "patch-flow": PatchFlow,
 }
 # how a saved baseline's config (``model.config()``) is read back, by method name
 _FROM_CONFIG: dict[str, Callable[[dict], AnomalyModel]] = {
     "knn": KNN.from_config, "knn-l2": KNN.from_config, "gaussian": Gaussian.from_config,
     "gaussian-whiten": Gaussian.from_config, "patch-knn": PatchKNN.from_config,
+    "patch-flow": PatchFlow.from_config,
 }
 BASELINE_PREFIX = "baseline."
 
@@ -97,6 +101,6 @@ def load_baseline(config: dict | None, tensors: dict[str, torch.Tensor]) -> Anom
 
 
 __all__ = ["BASELINES", "KNN", "PATCH_KINDS", "RUN_SCORES", "AnomalyModel", "Combined", "FlowModel", "Gaussian",
-           "PatchKNN", "add_patch_score", "as_tensor", "baseline_tensors", "create_baseline", "fit_score",
+           "PatchFlow", "PatchKNN", "add_patch_score", "as_tensor", "baseline_tensors", "create_baseline", "fit_score",
            "flow_uses_patch", "load_baseline", "needs_patch", "register_baseline", "resolve_score", "score_arrays",
            "score_blocks"]

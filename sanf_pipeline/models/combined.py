@@ -1,6 +1,7 @@
-"""The combined score of a flow run (``Combined``): the flow's NLL plus a patch-knn distance, each standardised on
-held-out normal images, summed. This module owns the run's patch part (fitting it beside the flow:
-``add_patch_score``), the combination rule and the run-level score kinds.
+"""The combined score of a flow run (``Combined``): the flow's class-token NLL and a local part's score (``patch-knn``
+distance or ``patch-flow`` token NLL), each standardised on held-out normal images, then combined by a rule
+(``COMBINE_RULES``: their sum, or the larger of the two). This module owns the run's local part (fitting it beside
+the flow: ``add_patch_score``), the combination rules and the run-level score kinds.
 
 Why (benchmarks/quality_combined.md): the flow's class-token NLL is the better detector of semantic anomalies
 (CIFAR-10 one-vs-rest), a patch-level memory bank (PatchCore's kNN) the better detector of local and logical
@@ -9,16 +10,17 @@ images (benchmarks/flow_industrial_probe.md). Summing the two standardised score
 part's AUROC on each kind of data without knowing which kind a data set is; it loses where one part is nearly
 uninformative (CIFAR-10 on EfficientNet-Lite0's last stage: patch part 0.67, sum 0.038 below the flow alone).
 
-**The rule.** The patch-knn bank is fitted on exactly the flow's fitted rows (``FitConfig.held_out_split``); the
-held-out normal slice is scored by both parts. With ``m_nll, s_nll`` and ``m_patch, s_patch`` the mean and
-standard deviation of those held-out scores, ``combined = (nll - m_nll) / s_nll + (patch - m_patch) / s_patch``.
-No test data and no anomalies are used. The standardisation needs at least ``MIN_HELD_OUT`` held-out normal images
-(a standard deviation from n images is off by about 1/sqrt(2(n-1)): 41% at 4, 16% at 20); with fewer the run keeps
-the flow alone and says so (``config.json: patch_score_skipped``). The calibrated threshold of the combined score
-is the split-conformal order statistic of the held-out combined scores (``evaluate/calibration.py``); since the same
-slice
-also gave the means and deviations (and, with early stopping, picked the epoch), that threshold's FPR bound is
-approximate, not the conformal guarantee (README).
+**The rule.** The local part is fitted on exactly the flow's fitted rows (``FitConfig.held_out_split``); the
+held-out normal slice is scored by both parts. With ``m_nll, s_nll`` and ``m_patch, s_patch`` the mean and standard
+deviation of those held-out scores and ``a = (nll - m_nll) / s_nll``, ``b = (patch - m_patch) / s_patch``,
+``combined = a + b`` (``sum``) or ``max(a, b)`` (``max``: an image is as anomalous as its more anomalous part, so a
+nearly uninformative part cannot dilute the other; ``FitConfig.combine``, chosen in
+benchmarks/quality_industrial.md). No test data and no anomalies are used. The standardisation needs at least
+``MIN_HELD_OUT`` held-out normal images (a standard deviation from n images is off by about 1/sqrt(2(n-1)): 41% at
+4, 16% at 20); with fewer the run keeps the flow alone and says so (``config.json: patch_score_skipped``). The
+calibrated threshold of the combined score is the split-conformal order statistic of the held-out combined scores
+(``evaluate/calibration.py``); since the same slice also gave the means and deviations (and, with early stopping,
+picked the epoch), that threshold's FPR bound is approximate, not the conformal guarantee (README).
 
 **The map.** The evidence map of ``combined`` is the patch part's token distances standardised like its image score,
 ``(d - m_patch) / s_patch``; the class-token NLL has no spatial support and does not enter it (it shifts every token
@@ -36,10 +38,13 @@ import torch
 from ..errors import SanfError
 from .base import AnomalyModel, score_arrays
 from .flow import FlowModel
+from .patchflow import PatchFlow
 from .patchknn import PatchKNN
 
 RUN_SCORES = ("auto", "combined", "nll", "z2", "patch")
 PATCH_KINDS = ("combined", "patch")
+COMBINE_RULES = ("sum", "max")
+LOCAL_PARTS = ("patch-knn", "patch-flow")
 TENSOR_PREFIX = "patch_score."
 MIN_HELD_OUT = 4
 
@@ -55,19 +60,22 @@ def mean_std(scores) -> tuple[float, float]:
 
 
 class Combined(AnomalyModel):
-    """A flow run with its patch part: ``combined`` (standardised NLL + standardised patch distance, float64) or
-    ``patch`` (the distance alone)."""
+    """A flow run with its local part (``PatchKNN`` or ``PatchFlow``): ``combined`` (the standardised NLL and local
+    score combined by ``rule``, float64) or ``patch`` (the local score alone)."""
 
     name = "combined"
     needs_patch = True
     has_map = True
     batch_size = 64
 
-    def __init__(self, flow: FlowModel, patch: PatchKNN, nll_stats, patch_stats, *, score: str = "combined"):
+    def __init__(self, flow: FlowModel, patch: AnomalyModel, nll_stats, patch_stats, *, score: str = "combined",
+                 rule: str = "sum"):
         super().__init__()
         if score not in PATCH_KINDS:
             raise SanfError(f"a combined model scores combined or patch, not {score!r}")
-        self.flow, self.patch, self.score_kind = flow, patch, score
+        if rule not in COMBINE_RULES:
+            raise SanfError(f"unknown combination rule {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
+        self.flow, self.patch, self.score_kind, self.rule = flow, patch, score, rule
         self.register_buffer("stats", torch.tensor([*nll_stats, *patch_stats], dtype=torch.float64))
 
     @property
@@ -79,39 +87,54 @@ class Combined(AnomalyModel):
     def part_config(self) -> dict:
         """``config.json: patch_score`` of the run."""
         m = [float(v) for v in self.stats]
-        return {"method": "patch-knn", "token_pool": self.patch.token_pool, "settings": self.patch.settings(),
-                "standardise": {"nll": m[:2], "patch": m[2:]},
-                "rule": "combined = (nll - mean) / std + (patch - mean) / std, means and stds of the held-out "
-                        "normal slice"}
+        how = "+" if self.rule == "sum" else ","
+        text = (f"combined = {'max(' if self.rule == 'max' else ''}(nll - mean) / std {how} (patch - mean) / std"
+                f"{')' if self.rule == 'max' else ''}, means and stds of the held-out normal slice")
+        out = {"method": self.patch.name, "token_pool": getattr(self.patch, "token_pool", 1),
+               "settings": self.patch.settings(), "standardise": {"nll": m[:2], "patch": m[2:]},
+               "combine": self.rule, "rule": text}
+        if self.patch.name != "patch-knn":
+            out["config"] = self.patch.config()
+        return out
 
     def config(self) -> dict:
         return {"method": self.name, "score": self.score_kind, "patch_score": self.part_config()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The patch part's tensors in a run's model file (the flow's are saved with the flow)."""
-        return {f"{TENSOR_PREFIX}bank": self.patch.bank.detach().cpu().float().contiguous()}
+        if isinstance(self.patch, PatchKNN):
+            return {f"{TENSOR_PREFIX}bank": self.patch.bank.detach().cpu().float().contiguous()}
+        return {TENSOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.patch.state_dict().items()}
 
     @classmethod
     def from_state(cls, flow: FlowModel, config: dict, tensors: dict[str, torch.Tensor], *,
                    score: str = "combined") -> Combined:
         try:
             s, st = config["settings"], config["standardise"]
-            patch = PatchKNN(s["coreset"], s["neighbourhood"], proj_dim=s["proj_dim"], seed=s["coreset_seed"],
-                             token_pool=int(config["token_pool"]))
-            patch.bank = tensors[f"{TENSOR_PREFIX}bank"].float()
-            patch.n_train_patches = s.get("n_train_patches")
-            return cls(flow.with_score("nll"), patch, tuple(st["nll"]), tuple(st["patch"]), score=score)
+            if config.get("method", "patch-knn") == "patch-knn":
+                patch = PatchKNN(s["coreset"], s["neighbourhood"], proj_dim=s["proj_dim"], seed=s["coreset_seed"],
+                                 token_pool=int(config["token_pool"]))
+                patch.bank = tensors[f"{TENSOR_PREFIX}bank"].float()
+                patch.n_train_patches = s.get("n_train_patches")
+            elif config["method"] == "patch-flow":
+                patch = PatchFlow.from_config(config["config"]).load_buffers(tensors, TENSOR_PREFIX).eval()
+            else:
+                raise SanfError(f"the run's local part is an unknown method {config['method']!r}; refit the run")
+            return cls(flow.with_score("nll"), patch, tuple(st["nll"]), tuple(st["patch"]), score=score,
+                       rule=config.get("combine", "sum"))
         except (KeyError, TypeError, ValueError) as exc:
             raise SanfError(f"the run's patch score is incomplete ({exc}); refit the run") from None
 
     def with_score(self, score: str) -> Combined:
         m = [float(v) for v in self.stats]
-        out = Combined(self.flow, self.patch, m[:2], m[2:], score=score)
+        out = Combined(self.flow, self.patch, m[:2], m[2:], score=score, rule=self.rule)
         return out.to(self.stats.device)
 
     def combine(self, nll: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
         m = self.stats
-        return (nll.to(torch.float64) - m[0]) / m[1] + (patch.to(torch.float64) - m[2]) / m[3]
+        a = (nll.to(torch.float64) - m[0]) / m[1]
+        b = (patch.to(torch.float64) - m[2]) / m[3]
+        return a + b if self.rule == "sum" else torch.maximum(a, b)
 
     def parts(self, cls: torch.Tensor, patch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         pp = self.patch.parts(cls, patch)
@@ -126,10 +149,10 @@ class Combined(AnomalyModel):
         m = self.stats
         return (distances.to(torch.float64) - m[2]) / m[3]
 
-    def held_out_maps(self, patch: np.ndarray) -> dict[str, np.ndarray]:
+    def held_out_maps(self, cls: np.ndarray, patch: np.ndarray) -> dict[str, np.ndarray]:
         """The evidence of both map kinds (``patch``, ``combined``) for held-out normal rows (float32 token grids),
         which a run keeps for its pixel threshold."""
-        raw = score_arrays(self.with_score("patch"), np.zeros((len(patch), 0)), patch, maps=True)["map"]
+        raw = score_arrays(self.with_score("patch"), cls, patch, maps=True)["map"]
         return {"patch": raw, "combined": self.standardise_map(torch.from_numpy(raw)).float().numpy()}
 
 
@@ -157,40 +180,50 @@ def add_patch_score(result, cfg, train_cls: np.ndarray, train_patch: np.ndarray 
                                       f"standardisation needs: the flow alone")
         return
     if fit_part is None:
-        part, held_out_patch = fit_patch_part(cfg, train_patch, tr, va, quiet=quiet)
+        part, held_out_patch = fit_patch_part(cfg, train_cls, train_patch, tr, va, quiet=quiet)
     else:
         part, held_out_patch = fit_part(tr, va)
     flow = FlowModel(result.normalizer, result.model)
-    combined = Combined(flow, part.to("cpu"), mean_std(nll), mean_std(held_out_patch))
+    combined = Combined(flow, part.to("cpu"), mean_std(nll), mean_std(held_out_patch), rule=cfg.combine)
     result.patch_score = combined
     if train_patch is not None:
-        result.held_out_maps = combined.held_out_maps(train_patch[va])
+        result.held_out_maps = combined.held_out_maps(train_cls[va], train_patch[va])
     scores = {**cal["scores"], "patch": held_out_patch,
               "combined": combined.combine(torch.from_numpy(nll), torch.from_numpy(held_out_patch)).numpy()}
     result.calibration = calibration_record(scores, fpr=cal["target_fpr"], slice_desc=cal["slice"],
                                             seed=cal.get("seed"), fraction=cal.get("fraction"), main="combined")
 
 
-def fit_patch_part(cfg, train_patch, tr: np.ndarray, va: np.ndarray, *, quiet: bool = True):
-    """The patch-knn bank of a flow run on rows ``tr`` (pooled as the flow pools) and its scores of rows ``va``,
-    on ``cfg.device``."""
+def new_local_part(cfg) -> AnomalyModel:
+    """The unfitted local part ``cfg.patch_score`` names."""
+    if cfg.patch_score == "patch-flow":
+        return PatchFlow(seed=int(cfg.seed))
+    return PatchKNN(cfg.patch_coreset, cfg.patch_neighbourhood, seed=cfg.seed, token_pool=int(cfg.token_pool))
+
+
+def fit_patch_part(cfg, train_cls, train_patch, tr: np.ndarray, va: np.ndarray, *, quiet: bool = True):
+    """The local part of a flow run fitted on rows ``tr`` (patch-knn pools as the flow pools) and its scores of rows
+    ``va``, on ``cfg.device``."""
     from ..device import resolve_device
 
     if train_patch is None or np.ndim(train_patch) != 3:
         raise SanfError("the patch score needs the patch tokens of the normal training images; the cache has "
                         "none (use --patch-score none)")
     dev = resolve_device(cfg.device)
-    part = PatchKNN(cfg.patch_coreset, cfg.patch_neighbourhood, seed=cfg.seed, token_pool=int(cfg.token_pool))
-    part.fit(None, train_patch[tr], device=dev, quiet=quiet)
-    held_out = score_arrays(part, np.zeros((len(va), 0)), train_patch[va])["score"]
+    part = new_local_part(cfg)
+    part.fit(train_cls[tr], train_patch[tr], device=dev, quiet=quiet)
+    held_out = score_arrays(part, train_cls[va], train_patch[va])["score"]
     return part, held_out
 
 
 def patch_part_key(cfg, fingerprint: str, class_index: int) -> dict:
     """Everything a flow run's patch part depends on: two runs with equal keys have bitwise-equal banks."""
-    return {"cache_fingerprint": fingerprint, "normal_class": int(class_index), "seed": int(cfg.seed),
-            "val_fraction": float(cfg.val_fraction), "token_pool": int(cfg.token_pool),
-            "coreset": float(cfg.patch_coreset), "neighbourhood": int(cfg.patch_neighbourhood)}
+    key = {"cache_fingerprint": fingerprint, "normal_class": int(class_index), "seed": int(cfg.seed),
+           "val_fraction": float(cfg.val_fraction)}
+    if cfg.patch_score == "patch-flow":
+        return {**key, "method": "patch-flow"}
+    return {**key, "token_pool": int(cfg.token_pool), "coreset": float(cfg.patch_coreset),
+            "neighbourhood": int(cfg.patch_neighbourhood)}
 
 
 def resolve_score(score: str, config: dict, run_dir=None) -> str:

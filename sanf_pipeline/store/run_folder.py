@@ -65,6 +65,7 @@ def cache_identity(cache) -> dict:
         "path": str(Path(cache.path).resolve()),
         "fingerprint": cache.fingerprint,
         "dim": cache.dim,
+        **({"patch_dim": cache.patch_dim} if cache.patch_dim != cache.dim else {}),
         "num_tokens": cache.num_tokens,
         "class_names": cache.class_names,
         "backbone": bb,

@@ -117,8 +117,8 @@ def stack_size_for(todo: list[RunSpec], ctx: dict, cache, stack) -> int:
     classes = {s.class_index for s in flows}
     # the training blocks of every class a stack may span, and the test split, stay on the device
     rows = int(sum(counts[c] for c in classes)) + cache.split("test").n_valid
-    data_bytes = rows * (tokens + 1) * cache.dim * 4
-    return resolve_stack_size(stack, len(flows), device, flow_memory_bytes(cfg, cache.dim, cache.dim, tokens),
+    data_bytes = rows * (tokens * cache.patch_dim + cache.dim) * 4
+    return resolve_stack_size(stack, len(flows), device, flow_memory_bytes(cfg, cache.dim, cache.patch_dim, tokens),
                               data_bytes)
 
 

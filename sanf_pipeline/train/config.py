@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 
 EPOCH_SELECTION_FIXED = "fixed final epoch (no epoch selection), never test AUROC"
 EPOCH_SELECTION_EARLY = "early stopping on held-out normal training NLL, never test AUROC"
-# what a flow run adds to its NLL (combined.py): a patch-knn memory bank of the run's own training rows, or nothing
-# (the paper's flow alone)
-PATCH_SCORES = ("patch-knn", "none")
+# what a flow run adds to its NLL (combined.py): a local part fitted on the run's own training rows (a patch-knn
+# memory bank or the conditional patch flow), or nothing (the paper's flow alone); and how the two are combined
+PATCH_SCORES = ("patch-knn", "patch-flow", "none")
+COMBINE_RULES = ("sum", "max")
 
 IDENTITY_KEY = "identity_version"
 IDENTITY_VERSIONS = (1, 2)  # the record versions this sanf reads
@@ -108,7 +109,9 @@ class FitConfig:
     clamp: float = _setting(2.0, "Soft clamp alpha.")
     hidden: int = _setting(1024, "FFM MLP width.")
     heads: int = _setting(1, "Attention heads of the fusion.")
-    spatial_channels: str = _setting("half", "Patch-token channels each FFM sees.", choices="_spatial_channels")
+    spatial_channels: str = _setting("half", "Patch-token channels each FFM sees (half needs patch tokens as wide as "
+                                             "the class token; otherwise full is used).",
+                                     choices="_spatial_channels")
     main_input: str = _setting("semantic", "What the flow transforms (spatial: paper Table 4 ablation).",
                                choices="_main_inputs")
     attn_dim: int | None = _setting(None, "Attention width of the fusion [default: none, the width of the context "
@@ -173,6 +176,9 @@ class FitConfig:
                                              "each standardised on the held-out normal images (README, 'The "
                                              "combined score'); none: the paper's flow NLL alone.",
                                 choices=PATCH_SCORES, implied="none")
+    combine: str = _setting("sum", "How the standardised flow NLL and local score are combined: sum, or max (the "
+                                   "more anomalous part decides).", choices=COMBINE_RULES, implied="sum",
+                            applies=_has_patch_part)
     patch_coreset: float = _setting(0.1, "The patch part's coreset fraction (as sanf baseline --method patch-knn "
                                          "--coreset).", min=0, max=1, min_open=True, applies=_has_patch_part)
     patch_neighbourhood: int = _setting(3, "The patch part's KxK neighbourhood averaging (odd; 1 = off).", min=1,
@@ -210,6 +216,8 @@ class FitConfig:
             bad("main_input", self.main_input, f"choose one of {', '.join(MAIN_INPUTS)}")
         if self.patch_score not in PATCH_SCORES:
             bad("patch_score", self.patch_score, f"choose one of {', '.join(PATCH_SCORES)}")
+        if self.combine not in COMBINE_RULES:
+            bad("combine", self.combine, f"choose one of {', '.join(COMBINE_RULES)}")
         if not (isinstance(self.patch_coreset, (int, float)) and 0 < self.patch_coreset <= 1):
             bad("patch_coreset", self.patch_coreset, "must be in (0, 1]")
         if (isinstance(self.patch_neighbourhood, bool) or not isinstance(self.patch_neighbourhood, int)
@@ -332,9 +340,12 @@ class FitConfig:
         return cfg
 
     def flow_kwargs(self, dim: int, patch_dim: int, num_tokens: int) -> dict:
+        # "half" pairs class-token and patch channels, so it needs equal widths; the patch tokens of a cache of two
+        # depths (extract --patch-layer, the CNN default) are narrower, and every FFM then sees them whole
+        channels = "full" if self.spatial_channels == "half" and patch_dim != dim else self.spatial_channels
         return dict(dim=dim, patch_dim=patch_dim, num_tokens=num_tokens, blocks=self.blocks, fusion=self.fusion,
                     clamp=float(self.clamp), hidden=self.hidden, heads=self.heads,
-                    spatial_channels=self.spatial_channels, main_input=self.main_input, attn_dim=self.attn_dim,
+                    spatial_channels=channels, main_input=self.main_input, attn_dim=self.attn_dim,
                     seed=self.seed)
 
 
