@@ -106,19 +106,21 @@ def model_bytes(model) -> int:
     return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
 
 
-def run_seed(args, seed: int, train_cls, train_patch, test_cls, test_patch, out: Path) -> dict:
-    """The default detector of one seed, the other local part on the same rows, and every combination."""
+def run_seed(cache, normal, seed: int, train_cls, train_patch, test_cls, test_patch, out: Path, *, device="cpu",
+             parts=None) -> dict:
+    """The default detector of one seed (`sanf fit` defaults), the other local parts named in ``parts`` (default:
+    both) fitted on the same rows, and every combination of the flow with each local part."""
     from sanf_pipeline.jobs.api import fit_run
     from sanf_pipeline.jobs.flow import load_run
     from sanf_pipeline.models import score_arrays
     from sanf_pipeline.models.combined import LOCAL_PARTS, fit_patch_part
     from sanf_pipeline.train.config import FitConfig
 
-    cfg = FitConfig(seed=seed, device=args.device)
+    cfg = FitConfig(seed=seed, device=device)
     t = time.perf_counter()
-    fit_run(args.cache, NORMAL, cfg, out / f"default-s{seed}", quiet=True)
+    fit_run(cache, normal, cfg, out / f"{normal}-default-s{seed}", quiet=True)
     fit_s = time.perf_counter() - t
-    run = load_run(out / f"default-s{seed}", device=args.device)
+    run = load_run(out / f"{normal}-default-s{seed}", device=device)
     res = {"fit_s": fit_s, "best_epoch": run.config.get("best_epoch", run.config.get("fit", {}).get("best_epoch"))}
     tr, va = cfg.held_out_split(len(train_cls))
     combined = run.patch_score
@@ -131,6 +133,8 @@ def run_seed(args, seed: int, train_cls, train_patch, test_cls, test_patch, out:
     held_nll = np.asarray(run.config["calibration"]["scores"]["nll"], np.float64)
     for name in LOCAL_PARTS:
         t = time.perf_counter()
+        if name != default_local and parts is not None and name not in parts:
+            continue
         if name == default_local:
             part = combined.patch
             held = np.asarray(run.config["calibration"]["scores"]["patch"], np.float64)
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-cache", type=Path, help="a second cache whose patch-knn is a baseline row")
     ap.add_argument("--reference-label", default="patch-knn, reference cache")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--other-part-seeds", default="0", help="seeds where the local part the default does not use is "
+                    "also fitted (the patch flow costs minutes a fit on a CPU)")
     ap.add_argument("--fusion-ablation", action="store_true", help="also the patch flow without class-token context")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="run folders [default: benchmarks/.work/runs/<cache name>]")
@@ -198,15 +204,17 @@ def main(argv=None) -> int:
 
     rows: dict[str, list[dict[str, float]]] = {}
 
-    def add(name, scores):
-        rows.setdefault(name, []).append({h: auroc(y[r], scores[r]) for h, r in half.items()})
+    def add(name, scores, seed=None):
+        rows.setdefault(name, []).append({"seed": seed, **{h: auroc(y[r], scores[r]) for h, r in half.items()}})
 
     per_seed = []
+    other_seeds = {int(s) for s in args.other_part_seeds.split(",") if s.strip()}
     for seed in seeds:
-        res = run_seed(args, seed, train_cls, train_patch, test_cls, test_patch, out)
+        res = run_seed(args.cache, NORMAL, seed, train_cls, train_patch, test_cls, test_patch, out,
+                       device=args.device, parts=None if seed in other_seeds else ())
         per_seed.append(res)
         for name, s in res["scores"].items():
-            add(name, s)
+            add(name, s, seed)
     extra = {}
     if args.fusion_ablation:
         from sanf_pipeline.models.patchflow import PatchFlow
@@ -247,6 +255,9 @@ def main(argv=None) -> int:
              f"rule {default_rule}. Seeds {args.seeds}: mean (min-max).", "",
              "| detector | selection half AUROC | report half AUROC |", "|---|---|---|"]
     for name, vals in rows.items():
+        some = [v["seed"] for v in vals if v["seed"] is not None]
+        if some and len(some) < len(seeds):
+            name = f"{name} (seed {','.join(map(str, some))})"
         lines.append(f"| {name} | {_fmt([v['selection'] for v in vals])} | {_fmt([v['report'] for v in vals])} |")
     r0 = per_seed[0]
     cost = [f"default fit (flow + its local part) {np.mean([r['fit_s'] for r in per_seed]):.0f} s per seed"]
