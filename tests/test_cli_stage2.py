@@ -127,11 +127,16 @@ def test_every_command_default_equals_the_api_default():
     # a flag that inverts an API setting: off by default, as the API's amp=True
     no_amp = next(p for p in cli.commands["fit"].params if p.name == "no_amp")
     assert no_amp.is_flag and no_amp.default in (False, None, click_unset()) and FitConfig().amp is True
-    assert {"pool", "dtype", "precision", "device", "batch_size", "on_error"} <= set(checked["extract"])
+    assert {"dtype", "precision", "device", "batch_size", "on_error"} <= set(checked["extract"])
+    # no default on the command line either way: the backbone's recipe decides (recipes.py)
+    pool = next(p for p in cli.commands["extract"].params if p.name == "pool")
+    assert pool.default in (None, click_unset()) and ExtractConfig.__dataclass_fields__["pool"].default is None
     assert {"score", "device"} <= set(checked["eval"])
     assert {"classes", "methods", "seeds", "score", "executor", "device", "plots"} <= set(checked["sweep"])
     assert {"out", "device"} <= set(checked["demo"])
     # the API below the commands: create_backbone and the Normalizer default like `sanf extract` and `sanf fit`
     assert _api_defaults(create_backbone)["device"] == _api_defaults(ExtractConfig)["device"] == "auto"
-    assert _api_defaults(create_backbone)["pool"] == _api_defaults(ExtractConfig)["pool"]
+    # create_backbone is recipe-free by default (pool 1); extraction's None lets the recipe choose
+    assert _api_defaults(create_backbone)["pool"] == 1 and _api_defaults(ExtractConfig)["pool"] is None
+    assert _api_defaults(create_backbone)["recipe"] is False and _api_defaults(ExtractConfig)["recipe"] is True
     assert _api_defaults(Normalizer.fit)["token_pool"] == FitConfig().token_pool

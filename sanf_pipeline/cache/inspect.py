@@ -30,8 +30,11 @@ def cache_info(path) -> dict:
         if meta.get("sealed"):
             view = cache.split(name)
             entry["per_class"] = {cache.class_names[c]: int(k) for c, k in enumerate(view.class_counts())}
-        else:
-            entry["shards_done"] = len(cache._store.done_markers(name))
+        else:  # n_valid is counted when the cache is sealed; until then, what the finished shards hold
+            markers = cache._store.done_markers(name).values()
+            done = sum(int(m["stop"]) - int(m["start"]) for m in markers)
+            entry.update(shards_done=len(markers), n_done=done,
+                         n_valid_done=done - sum(len(m.get("skipped") or ()) for m in markers))
         splits[name] = entry
     return {
         "path": str(cache.path),
@@ -53,6 +56,18 @@ def cache_info(path) -> dict:
         "skipped": len(meta.get("skipped", [])),
         "masks": mask_summary(meta),
     }
+
+
+def split_line(name: str, s: dict) -> str:
+    """The ``split`` line of `sanf cache info` for one split (``s``: an entry of :func:`cache_info`'s splits)."""
+    if s.get("n_valid") is not None:
+        valid = f"{s['n_valid']} valid"
+    elif "n_done" in s:  # unsealed: the valid count is only known for the finished shards
+        valid = f"{s['n_done']} extracted so far, {s['n_valid_done']} of them valid"
+    else:
+        valid = "valid count unknown"
+    done = f", {s['shards_done']}/{s['shards']} shards done" if "shards_done" in s else ""
+    return f"split      {name}: {s['n']} samples ({valid}), {s['shards']} shards{done}"
 
 
 def mask_summary(meta: dict) -> dict | None:

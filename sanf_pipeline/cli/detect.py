@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 from pathlib import Path
 
 import click
 
-from ..errors import SanfError
+from ..errors import Interrupted, SanfError
 from ..train.options import _RegistryChoice
-from .options import SCORE_HELP, _scores, map_options
+from .options import SCORE_HELP, THRESHOLD_HELP, _scores, check_decision, map_options
 
 CSV_HEADER = ["path", "score", "anomalous", "percentile"]
 
@@ -26,6 +27,7 @@ def _detector_options(f):
         click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files "
                                                                              "[$SANF_WEIGHTS_DIR]."),
         click.option("--fpr", type=float, help="Target false-positive rate of the threshold [default: the run's]."),
+        click.option("--threshold", type=float, help=THRESHOLD_HELP),
         click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True,
                      help=SCORE_HELP + " Baseline runs have one score."),
         *map_options(),
@@ -60,6 +62,24 @@ def _check_out(path: Path, overwrite: bool, what: str) -> None:
             raise SanfError(f"{path} exists and is not a sanf scores file; pass --overwrite or choose another {what}")
 
 
+def _check_inputs(inputs) -> None:
+    """A path that does not exist (and is no glob pattern) fails before torch is imported; ``expand_inputs`` (which
+    imports it with the detector) checks the rest: empty folders, patterns that match nothing."""
+    for text in inputs:
+        if not Path(text).expanduser().exists() and not glob.has_magic(text):
+            raise SanfError(f"{text} does not exist (give image files, folders or glob patterns)")
+
+
+def _score_interrupted(writer, out, json_out) -> str:
+    """What an interrupted `sanf score` leaves: the scores are written only at the end (nothing to resume), the
+    maps image by image (the group prints this after "interrupted; ")."""
+    results = " and ".join(str(p) for p in (out, json_out) if p is not None and str(p) != "-") or "stdout"
+    if writer is None or not writer.rows:
+        return f"nothing was written (the scores go to {results} only at the end); rerun the command to score again"
+    return (f"no scores were written (they go to {results} only at the end), only the maps of {len(writer.rows)} "
+            f"image(s) in {writer.folder}; rerun the command with --overwrite to score again")
+
+
 @click.command("score")
 @_detector_options
 @click.argument("inputs", nargs=-1, required=True)
@@ -79,29 +99,34 @@ def _check_out(path: Path, overwrite: bool, what: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out/--json file that sanf did not write, and "
                                                  "the maps of an earlier `sanf score --maps` into the same folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score(run_dir, weights, weights_dir, fpr, score, map_sigma, pixel_rule, inputs, out, json_out, on_error, device,
-          batch_size, num_workers, maps_dir, overwrite, quiet):
+def score(run_dir, weights, weights_dir, fpr, threshold, score, map_sigma, pixel_rule, inputs, out, json_out, on_error,
+          device, batch_size, num_workers, maps_dir, overwrite, quiet):
     """Score image files, folders (recursive) and glob patterns with a trained run.
 
     Each image gets its anomaly score, whether it is anomalous at the run's calibrated threshold, and its
     percentile among the held-out normal training images' scores; with --maps also its anomaly map.
     """
-    from ..detect.detector import Detector, expand_inputs
+    check_decision(fpr, threshold)
+    _check_inputs(inputs)
+    from ..detect.detector import expand_inputs
     from ..detect.overlays import MapWriter
+    from ..evaluate.calibration import describe_threshold
     from ..store.atomic import write_text_atomic
 
     for p in (out, json_out):
         if p is not None and str(p) != "-":
             _check_out(p, overwrite, "--out" if p is out else "--json")
     files = expand_inputs(inputs)  # bad paths fail before the backbone loads
-    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device=device, score=score, fpr=fpr,
-                        map_sigma=map_sigma, pixel_rule=pixel_rule)
     writer = None
-    if maps_dir is not None:
-        det._require_maps()
-        writer = MapWriter(maps_dir, det, files, overwrite=overwrite)
-    res = det.score(files, batch_size=batch_size, num_workers=num_workers, on_error=on_error, quiet=quiet,
-                    maps=writer is not None, on_batch=writer)
+    try:
+        det = _load_detector(run_dir, weights, weights_dir, device, score, fpr, threshold, map_sigma, pixel_rule)
+        if maps_dir is not None:
+            det._require_maps()
+            writer = MapWriter(maps_dir, det, files, overwrite=overwrite)
+        res = det.score(files, batch_size=batch_size, num_workers=num_workers, on_error=on_error, quiet=quiet,
+                        maps=writer is not None, on_batch=writer)
+    except KeyboardInterrupt:
+        raise Interrupted(_score_interrupted(writer, out, json_out)) from None
     if writer is not None:
         writer.finish(res.skipped)
     rows = res.rows()
@@ -124,7 +149,21 @@ def score(run_dir, weights, weights_dir, fpr, score, map_sigma, pixel_rule, inpu
         click.echo(f"... and {len(res.skipped) - 20} more skipped (all are in --json)", err=True)
     to_stdout = out is None and json_out is None or str(json_out) == "-"
     where = (f"; results in {out}" if out else "") + (f"; maps in {maps_dir}" if maps_dir else "")
-    click.echo(res.summary() + where, err=to_stdout)
+    thr = describe_threshold(res.threshold) if res.threshold else "no calibrated threshold"
+    click.echo(f"{len(rows)} scored, {int(res.anomalous.sum())} flagged anomalous, {len(res.skipped)} skipped "
+               f"({thr}){where}", err=to_stdout)
+
+
+def _load_detector(run_dir, weights, weights_dir, device, score, fpr, threshold, map_sigma, pixel_rule):
+    """``Detector.load``, with an explicit ``--threshold`` in place of the calibrated one."""
+    from ..detect.detector import Detector
+    from ..evaluate.calibration import explicit_threshold
+
+    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device=device, score=score, fpr=fpr,
+                        map_sigma=map_sigma, pixel_rule=pixel_rule)
+    if threshold is not None:
+        det.threshold = explicit_threshold(threshold, det.calibration_scores)
+    return det
 
 
 @click.command("export")
@@ -134,17 +173,19 @@ def score(run_dir, weights, weights_dir, fpr, score, map_sigma, pixel_rule, inpu
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Model file; the sidecar JSON (preprocessing, threshold) goes next to it as <out>.json.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files.")
-def export(run_dir, weights, weights_dir, fpr, score, map_sigma, pixel_rule, fmt, out, overwrite):
+def export(run_dir, weights, weights_dir, fpr, threshold, score, map_sigma, pixel_rule, fmt, out, overwrite):
     """Export a trained run as one model (image tensor in; score, and the anomaly map where the score has one, out)
     plus a sidecar JSON."""
-    from ..detect.detector import Detector
-    from ..detect.export import check_export_path, export_detector
+    from ..detect.export import check_export_path  # torch-free: a bad --out fails in a second, not after loading
 
+    check_decision(fpr, threshold)
     check_export_path(out, fmt, overwrite)  # before the backbone loads
-    det = Detector.load(run_dir, weights=weights, weights_dir=weights_dir, device="cpu", score=score, fpr=fpr,
-                        map_sigma=map_sigma, pixel_rule=pixel_rule)
+    from ..detect.export import export_detector
+    from ..evaluate.calibration import describe_threshold
+
+    det = _load_detector(run_dir, weights, weights_dir, "cpu", score, fpr, threshold, map_sigma, pixel_rule)
     meta = export_detector(det, out, fmt, overwrite=overwrite)
     thr = meta["threshold"]
     click.echo(f"exported {out} ({fmt}{', opset ' + str(meta['opset']) if meta['opset'] else ''}, input "
-               f"{meta['inputs']['images']['shape']}) and {out}.json; threshold "
-               f"{thr['value'] if thr else None} (target FPR {thr['target_fpr'] if thr else None})")
+               f"{meta['inputs']['images']['shape']}) and {out}.json; "
+               f"{describe_threshold(thr) if thr else 'no calibrated threshold'}")

@@ -10,23 +10,67 @@ import click
 
 from ..errors import Interrupted, SanfError
 from ..train.options import _RegistryChoice, fit_options, fit_values
-from .options import SCORE_HELP, _baselines, _scores, map_options, with_options
+from .options import (
+    SCORE_HELP,
+    THRESHOLD_HELP,
+    _baselines,
+    _scores,
+    check_decision,
+    help_without_registries,
+    map_options,
+    with_options,
+)
+
+
+class _UsageError(click.UsageError):
+    """A click usage error (missing or unknown option, bad value) shown as sanf shows its own errors: one line
+    ``error: ...`` on stderr, exit code 2, instead of click's usage block and ``Error:`` line (issue 22)."""
+
+    @classmethod
+    def of(cls, exc: click.UsageError) -> click.UsageError:
+        if isinstance(exc, (cls, _NO_ARGS_IS_HELP)):  # `sanf cache` alone shows its help, as click does
+            return exc
+        return cls(exc.format_message(), exc.ctx)
+
+    def show(self, file=None) -> None:
+        msg = self.format_message().strip().rstrip(".")
+        if msg[:1].isupper() and msg[1:2].islower():  # "Missing option" -> "missing option", as sanf's lines read
+            msg = msg[0].lower() + msg[1:]
+        hint = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+        click.echo(f"error: {' '.join(msg.split())}{hint}", err=True)
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+# what a Ctrl-C leaves when the command does not say (its own Interrupted does): sanf writes every file whole
+INTERRUPTED = "stopped before it finished (no file is left half-written); rerun the same command"
 
 
 class _Group(click.Group):
-    """Turns SanfError into one line on stderr and exit code 2 (a traceback only with --debug)."""
+    """Turns SanfError and click's usage errors into one line on stderr and exit code 2 (a traceback only with
+    --debug), and Ctrl-C into one line saying what was kept and exit code 130."""
+
+    group_class = type  # sub-groups (`sanf cache`) are _Groups too
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _UsageError.of(exc) from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a sub-command's arguments, or an unknown sub-command
+            raise _UsageError.of(exc) from None
         except SanfError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            kept = str(exc) if isinstance(exc, Interrupted) and str(exc) else \
-                "finished work is kept, rerun the same command to resume"
+            kept = str(exc) if isinstance(exc, Interrupted) and str(exc) else INTERRUPTED
             click.echo(f"interrupted; {kept}", err=True)
             ctx.exit(130)
 
@@ -149,13 +193,23 @@ def extract(backbone, dataset, data_root, category, cache, weights, weights_dir,
         overwrite=overwrite, quiet=quiet, model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
         resize_on=resize_on, compile=compile_)
     result = run_extract(cfg)
-    if result.skipped:
-        click.echo(f"skipped {len(result.skipped)} unreadable image(s); first: "
-                   f"{result.skipped[0]['sample_id']} ({result.skipped[0]['reason']}); "
-                   f"all are listed in the cache metadata", err=True)
+    echo_skipped(result.skipped, "the cache metadata (its `skipped` list)")
     state = "complete" if result.sealed else "partial (other shards pending)"
     rate = f" at {result.images_per_second:.1f} img/s" if result.images else ""
     click.echo(f"cache {result.path}: {state}; {result.images} images extracted{rate}")
+
+
+SHOWN_SKIPPED = 20  # unreadable images listed one per line on stderr; the rest are counted
+
+
+def echo_skipped(skipped: list[dict], where: str) -> None:
+    """Each image skipped as unreadable, with its reason, on stderr (the first ``SHOWN_SKIPPED``, then a count)."""
+    for s in skipped[:SHOWN_SKIPPED]:
+        click.echo(f"skipped {s.get('sample_id') or s.get('path')}: {s.get('reason')}", err=True)
+    if len(skipped) > SHOWN_SKIPPED:
+        click.echo(f"... and {len(skipped) - SHOWN_SKIPPED} more skipped", err=True)
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unreadable image(s) in all; every one is listed in {where}", err=True)
 
 
 @cli.command("backbones")
@@ -203,11 +257,13 @@ def cache_info_cmd(path, as_json):
     click.echo(f"dataset    {ds.get('name')} root={ds.get('root')} category={ds.get('category')} "
                f"limit_per_class={ds.get('limit_per_class')}")
     click.echo(f"classes    {len(info['class_names'])}: {', '.join(info['class_names'][:20])}")
+    from ..cache.inspect import mask_line, split_line
+
     for name, s in info["splits"].items():
-        done = f", {s['shards_done']}/{s['shards']} shards done" if "shards_done" in s else ""
-        click.echo(f"split      {name}: {s['n']} samples ({s.get('n_valid')} valid), {s['shards']} shards{done}")
-    click.echo(f"skipped    {info['skipped']} files;  created {info['created']}")
-    from ..cache.inspect import mask_line
+        click.echo(split_line(name, s))
+    skipped = (f"{info['skipped']} files" if info["sealed"] else
+               f"{sum(s.get('n_done', 0) - s.get('n_valid_done', 0) for s in info['splits'].values())} files so far")
+    click.echo(f"skipped    {skipped};  created {info['created']}")
 
     click.echo(mask_line(info))
     versions = info.get("versions") or {}
@@ -231,6 +287,8 @@ def cache_verify_cmd(path):
 
 # ---------------------------------------------------------------------------------------------- stage two
 DEFAULT_BASELINE = "gaussian"  # equals jobs.baseline_run's default (tests/test_cli_stage2.py)
+# models.patchknn's defaults, spelled out so that `sanf baseline --help` need not import torch (tests/test_papercuts.py)
+PATCH_KNN_CORESET, PATCH_KNN_NEIGHBOURHOOD = 0.1, 3
 
 
 @cli.command()
@@ -262,10 +320,13 @@ def fit(cache_path, normal_class, out, overwrite, quiet, **options):
              f"{thr['target_fpr']:g}, {thr['n_calibration']} held-out "
              f"normal images{'' if thr['guaranteed'] else ', too few to guarantee it'})" if thr
              else "; no threshold (too few images to hold any out)")
+    note = (thr or {}).get("note")
     held = f" ({res.n_train} fitted, {res.n_val} held out for early stopping)" if res.n_val else ""
     click.echo(f"run {run.run_dir}: trained on {res.n_train + res.n_val} samples of "
                f"{run.config['normal_class_name']!r}{held} ({how}{resumed}){calib}; model in "
                f"{run.run_dir / 'model.safetensors'}; next: sanf eval --run {run.run_dir}")
+    if note:
+        click.echo(f"note: {note}")
 
 
 @cli.command("eval")
@@ -274,27 +335,32 @@ def fit(cache_path, normal_class, out, overwrite, quiet, **options):
               help="Cache to score [default: the one the run was trained on]; any cache extracted with the run's "
                    "backbone settings (architecture, weights, image size, layer, pooling, grid; dtype may differ).")
 @click.option("--fpr", type=float, help="Target false-positive rate of the calibrated threshold [default: the run's].")
+@click.option("--threshold", type=float, help=THRESHOLD_HELP)
 @click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True, help=SCORE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: the run folder].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results with other settings.")
 @with_options(map_options(switch=True))
-def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite, map_sigma, pixel_rule, maps):
+def eval_cmd(run_dir, cache_path, fpr, threshold, score, out, device, overwrite, map_sigma, pixel_rule, maps):
     """Score the whole test split with a fitted run: AUROC, AUPR, TPR@5%FPR, threshold rates, scores, report, plots;
     with anomaly maps, pixel AUROC and AUPRO where the cache records ground-truth masks and an overlay grid."""
+    check_decision(fpr, threshold)
     _check_run_dir(run_dir)
     if cache_path is not None:
         _check_cache(cache_path)
+    from ..evaluate.calibration import describe_threshold
     from ..jobs.api import eval_run
 
     res = eval_run(run_dir, cache_path, score, out_dir=out, overwrite=overwrite, device=device, fpr=fpr, maps=maps,
-                   map_sigma=map_sigma, pixel_rule=pixel_rule)
+                   map_sigma=map_sigma, pixel_rule=pixel_rule, threshold=threshold)
     m = res.metrics
     thr = m.get("threshold")
     if thr:
         r = thr["realised"]
-        click.echo(f"threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
-                   f"normal images): FPR {r['fpr']:.4f}, TPR {r['tpr']:.4f}, F1 {r['f1']:.4f} on the test split")
+        click.echo(f"{describe_threshold({**thr, 'note': None})}: FPR {r['fpr']:.4f}, TPR {r['tpr']:.4f}, "
+                   f"F1 {r['f1']:.4f} on the test split")
+        if thr.get("note"):
+            click.echo(f"note: {thr['note']}")
     parts = "".join(f", {k} part alone AUROC {v:.4f}" for k, v in (m.get("auroc_parts") or {}).items())
     click.echo(f"{m['normal_class_name']} ({m['normal_class']}): AUROC {m['auroc']:.4f}, AUPR {m['aupr']:.4f}, "
                f"TPR@5%FPR {m['tpr_at_5_fpr']:.4f} on {m['n_test']} test samples (score {m['score']}{parts}); "
@@ -314,9 +380,9 @@ def eval_cmd(run_dir, cache_path, fpr, score, out, device, overwrite, map_sigma,
                    "patch-knn (PatchCore-style: largest distance of a patch token to the nearest normal one).")
 @click.option("--k", type=click.IntRange(min=1), help="knn, knn-l2: neighbours [default: 2].")
 @click.option("--coreset", type=float, help="patch-knn: fraction of the training patch tokens kept by the greedy "
-              "coreset [default: patchknn.DEFAULT_CORESET, see README].")
+              f"coreset [default: {PATCH_KNN_CORESET:g}].")
 @click.option("--neighbourhood", type=int, help="patch-knn: average each patch token with its KxK grid "
-              "neighbourhood first (odd; 1 = off) [default: patchknn.DEFAULT_NEIGHBOURHOOD].")
+              f"neighbourhood first (odd; 1 = off) [default: {PATCH_KNN_NEIGHBOURHOOD}].")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: runs/<cache>-<class>-<method>].")
 @click.option("--fpr", type=float, default=0.01, show_default=True,
               help="Target false-positive rate of the detector's threshold, calibrated on held-out normal images.")
@@ -367,9 +433,11 @@ def demo_cmd(out, weights, weights_dir, device, overwrite, quiet):
     from .demo import run_demo
 
     result = run_demo(out, weights=weights, weights_dir=str(weights_dir) if weights_dir else None, device=device,
-                      quiet=quiet, overwrite=overwrite)
+                      quiet=quiet, overwrite=overwrite, say=None if quiet else lambda line: click.echo(line, err=True))
     md = result.sweep / "summary.md"
-    if md.exists():  # the table, without the markdown image line (a terminal cannot show it: the path is below)
+    if result.table:
+        click.echo(result.table)
+    elif md.exists():  # the table, without the markdown image line (a terminal cannot show it: the path is below)
         click.echo("\n".join(line for line in md.read_text().splitlines() if not line.startswith("![")))
     click.echo(f"cache: {result.cache}; runs and reports: {result.sweep}/runs/*/report.md; summary: {md}; "
                f"heatmap: {result.sweep / 'heatmap.png'}")
@@ -395,6 +463,7 @@ def _register_detector_commands() -> None:
 
 
 _register_detector_commands()
+help_without_registries(cli)  # every command's --help and usage errors without torch (tests/test_papercuts.py)
 
 
 def main(argv=None) -> None:

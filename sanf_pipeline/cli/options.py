@@ -8,6 +8,23 @@ SCORE_HELP = ("auto: the run's default (combined when it has a patch part, else 
               "official code); patch: the patch part alone.")
 
 
+THRESHOLD_HELP = ("Decide with this score threshold (anomalous if score > it) instead of the one calibrated on the "
+                  "held-out normal images; excludes --fpr.")
+
+
+def check_decision(fpr: float | None, threshold: float | None) -> None:
+    """--fpr and --threshold, checked before torch is imported (numpy only): a bad value fails at once."""
+    from ..errors import SanfError
+    from ..evaluate.calibration import check_fpr, explicit_threshold
+
+    if fpr is not None and threshold is not None:
+        raise SanfError("--threshold and --fpr exclude each other: give a threshold or a target FPR")
+    if fpr is not None:
+        check_fpr(fpr)
+    if threshold is not None:
+        explicit_threshold(threshold)
+
+
 def _baselines():
     from ..models import BASELINES
 
@@ -24,6 +41,31 @@ def _pixel_rules():
     from ..evaluate.pixel import PIXEL_RULES
 
     return PIXEL_RULES
+
+
+def help_without_registries(command) -> None:
+    """Give every registry-backed option of ``command`` and its sub-commands (``train.options._RegistryChoice``: a
+    fusion, normalisation, score, baseline) a metavar from the built-in names, so that `--help` and a usage error
+    import no torch: reading the registry itself (``choices``) imports the models and with them torch, 5-15 s of
+    start-up for a help text (issue 22). A value is still checked against the full registry, plug-ins included."""
+    from ..train.options import _RegistryChoice
+
+    class _HelpSafeChoice(_RegistryChoice):
+        def get_metavar(self, param, ctx) -> str:
+            if not self.builtin:  # no built-in list (a registry without torch behind it): the registry itself
+                return super().get_metavar(param, ctx)
+            names = "|".join(self.builtin)
+            return f"{{{names}}}" if param.required and param.param_type_name == "argument" else f"[{names}]"
+
+        def get_missing_message(self, param, ctx) -> str:
+            return "Choose from: " + ", ".join(self.builtin) if self.builtin else \
+                super().get_missing_message(param, ctx)
+
+    for param in getattr(command, "params", ()):
+        if isinstance(param.type, _RegistryChoice) and not isinstance(param.type, _HelpSafeChoice):
+            param.type = _HelpSafeChoice(param.type._load)
+    for sub in (getattr(command, "commands", None) or {}).values():
+        help_without_registries(sub)
 
 
 def map_options(*, switch: bool = False) -> list:

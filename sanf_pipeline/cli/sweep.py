@@ -66,11 +66,14 @@ def sweep(cache_path, classes, out, grid, fixed, methods, seeds, score, workers,
     if executor != "ray" and (ray_address or ray_gpus_per_task):
         raise SanfError("--ray-address/--ray-gpus-per-task need --executor ray")
     from ..cache import open_cache
-    from ..sweep.plan import parse_methods, resolve_classes
+    from ..sweep.plan import parse_fixed, parse_grid, parse_methods, parse_seeds, resolve_classes
 
     with open_cache(cache_path) as c:  # before torch is imported: a bad path or class fails at once
         resolve_classes(c.class_names, classes)
     parse_methods(methods)
+    parse_grid(list(grid))  # an unknown key or a mistyped number too (a value not built in reads the registry)
+    parse_fixed(list(fixed))
+    parse_seeds(seeds)
     from ..sweep import run_sweep
 
     out = out or _default_out(cache_path)

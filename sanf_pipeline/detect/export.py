@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import SanfError
+
+if TYPE_CHECKING:  # torch is imported where it is used: check_export_path runs before it loads (cli/detect.py)
+    import torch
 
 OPSET = 17
 FORMATS = ("onnx", "torchscript")
@@ -76,16 +79,27 @@ def check_export_path(out, fmt: str, overwrite: bool) -> tuple[Path, Path]:
             raise SanfError(f"{p} is a folder; choose a file name for --out")
         if p.exists() and not overwrite:
             raise SanfError(f"{p} exists; pass --overwrite to replace it or choose another --out")
-    if not out.parent.is_dir():
-        raise SanfError(f"folder {out.parent} does not exist; create it or choose another --out")
+    # a missing folder is sanf's output and is made at write time (export_detector), but a file in the way of it
+    # is refused here, before the backbone loads (issue 22)
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SanfError(f"{ancestor} is a file, so the folder {out.parent} cannot be made; choose another --out")
     return out, side
 
 
 def export_detector(detector, out, fmt: str = "onnx", *, batch: int = 2, overwrite: bool = False) -> dict:
     """Write the detector's model to ``out`` and its sidecar to ``out`` + ``.json``; returns the sidecar."""
+    import torch
+
     from ..store.atomic import write_json_atomic
 
     out, side = check_export_path(out, fmt, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SanfError(f"cannot make the folder {out.parent}: {exc.strerror or exc}") from None
     model = detector.export_model().to("cpu").eval()
     names = ["scores", "maps"] if detector.has_maps else ["scores"]
     size = detector.preprocessing["input_size"]
@@ -134,6 +148,8 @@ def run_onnx(path, images: np.ndarray, *, maps: bool = False):
 def check_onnx(detector, path, images: torch.Tensor) -> float:
     """Largest relative difference between onnxruntime and PyTorch scores on ``images`` (and, for a detector with
     maps, the largest difference of the maps relative to their range or, for a flat map, their size)."""
+    import torch
+
     ref = detector.export_model().to("cpu").eval()
     with torch.no_grad():
         want = ref(images)

@@ -15,7 +15,13 @@ exchangeable with the held-out ones, ``P(score > t) <= 1 - k / (n + 1) <= alpha`
 & Bates 2021, "A gentle introduction to conformal prediction", section 1). That bound is recorded as
 ``fpr_bound``. When ``n + 1 < 1 / alpha`` the rank exceeds ``n``: no finite threshold guarantees ``alpha`` with so
 few images, so the threshold is the largest held-out score and the record says ``guaranteed: false`` with the
-best bound that ``n`` allows, ``1 / (n + 1)``.
+best bound that ``n`` allows, ``1 / (n + 1)``. Every target below ``2 / (n + 1)`` gives rank ``n`` (or more, clipped
+to ``n``): the same threshold, the largest held-out score, so ``--fpr 0.01`` and ``0.05`` coincide with 34 held-out
+images; the record's ``note`` says so in words (``describe_threshold``), with the FPR the slice can bound.
+
+**An explicit threshold** (``--threshold``, ``explicit_threshold``) replaces the rule: no target and no bound, only
+the share of the held-out normal scores above it (``held_out_fpr``), which a user can compare with the target they
+had in mind.
 
 ``threshold_metrics`` gives the realised FPR, TPR, precision and F1 of a threshold on labelled test scores;
 ``f1_optimal_threshold`` the test-set threshold with the best F1, which is *selected on the test set* and only
@@ -53,9 +59,49 @@ def conformal_threshold(calibration_scores, fpr: float = DEFAULT_FPR) -> dict:
     k = math.ceil((n + 1) * (1.0 - fpr) - 1e-9)  # the 1e-9 keeps an exact integer from rounding up
     guaranteed = k <= n
     k = min(max(k, 1), n)
-    return {"value": float(s[k - 1]), "target_fpr": fpr, "n_calibration": n, "rank": k,
-            "fpr_bound": 1.0 - k / (n + 1), "guaranteed": bool(guaranteed), "rule": RULE,
-            "min_n_for_target": math.ceil(1.0 / fpr) - 1}
+    out = {"value": float(s[k - 1]), "target_fpr": fpr, "n_calibration": n, "rank": k,
+           "fpr_bound": 1.0 - k / (n + 1), "guaranteed": bool(guaranteed), "rule": RULE,
+           "min_n_for_target": math.ceil(1.0 / fpr) - 1, "min_fpr_bound": 1.0 / (n + 1)}
+    out["note"] = _few_images_note(out)
+    return out
+
+
+def _few_images_note(thr: dict) -> str | None:
+    """Why a threshold is the largest held-out score, when it is (module docstring): too few images to bound the
+    target, or to tell it apart from every other target below ``2 / (n + 1)``."""
+    n, fpr = thr["n_calibration"], thr["target_fpr"]
+    if thr["rank"] < n:
+        return None
+    if thr["guaranteed"]:
+        return (f"with {n} held-out normal images every target FPR below {2 / (n + 1):.3g} gives this same threshold, "
+                f"their largest score (FPR bound {thr['fpr_bound']:.3g})")
+    return (f"{n} held-out normal images cannot bound FPR {fpr:g} (that needs at least {thr['min_n_for_target']}): "
+            f"the smallest FPR they can bound is 1/(n+1) = {1 / (n + 1):.3g}, and every target below "
+            f"{2 / (n + 1):.3g} gives this same threshold, their largest score; hold out more normal images or set "
+            f"one with --threshold")
+
+
+def explicit_threshold(value, calibration_scores=None) -> dict:
+    """A threshold given by the user (``--threshold``) in the record form of ``conformal_threshold``: no target and
+    no bound; ``held_out_fpr`` is the share of the held-out normal scores above it (None without them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SanfError(f"--threshold must be a finite number, got {value!r}")
+    cal = np.asarray(calibration_scores if calibration_scores is not None else [], np.float64).ravel()
+    cal = cal[np.isfinite(cal)]
+    return {"value": float(value), "target_fpr": None, "explicit": True, "n_calibration": int(len(cal)),
+            "held_out_fpr": float((cal > value).mean()) if len(cal) else None, "fpr_bound": None,
+            "guaranteed": False, "rule": "set explicitly (--threshold); anomalous if score > t", "note": None}
+
+
+def describe_threshold(thr: dict) -> str:
+    """A threshold record in words (the CLI's lines and the report): value, where it comes from, and its note."""
+    if thr.get("explicit"):
+        above = (f"; {100 * thr['held_out_fpr']:.3g}% of the {thr['n_calibration']} held-out normal images score "
+                 f"above it" if thr.get("held_out_fpr") is not None else "")
+        return f"threshold {thr['value']:.4g} set with --threshold{above}"
+    text = (f"threshold {thr['value']:.4g} (target FPR {thr['target_fpr']:g}, {thr['n_calibration']} held-out "
+            f"normal images)")
+    return f"{text}; note: {thr['note']}" if thr.get("note") else text
 
 
 def percentiles(calibration_scores, scores) -> np.ndarray:
@@ -142,22 +188,30 @@ def calibration_record(scores_by_kind: dict[str, np.ndarray], *, fpr: float = DE
             "target_fpr": fpr, "threshold": conformal_threshold(stored[main], fpr), "threshold_score": main}
 
 
-def run_threshold(calibration: dict | None, score: str, fpr: float | None = None) -> dict | None:
-    """The threshold of a run's stored calibration for ``score`` at ``fpr`` (default: the run's target)."""
-    if not calibration:
-        return None
-    scores = (calibration.get("scores") or {}).get(score)
+def run_threshold(calibration: dict | None, score: str, fpr: float | None = None,
+                  threshold: float | None = None) -> dict | None:
+    """The threshold of a run's stored calibration for ``score`` at ``fpr`` (default: the run's target), or the
+    explicit ``threshold`` (``--threshold``, exclusive with ``fpr``) with the held-out scores' share above it."""
+    if threshold is not None and fpr is not None:
+        raise SanfError("--threshold and --fpr exclude each other: give a threshold or a target FPR")
+    scores = ((calibration or {}).get("scores") or {}).get(score)
+    if threshold is not None:
+        return explicit_threshold(threshold, scores)
     if not scores:
         return None
     return conformal_threshold(scores, calibration.get("target_fpr", DEFAULT_FPR) if fpr is None else fpr)
 
 
-def eval_threshold_metrics(calibration: dict | None, score: str, is_anomaly, scores, fpr: float | None = None) -> dict:
-    """The ``metrics.json`` block: calibrated threshold + realised rates, and the test-selected F1 optimum."""
+def eval_threshold_metrics(calibration: dict | None, score: str, is_anomaly, scores, fpr: float | None = None,
+                           threshold: float | None = None) -> dict:
+    """The ``metrics.json`` block: calibrated (or explicit) threshold + realised rates, and the test-selected F1
+    optimum."""
     out: dict = {}
-    thr = run_threshold(calibration, score, fpr)
+    thr = run_threshold(calibration, score, fpr, threshold)
     if thr is not None:
-        out["threshold"] = {**thr, "selected_on": "held-out normal training images (no test data, no anomalies)",
+        where = ("given by the user (--threshold)" if thr.get("explicit") else
+                 "held-out normal training images (no test data, no anomalies)")
+        out["threshold"] = {**thr, "selected_on": where,
                             "realised": threshold_metrics(is_anomaly, scores, thr["value"])}
     else:
         out["threshold"] = None

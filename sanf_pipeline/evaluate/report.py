@@ -4,8 +4,9 @@ Plots use matplotlib's object API with the Agg canvas (no pyplot, no global back
 headless and from worker processes.
 
 - ``plot_score_histograms(path, is_anomaly, scores, ...)``: normal vs anomalous score histograms (the paper's
-  Figure 4).
-- ``plot_roc(path, is_anomaly, scores, ...)``: the ROC curve with its AUROC and the 5% FPR line.
+  Figure 4), with the decision threshold as a vertical line.
+- ``plot_roc(path, is_anomaly, scores, ...)``: the ROC curve with its AUROC, the 5% FPR line and the threshold's
+  operating point.
 - ``write_plots(out_dir, is_anomaly, scores, metrics)``: both, as ``score_hist.png`` and ``roc.png``.
 - ``write_run_report(out_dir, metrics, train_log=None, plots=...)``: ``report.md`` of one run.
 - ``markdown_table(rows, columns)``: a markdown table (used by sweeps for side-by-side comparisons).
@@ -51,8 +52,9 @@ def save_png(fig, path) -> Path:
 
 
 def plot_score_histograms(path, is_anomaly, scores, *, title: str = "", score_name: str = "score",
-                          bins: int = 50) -> Path:
-    """Normal vs anomalous score histograms (density), the paper's Figure 4."""
+                          bins: int = 50, threshold: float | None = None) -> Path:
+    """Normal vs anomalous score histograms (density), the paper's Figure 4; ``threshold``: a vertical line where
+    the run's decision is (at the edge, with its value, when it lies outside the plotted range)."""
     y = np.asarray(is_anomaly, bool)
     s = np.asarray(scores, np.float64)
     fig = _figure()
@@ -66,6 +68,10 @@ def plot_score_histograms(path, is_anomaly, scores, *, title: str = "", score_na
         if mask.any():
             ax.hist(clipped[mask], bins=edges, density=True, alpha=0.55, color=color,
                     label=f"{label} (n={int(mask.sum())})")
+    if threshold is not None and math.isfinite(threshold):
+        where = "" if lo <= threshold <= hi else (" (beyond the plotted range)")
+        ax.axvline(min(max(threshold, lo), hi), color="black", linestyle="--", linewidth=1.2,
+                   label=f"threshold {threshold:.4g}{where}")
     ax.set_xlabel(f"{score_name} (clipped to the 0.5-99.5 percentile range)")
     ax.set_ylabel("density")
     ax.set_title(title or "anomaly scores")
@@ -73,7 +79,9 @@ def plot_score_histograms(path, is_anomaly, scores, *, title: str = "", score_na
     return save_png(fig, path)
 
 
-def plot_roc(path, is_anomaly, scores, *, title: str = "", auroc: float | None = None) -> Path:
+def plot_roc(path, is_anomaly, scores, *, title: str = "", auroc: float | None = None,
+             operating_point: tuple[float, float] | None = None) -> Path:
+    """The ROC curve; ``operating_point``: the (FPR, TPR) the threshold gives on these scores, marked on it."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     y = np.asarray(is_anomaly, bool)
@@ -85,6 +93,9 @@ def plot_roc(path, is_anomaly, scores, *, title: str = "", auroc: float | None =
     ax.plot(fpr, tpr, color="tab:red", label=f"AUROC {auroc:.4f}")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
     ax.axvline(0.05, color="grey", linestyle="--", linewidth=0.8, label="5% FPR")
+    if operating_point is not None and None not in operating_point:
+        ax.plot([operating_point[0]], [operating_point[1]], marker="o", color="black", linestyle="none",
+                clip_on=False, zorder=5, label=f"threshold: FPR {operating_point[0]:.3f}, TPR {operating_point[1]:.3f}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false positive rate (normal flagged)")
@@ -100,12 +111,17 @@ def _title(metrics: dict) -> str:
 
 
 def write_plots(out_dir, is_anomaly, scores, metrics: dict) -> dict[str, Path]:
+    """``score_hist.png`` and ``roc.png``, both marking the threshold of ``metrics`` when there is one."""
     out_dir = Path(out_dir)
     title = _title(metrics)
+    thr = metrics.get("threshold") or {}
+    realised = thr.get("realised") or {}
+    point = (realised["fpr"], realised["tpr"]) if "fpr" in realised and "tpr" in realised else None
     return {
         "hist": plot_score_histograms(out_dir / HIST_PNG, is_anomaly, scores, title=title,
-                                      score_name=str(metrics.get("score", "score"))),
-        "roc": plot_roc(out_dir / ROC_PNG, is_anomaly, scores, title=title, auroc=metrics.get("auroc")),
+                                      score_name=str(metrics.get("score", "score")), threshold=thr.get("value")),
+        "roc": plot_roc(out_dir / ROC_PNG, is_anomaly, scores, title=title, auroc=metrics.get("auroc"),
+                        operating_point=point),
     }
 
 
@@ -172,15 +188,23 @@ def threshold_lines(m: dict) -> list[str]:
     rows = []
     if thr:
         r = thr["realised"]
-        rows.append({"threshold": f"calibrated, target FPR {thr['target_fpr']:g}", "value": thr["value"],
-                     "FPR": r["fpr"], "TPR": r["tpr"], "precision": r["precision"], "F1": r["f1"],
-                     "selected on": f"{thr['n_calibration']} held-out normal training images"})
+        explicit = thr.get("explicit")
+        rows.append({"threshold": "set with --threshold" if explicit else f"calibrated, target FPR "
+                                                                          f"{thr['target_fpr']:g}",
+                     "value": thr["value"], "FPR": r["fpr"], "TPR": r["tpr"], "precision": r["precision"],
+                     "F1": r["f1"], "selected on": "the user" if explicit else
+                     f"{thr['n_calibration']} held-out normal training images"})
     if best:
         rows.append({"threshold": "F1-optimal", "value": best["threshold"], "FPR": best["fpr"], "TPR": best["tpr"],
                      "precision": best["precision"], "F1": best["f1"],
                      "selected on": "**the test set** (comparison only)"})
     out = ["", "## Threshold (anomalous = score > value)", "", markdown_table(rows)]
-    if thr and not thr.get("guaranteed", True):
+    if thr and thr.get("explicit") and thr.get("held_out_fpr") is not None:
+        out.append(f"- {100 * thr['held_out_fpr']:.3g}% of the {thr['n_calibration']} held-out normal training "
+                   f"images score above this threshold")
+    elif thr and thr.get("note"):
+        out.append(f"- {thr['note']}")
+    elif thr and not thr.get("guaranteed", True):  # metrics.json of an older sanf: no note recorded
         out.append(f"- {thr['n_calibration']} held-out images cannot guarantee FPR {thr['target_fpr']:g} (needs "
                    f">= {thr['min_n_for_target']}); the threshold is their largest score (FPR bound "
                    f"{thr['fpr_bound']:.3g})")

@@ -320,26 +320,53 @@ def _run_jobs(cfg, backbone, datasets, orders, jobs, writer, device, amp, result
     started = time.perf_counter()
     with progress_bar(cfg.quiet) as bar:
         task = bar.add_task(f"extract {cfg.backbone}", total=total, rate="")
-        for split, loader in loaders.items():
-            filler = _ShardFiller(cfg, backbone, datasets[split], orders[split],
-                                  [j for j in jobs if j.split == split], dtype, bg, result)
-            pending = None
-            # one batch in flight: the next batch's forward is queued on the device before the previous batch's
-            # tokens are copied into the shard buffer, so the device never waits for the host
-            for x, reasons in loader:
-                launched = forward.launch(x)
+        try:
+            for split, loader in loaders.items():
+                filler = _ShardFiller(cfg, backbone, datasets[split], orders[split],
+                                      [j for j in jobs if j.split == split], dtype, bg, result)
+                pending = None
+                # one batch in flight: the next batch's forward is queued on the device before the previous batch's
+                # tokens are copied into the shard buffer, so the device never waits for the host
+                for x, reasons in loader:
+                    launched = forward.launch(x)
+                    if pending is not None:
+                        filler.add(*forward.fetch(pending[0]), pending[1])
+                    pending = (launched, reasons)
+                    elapsed = time.perf_counter() - started
+                    bar.update(task, advance=len(reasons),
+                               rate=f"{(result.images + len(reasons)) / max(elapsed, 1e-9):.1f} img/s")
                 if pending is not None:
                     filler.add(*forward.fetch(pending[0]), pending[1])
-                pending = (launched, reasons)
-                elapsed = time.perf_counter() - started
-                bar.update(task, advance=len(reasons), rate=f"{(result.images + len(reasons)) / max(elapsed, 1e-9):.1f}"
-                                                           " img/s")
-            if pending is not None:
-                filler.add(*forward.fetch(pending[0]), pending[1])
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # a user's setting, not a bug: one line and how to go on, instead of torch's traceback (issue 22)
+            writer.drain()  # shards already handed to the background writer are whole: keep them
+            raise SanfError(out_of_memory_message(cfg, device, writer)) from None
         t = time.perf_counter()
         bg.finish()
         result.writer_wait_s += time.perf_counter() - t
     result.seconds = time.perf_counter() - started
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (device memory), a MemoryError, or a RuntimeError saying it ran out of memory (the
+    CPU allocator's "can't allocate memory", other backends' "out of memory")."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if (oom is not None and isinstance(exc, oom)) or isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def out_of_memory_message(cfg, device, writer: CacheWriter) -> str:
+    """The one line of an extraction that ran out of memory: what did not fit, what is kept, how to resume."""
+    kept = sum(int(m["stop"]) - int(m["start"]) for split in writer.spec.splits
+               for m in writer.store.done_markers(split).values())
+    total = sum(len(v.labels) for v in writer.spec.listings.values())
+    what = (f"the {kept} of {total} images in finished shards are kept" if kept else "no shard had finished yet")
+    return (f"out of memory: a batch of {cfg.batch_size} images did not fit on {device}; rerun the same command with "
+            f"a smaller --batch-size (e.g. {max(1, cfg.batch_size // 2)}) to resume ({what} in {writer.path})")
 
 
 class _ShardFiller:

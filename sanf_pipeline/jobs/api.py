@@ -71,26 +71,44 @@ def fit_run(cache_path, normal_class, cfg: FitConfig | None = None, out_dir=None
             if diff:
                 hint = f" with other settings ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''})"
         train = TrainData.from_cache(cache, ci, cfg.needs_patch)
+    existed = run_dir.exists()
     mode = prepare_out_dir(run_dir, settings, overwrite=overwrite, what="run", finished_hint=hint,
                            convert=current_run_settings)
     created = read_json_file(run_dir / CONFIG_FILE).get("created") if mode == "resume" else None
-    config, result = fit_flow_job(run_dir, cfg, train, fingerprint=fingerprint, cache_info=info, created=created,
-                                  resumed=mode == "resume", quiet=quiet, callback=callback)
+    try:
+        config, result = fit_flow_job(run_dir, cfg, train, fingerprint=fingerprint, cache_info=info,
+                                      created=created, resumed=mode == "resume", quiet=quiet, callback=callback)
+    except Exception:
+        if not existed:  # a folder this failed attempt made, left empty by fit_flow_job: as if never run
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass  # not empty (a checkpoint to resume) or gone: leave it
+        raise
     return FitRun(run_dir=run_dir, config=config, result=result, resumed=mode == "resume")
 
 
 def eval_run(run_dir, cache=None, score: str = "auto", *, out_dir=None, overwrite: bool = False,
              device: str = "auto", batch_size: int = 256, plots: bool = True, fpr: float | None = None,
-             maps: bool = True, map_sigma: float = DEFAULT_SIGMA, pixel_rule: str = DEFAULT_PIXEL_RULE) -> EvalResult:
+             maps: bool = True, map_sigma: float = DEFAULT_SIGMA, pixel_rule: str = DEFAULT_PIXEL_RULE,
+             threshold: float | None = None) -> EvalResult:
     """`sanf eval`: score the whole test split with a finished run (default: of its own cache) and write the result
     files (default: into the run folder). ``cache`` may be any cache in the run's feature space
     (``evaluate/compat.py``);
-    the normal class is found there by name. ``fpr``: target FPR of the calibrated threshold (default: the run's).
+    the normal class is found there by name. ``fpr``: target FPR of the calibrated threshold (default: the run's);
+    ``threshold``: an explicit decision threshold instead (exclusive with ``fpr``).
     ``maps``: the score's anomaly maps (``jobs.maps``: pixel metrics where the cache records masks, overlays),
     blurred with ``map_sigma`` px, the pixel threshold by ``pixel_rule``."""
     from ..cache import open_cache
+    from ..evaluate.calibration import check_fpr, explicit_threshold
     from ..evaluate.compat import check_cache_compatible, normal_class_in
 
+    if threshold is not None and fpr is not None:
+        raise SanfError("--threshold and --fpr exclude each other: give a threshold or a target FPR")
+    if fpr is not None:
+        check_fpr(fpr)  # before the run loads
+    if threshold is not None:
+        explicit_threshold(threshold)
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     run = load_run(run_dir, device=str(dev))
@@ -108,7 +126,7 @@ def eval_run(run_dir, cache=None, score: str = "auto", *, out_dir=None, overwrit
         guard_results(out_dir, eval_identity(cfg, c.fingerprint, kind, normal), overwrite)
         return eval_flow_job(out_dir, run.flow_model, run.patch_score, cfg, TestData.from_cache(c, cache_path),
                              score=score, device=str(dev), batch_size=batch_size, plots=plots, run_dir=run_dir,
-                             train_log=log, fpr=fpr, normal_class=normal,
+                             train_log=log, fpr=fpr, normal_class=normal, threshold=threshold,
                              maps=MapOptions(map_sigma, pixel_rule, run.held_out_maps) if maps else None)
 
 

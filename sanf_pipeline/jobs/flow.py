@@ -46,6 +46,7 @@ from ..store.run_folder import (
     CONFIG_FILE,
     LOG_FILE,
     MODEL_FILE,
+    RUN_FILES,
     finish_run,
     held_out_maps_of,
     read_run_config,
@@ -141,17 +142,37 @@ def fit_flow_job(run_dir, cfg: FitConfig, train: TrainData, *, fingerprint: str,
     last. ``parts``: patch parts already fitted by other runs of a sweep (reused when their key matches)."""
     run_dir = Path(run_dir)
     settings = fit_settings(cfg, fingerprint, train.class_index)
-    config = start_run_config(run_dir, cfg, settings, class_index=train.class_index, class_name=train.class_name,
-                              n_train=len(train.cls), cache_identity=cache_info, created=created or now(),
-                              extra=extra)
-    if resumed:
-        config["resumed"] = now()
-        write_json_atomic(run_dir / CONFIG_FILE, config)
-    result = fit_flow(train.cls, train.patch if cfg.flow_needs_patch else None, cfg, run_dir=run_dir, quiet=quiet,
-                      callback=callback, description=f"fit {train.class_name}")
-    result.patch_part_key = attach_patch_part(result, cfg, train, fingerprint, parts, quiet=quiet)
-    finish_run(run_dir, config, result)
+    before = {name for name in RUN_FILES if (run_dir / name).exists()}
+    try:
+        config = start_run_config(run_dir, cfg, settings, class_index=train.class_index,
+                                  class_name=train.class_name, n_train=len(train.cls), cache_identity=cache_info,
+                                  created=created or now(), extra=extra)
+        if resumed:
+            config["resumed"] = now()
+            write_json_atomic(run_dir / CONFIG_FILE, config)
+        result = fit_flow(train.cls, train.patch if cfg.flow_needs_patch else None, cfg, run_dir=run_dir,
+                          quiet=quiet, callback=callback, description=f"fit {train.class_name}")
+        result.patch_part_key = attach_patch_part(result, cfg, train, fingerprint, parts, quiet=quiet)
+        finish_run(run_dir, config, result)
+    except Exception:  # not KeyboardInterrupt: an interrupted fit keeps its config to be resumed
+        _forget_failed_start(run_dir, before)
+        raise
     return config, result
+
+
+def _forget_failed_start(run_dir: Path, before: set[str]) -> None:
+    """Remove the run files a fit that failed before its first checkpoint created (a setting the data rejects,
+    such as a --token-pool that does not divide the grid): a config.json left behind would make the corrected
+    command look like "an unfinished run with other settings". Files that were there before are kept, and so is
+    everything once a checkpoint exists (that rerun resumes); only sanf's run files are touched (issue 22)."""
+    if CHECKPOINT_FILE not in before and (run_dir / CHECKPOINT_FILE).exists():
+        return
+    for name in RUN_FILES:
+        if name not in before:
+            try:
+                (run_dir / name).unlink(missing_ok=True)
+            except OSError:
+                pass  # the error being raised matters more than a file we could not tidy away
 
 
 def eval_flow_job(out_dir, flow_model: FlowModel, patch_score: Combined | None, config: dict, test: TestData, *,
@@ -159,13 +180,14 @@ def eval_flow_job(out_dir, flow_model: FlowModel, patch_score: Combined | None, 
                   train_log: list | None = None, extra_metrics: dict | None = None,
                   flow_scores: np.ndarray | None = None, patch_scores: np.ndarray | None = None,
                   fpr: float | None = None, normal_class: int | None = None,
-                  maps: MapOptions | None = None) -> EvalResult:
+                  maps: MapOptions | None = None, threshold: float | None = None) -> EvalResult:
     """Score ``test`` with a fitted flow run (``flow_model``; ``patch_score``: its combined model, None for the flow
     alone) and write the result files into ``out_dir``. ``score``: a kind of ``models.RUN_SCORES`` (``auto``: the
     run's default). ``flow_scores`` / ``patch_scores``: the parts' scores of ``test`` already computed by the caller
     (a stack of flows scored in one pass; a sweep's patch part shared by runs); ``normal_class``: the normal class's
     index in ``test`` when it is another cache than the run's (by name); ``fpr``: target false-positive rate of the
-    calibrated threshold (default: the run's); ``maps``: make the score's anomaly maps (pixel metrics when the cache
+    calibrated threshold (default: the run's); ``threshold``: an explicit threshold instead (exclusive with
+    ``fpr``); ``maps``: make the score's anomaly maps (pixel metrics when the cache
     records masks, the report's overlays; ``jobs.maps``). ``EvalResult.parts`` holds the parts' test scores."""
     from ..evaluate.calibration import eval_threshold_metrics
 
@@ -190,7 +212,7 @@ def eval_flow_job(out_dir, flow_model: FlowModel, patch_score: Combined | None, 
         "patch_score": config.get("patch_score"), "score_requested": requested,
         **(extra_metrics or {}),
     })
-    metrics.update(eval_threshold_metrics(config.get("calibration"), score, is_anomaly, scores, fpr))
+    metrics.update(eval_threshold_metrics(config.get("calibration"), score, is_anomaly, scores, fpr, threshold))
     out_dir = Path(out_dir)
     make_out_dir(out_dir)
     extra_plots = eval_maps(out_dir, metrics, parts.pop("map", None), maps, test, scores, is_anomaly, normal, score,

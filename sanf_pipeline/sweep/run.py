@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SanfError
+from ..errors import Interrupted, SanfError
 from .executors import _Data, _run_pool, _run_ray, _run_serial, _start_method, cpu_count
 from .plan import (
     EXECUTORS,
@@ -223,6 +223,19 @@ def _drop_part(out: Path, left: dict, run_id: str) -> None:
             (out / PARTS_DIR).rmdir()  # when empty
 
 
+def sweep_label(out: Path) -> str:
+    """The progress label of a sweep into ``out``: ``sweep <folder>``, or just ``sweep`` for a folder of that name
+    (`sanf demo`'s), which read "sweep sweep: ..." (issue 22)."""
+    name = Path(out).name
+    return "sweep" if name in ("", "sweep", "sweeps") else f"sweep {name}"
+
+
+def interrupted_message(out: Path, n_runs: int, n_finished: int) -> str:
+    """What an interrupted sweep keeps (the CLI prints it after "interrupted; ")."""
+    return (f"{n_finished} of {n_runs} run(s) finished and kept in {out}; rerun the same command to resume (finished "
+            f"runs are not computed again, an unfinished flow continues from its last checkpoint)")
+
+
 def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,), fixed=None, workers: int | None = None,
               executor: str = "local", *, device: str = "auto", score: str = "auto", plots: bool = True,
               overwrite: bool = False, quiet: bool = True, threads: int | None = None, start_method: str | None = None,
@@ -286,30 +299,34 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
         if todo:
             log_path = out / SWEEP_LOG
             parts_left = _parts_left(todo, ctx, fp)
-            with progress_bar(quiet, unit="runs") as bar:
-                task = bar.add_task(f"sweep {out.name}", total=len(todo), rate="")
+            label = sweep_label(out)
+            try:
+                with progress_bar(quiet, unit="runs") as bar:
+                    task = bar.add_task(label, total=len(todo), rate="")
 
-                def on_done(spec: RunSpec, rec: dict) -> None:
-                    (failed if "error" in rec else computed).append(rec)
-                    if "error" not in rec:
-                        _drop_part(out, parts_left, spec.run_id)
-                    with open(log_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
-                    what = f"AUROC {rec['auroc']:.4f}" if "auroc" in rec else "FAILED"
-                    bar.update(task, advance=1, description=f"sweep {out.name}: {spec.run_id} {what}")
+                    def on_done(spec: RunSpec, rec: dict) -> None:
+                        (failed if "error" in rec else computed).append(rec)
+                        if "error" not in rec:
+                            _drop_part(out, parts_left, spec.run_id)
+                        with open(log_path, "a", encoding="utf-8") as fh:
+                            fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
+                        what = f"AUROC {rec['auroc']:.4f}" if "auroc" in rec else "FAILED"
+                        bar.update(task, advance=1, description=f"{label}: {spec.run_id} {what}")
 
-                if executor == "ray":
-                    threads = max(1, int(ray_cpus_per_task))
-                    _run_ray(todo, ctx, data, ray_address, float(ray_cpus_per_task), float(ray_gpus_per_task),
-                             on_done, ray_init_kwargs)
-                    workers = 0
-                elif stack_size > 1:
-                    run_stacked(todo, ctx, data, stack_size, threads, on_done)
-                elif workers == 1:
-                    _run_serial(todo, ctx, data, threads, on_done)
-                else:
-                    method_used = _start_method(threads, gpu, start_method)
-                    _run_pool(todo, ctx, data, workers, threads, method_used, on_done)
+                    if executor == "ray":
+                        threads = max(1, int(ray_cpus_per_task))
+                        _run_ray(todo, ctx, data, ray_address, float(ray_cpus_per_task), float(ray_gpus_per_task),
+                                 on_done, ray_init_kwargs)
+                        workers = 0
+                    elif stack_size > 1:
+                        run_stacked(todo, ctx, data, stack_size, threads, on_done)
+                    elif workers == 1:
+                        _run_serial(todo, ctx, data, threads, on_done)
+                    else:
+                        method_used = _start_method(threads, gpu, start_method)
+                        _run_pool(todo, ctx, data, workers, threads, method_used, on_done)
+            except KeyboardInterrupt:  # whichever executor: what the folder keeps, instead of the fit's own line
+                raise Interrupted(interrupted_message(out, len(specs), len(skipped) + len(computed))) from None
         t_run = time.perf_counter() - t_run
         c.close()
         t_sum = time.perf_counter()

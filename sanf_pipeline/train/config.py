@@ -202,18 +202,9 @@ class FitConfig:
         return cls(**data)
 
     def validate(self) -> FitConfig:
-        from ..flow import FUSION_MODES, MAIN_INPUTS, SPATIAL_CHANNELS
-        from ..flow.normalizer import NORMALIZATIONS
-
         def bad(name, value, want):
             raise SanfError(f"invalid {name}={value!r}: {want}")
 
-        if self.fusion not in FUSION_MODES:
-            bad("fusion", self.fusion, f"choose one of {', '.join(FUSION_MODES)}")
-        if self.spatial_channels not in SPATIAL_CHANNELS:
-            bad("spatial_channels", self.spatial_channels, f"choose one of {', '.join(SPATIAL_CHANNELS)}")
-        if self.main_input not in MAIN_INPUTS:
-            bad("main_input", self.main_input, f"choose one of {', '.join(MAIN_INPUTS)}")
         if self.patch_score not in PATCH_SCORES:
             bad("patch_score", self.patch_score, f"choose one of {', '.join(PATCH_SCORES)}")
         if self.combine not in COMBINE_RULES:
@@ -223,8 +214,6 @@ class FitConfig:
         if (isinstance(self.patch_neighbourhood, bool) or not isinstance(self.patch_neighbourhood, int)
                 or self.patch_neighbourhood < 1 or self.patch_neighbourhood % 2 == 0):
             bad("patch_neighbourhood", self.patch_neighbourhood, "must be an odd positive integer (1, 3, 5, ...)")
-        if self.normalize not in NORMALIZATIONS:
-            bad("normalize", self.normalize, f"choose one of {', '.join(NORMALIZATIONS)}")
         for name in ("blocks", "hidden", "heads", "batch_size", "epochs", "patience", "max_epochs",
                      "eval_batch_size", "token_pool", "min_epoch_steps"):
             v = getattr(self, name)
@@ -251,6 +240,18 @@ class FitConfig:
             bad("checkpoint_every", self.checkpoint_every, "must be a finite number of seconds >= 0")
         if not (0 < self.fpr < 1):
             bad("fpr", self.fpr, "must be between 0 and 1 (exclusive)")
+        # the registries last: they import torch, so a bad number fails before it loads
+        from ..flow import FUSION_MODES, MAIN_INPUTS, SPATIAL_CHANNELS
+        from ..flow.normalizer import NORMALIZATIONS
+
+        if self.fusion not in FUSION_MODES:
+            bad("fusion", self.fusion, f"choose one of {', '.join(FUSION_MODES)}")
+        if self.spatial_channels not in SPATIAL_CHANNELS:
+            bad("spatial_channels", self.spatial_channels, f"choose one of {', '.join(SPATIAL_CHANNELS)}")
+        if self.main_input not in MAIN_INPUTS:
+            bad("main_input", self.main_input, f"choose one of {', '.join(MAIN_INPUTS)}")
+        if self.normalize not in NORMALIZATIONS:
+            bad("normalize", self.normalize, f"choose one of {', '.join(NORMALIZATIONS)}")
         return self
 
     @property

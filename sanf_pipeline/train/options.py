@@ -42,7 +42,7 @@ BUILTIN = {
     "_main_inputs": ("semantic", "spatial"),
     "_normalizations": ("none", "l2", "standardize", "l2+standardize", "l2+whiten"),
     "_scores": ("auto", "combined", "nll", "z2", "patch"),
-    "_baselines": ("knn", "knn-l2", "gaussian", "gaussian-whiten", "patch-knn"),
+    "_baselines": ("knn", "knn-l2", "gaussian", "gaussian-whiten", "patch-knn", "patch-flow"),
 }
 
 
