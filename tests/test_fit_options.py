@@ -200,7 +200,8 @@ def _settings_before_versions(cfg: FitConfig) -> dict:
         d.pop(k, None)
     if cfg.token_pool == 1:
         d.pop("token_pool")
-    for k, v in (("min_epoch_steps", 1), ("noise", 0.0), ("keep_initial", False), ("patch_score", "none")):
+    for k, v in (("min_epoch_steps", 1), ("noise", 0.0), ("keep_initial", False), ("patch_score", "none"),
+                 ("combine", "sum")):  # combine came later: its implied "sum" is the record before it
         if d[k] == v:
             d.pop(k)
     if cfg.patch_score == "none":
@@ -253,7 +254,7 @@ def test_identity_version_2_records_every_setting_that_applies():
 
 def test_records_convert_between_versions():
     implied = {f.name for f in FIELDS if setting_of(f).implied is not NOTHING}
-    assert implied == {"token_pool", "min_epoch_steps", "noise", "keep_initial", "patch_score"}
+    assert implied == {"token_pool", "min_epoch_steps", "noise", "keep_initial", "patch_score", "combine"}
     for cfg in _configs():
         v1, v2 = cfg.settings(1), cfg.settings(2)
         assert convert_settings(v1, 2) == v2 and convert_settings(v2, 1) == v1
