@@ -125,13 +125,13 @@ class SanfProcess:
         """(stdout, stderr) so far."""
         return tuple((self.files / name).read_text(errors="replace") for name in ("stdout", "stderr"))
 
-    def wait_paused(self, timeout: float = 180.0) -> int:
-        """Until a process stops at the injection point (this one, or a process it forked); returns its pid. Fails
-        if this process exits first or nothing pauses within ``timeout`` seconds."""
+    def wait_paused(self, timeout: float = 180.0, count: int = 1) -> int:
+        """Until ``count`` processes stop at the injection point (this one, or processes it forked); returns the pid
+        of one of them. Fails if this process exits first or they do not all pause within ``timeout`` seconds."""
         end = time.monotonic() + timeout
         while True:
             paused = sorted(self.ready.glob("[0-9]*"))
-            if paused:
+            if len(paused) >= count:
                 return int(paused[0].name)
             if self.poll() is not None:
                 pytest.fail(f"`sanf` exited (rc {self.returncode}) before reaching the injection point:\n"

@@ -1,8 +1,8 @@
 """Ctrl-C (SIGINT) to a `sanf sweep` whose pool workers are busy: the sweep stops its workers instead of waiting for
 their runs, prints one line saying how many runs are kept, exits 130, and the same command finishes the sweep.
 
-Deterministic: each worker pauses at the start of its second run (an injection point it inherits when forked), and
-only the parent gets the SIGINT, as when a sweep is signalled by pid; before the fix the parent waited for the paused
+Deterministic: each worker pauses at the start of its second run (an injection point it inherits when forked), the
+test waits until both have, and only the parent gets the SIGINT, as when a sweep is signalled by pid; before the fix the parent waited for the paused
 workers (until the pause expired) and said nothing.
 """
 
@@ -31,7 +31,9 @@ def test_sigint_stops_pool_workers_and_says_what_is_kept(pets_cache, tmp_path):
             "flow", "--seeds", "0", "--set", "hidden=16", "--set", "blocks=2", "--set", "epochs=1", "--set",
             "early_stopping=false", "--set", "batch_size=16", "--device", "cpu", "--no-plots", "--quiet"]
     proc = start_sanf([*args, "--workers", "2"], point=pause_at("sanf_pipeline.sweep.executors:execute_run", at=2))
-    worker = proc.wait_paused()
+    # both workers paused at their second run, so exactly their first runs are finished whatever the load: the
+    # other worker cannot be finishing a run while the parent counts them
+    worker = proc.wait_paused(count=2)
     assert worker != proc.pid
     proc.send_signal(signal.SIGINT)
     rc = proc.wait(timeout=60)  # the paused worker would hold the sweep for minutes if it were waited for
@@ -45,7 +47,7 @@ def test_sigint_stops_pool_workers_and_says_what_is_kept(pets_cache, tmp_path):
         time.sleep(0.01)
     assert _gone(worker), "a pool worker outlived the interrupted sweep"
     done = len(list(out.glob("runs/*/metrics.json")))
-    assert lines[0].startswith(f"interrupted; {done} of 6")
+    assert done == 2 and lines[0].startswith("interrupted; 2 of 6"), lines[0]
 
     r = sanf(*args, "--workers", "1")
     assert r.exit_code == 0, (r.output, r.exception)
