@@ -128,8 +128,8 @@ def run_seed(cache, normal, seed: int, train_cls, train_patch, test_cls, test_pa
     if combined is None:  # the flow alone (too few held-out images)
         res["scores"] = {"default": score_arrays(run.flow_model, test_cls, test_patch)["score"]}
         return res
-    parts = score_arrays(combined, test_cls, test_patch)
-    res["scores"] = {"default": parts["score"], "flow": parts["nll"]}
+    scored = score_arrays(combined, test_cls, test_patch)
+    res["scores"] = {"default": scored["score"], "flow": scored["nll"]}
     held_nll = np.asarray(run.config["calibration"]["scores"]["nll"], np.float64)
     for name in LOCAL_PARTS:
         t = time.perf_counter()
@@ -139,18 +139,30 @@ def run_seed(cache, normal, seed: int, train_cls, train_patch, test_cls, test_pa
             part = combined.patch
             held = np.asarray(run.config["calibration"]["scores"]["patch"], np.float64)
             part_fit_s = None
+        kept = out / f"{normal}-{name}-s{seed}.json"  # a part fitted here is kept, so a rerun reuses it
+        if name != default_local and kept.exists():
+            res.update(json.loads(kept.read_text()))
+            local, held = np.asarray(res.pop("local")), np.asarray(res.pop("held"))
         else:
-            part, held = fit_patch_part(dataclasses.replace(cfg, patch_score=name), train_cls, train_patch, tr, va)
-            part_fit_s = time.perf_counter() - t
-        local, per_image = timed_scores(part, test_cls, test_patch)
+            if name == default_local:
+                part = combined.patch
+                held = np.asarray(run.config["calibration"]["scores"]["patch"], np.float64)
+                part_fit_s = None
+            else:
+                part, held = fit_patch_part(dataclasses.replace(cfg, patch_score=name), train_cls, train_patch, tr,
+                                            va)
+                part_fit_s = time.perf_counter() - t
+            local, per_image = timed_scores(part, test_cls, test_patch)
+            facts = {f"{name} model bytes": model_bytes(part), f"{name} s/image": per_image,
+                     f"{name} fit s": part_fit_s}
+            if name == "patch-flow":
+                facts["patch-flow settings"] = part.settings()
+            res.update(facts)
+            if name != default_local:
+                kept.write_text(json.dumps({**facts, "local": local.tolist(), "held": np.asarray(held).tolist()}))
         res["scores"][name] = local
-        for rule, s in combos(parts["nll"], held_nll, local, held).items():
+        for rule, s in combos(scored["nll"], held_nll, local, held).items():
             res["scores"][f"flow {rule} {name}"] = s
-        res[f"{name} model bytes"] = model_bytes(part)
-        res[f"{name} s/image"] = per_image
-        res[f"{name} fit s"] = part_fit_s
-        if name == "patch-flow":
-            res["patch-flow settings"] = part.settings()
     res["default_local"] = default_local
     res["default_rule"] = combined.rule
     return res
@@ -260,18 +272,21 @@ def main(argv=None) -> int:
             name = f"{name} (seed {','.join(map(str, some))})"
         lines.append(f"| {name} | {_fmt([v['selection'] for v in vals])} | {_fmt([v['report'] for v in vals])} |")
     r0 = per_seed[0]
-    cost = [f"default fit (flow + its local part) {np.mean([r['fit_s'] for r in per_seed]):.0f} s per seed; the "
+    fit_time = np.mean([r["fit_s"] for r in per_seed])
+    cost = [(f"default fit (flow + its local part) {fit_time:.0f} s per seed" if fit_time >= 1 else
+             "default fit (flow + its local part): finished runs reused (not timed here)") + "; the "
             f"class-token flow's best epoch per seed {[r['best_epoch'] for r in per_seed]} (0 = the untrained flow, "
             f"the whitened Gaussian, kept by held-out NLL)"]
     for name in ("patch-knn", "patch-flow"):
         if f"{name} model bytes" in r0:
             fit_s = [r[f"{name} fit s"] for r in per_seed if r.get(f"{name} fit s") is not None]
+            per_image = [r[f"{name} s/image"] for r in per_seed if f"{name} s/image" in r]
             cost.append(f"{name}: model {r0[f'{name} model bytes'] / 2**20:.2f} MiB, scoring "
-                        f"{1e3 * np.mean([r[f'{name} s/image'] for r in per_seed]):.1f} ms/image"
-                        + (f", fit {np.mean(fit_s):.0f} s" if fit_s else ""))
+                        f"{1e3 * np.mean(per_image):.1f} ms/image" + (f", fit {np.mean(fit_s):.0f} s" if fit_s else ""))
     if "patch-flow settings" in r0:
         st = r0["patch-flow settings"]
-        cost.append(f"patch-flow: best epoch {[r['patch-flow settings']['best_epoch'] for r in per_seed]} of "
+        best = [r["patch-flow settings"]["best_epoch"] for r in per_seed if "patch-flow settings" in r]
+        cost.append(f"patch-flow: best epoch {best} of "
                     f"{st['epochs_run'] - 1} run, {st['parameters']} parameters, held-out token NLL "
                     f"{st['held_out_nll'][0]} -> {min(st['held_out_nll'])} nats (seed {seeds[0]})")
     if extra:

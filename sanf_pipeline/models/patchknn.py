@@ -19,7 +19,7 @@ Pieces (pure functions, each tested against a brute-force reference in tests/tes
 
 Scores are distances in the cached feature space (no normalisation), as PatchCore scores; PatchCore's
 re-weighting of the maximum by the density around its nearest bank token is not applied.
-Which layer, fraction and neighbourhood the defaults use, and why: benchmarks/quality_industrial.md.
+Which layer, fraction and neighbourhood the defaults use, and why: benchmarks/patchknn_settings.md.
 """
 
 from __future__ import annotations
