@@ -2,8 +2,8 @@
 their runs, prints one line saying how many runs are kept, exits 130, and the same command finishes the sweep.
 
 Deterministic: each worker pauses at the start of its second run (an injection point it inherits when forked), the
-test waits until both have, and only the parent gets the SIGINT, as when a sweep is signalled by pid; before the fix the parent waited for the paused
-workers (until the pause expired) and said nothing.
+test waits until both have, and only the parent gets the SIGINT, as when a sweep is signalled by pid; before the fix
+the parent waited for the paused workers (until the pause expired) and said nothing.
 """
 
 from __future__ import annotations
