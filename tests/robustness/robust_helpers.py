@@ -73,6 +73,15 @@ def tiny_run_fixture(pets_cache, tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ injection points
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie counts: it has exited, only its parent has not reaped it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def kill_at(target: str, at: int = 1, when: str = "before", match: str | None = None) -> dict:
     """SIGKILL right ``before`` or ``after`` the ``at``-th call of ``target`` (``"module:attribute.path"``) whose
     arguments' repr contains ``match`` (every call counts when None); see sanf_proc.install_point."""

@@ -12,17 +12,9 @@ import signal
 import time
 
 import pytest
-from robust_helpers import fork_server, pause_at, sanf, start_sanf  # noqa: F401 (fixtures)
+from robust_helpers import fork_server, pause_at, process_gone, sanf, start_sanf  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fork_server")  # tests/conftest.py, robust_helpers.py
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rpartition(")")[2].split()[0] in ("Z", "X")  # a zombie has exited
-    except FileNotFoundError:
-        return True
 
 
 def test_sigint_stops_pool_workers_and_says_what_is_kept(pets_cache, tmp_path):
@@ -43,9 +35,9 @@ def test_sigint_stops_pool_workers_and_says_what_is_kept(pets_cache, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("interrupted; ") and "Traceback" not in err, err
     assert "of 6 run(s) finished and kept in" in lines[0] and "rerun the same command to resume" in lines[0]
     end = time.monotonic() + 30
-    while not _gone(worker) and time.monotonic() < end:
+    while not process_gone(worker) and time.monotonic() < end:
         time.sleep(0.01)
-    assert _gone(worker), "a pool worker outlived the interrupted sweep"
+    assert process_gone(worker), "a pool worker outlived the interrupted sweep"
     done = len(list(out.glob("runs/*/metrics.json")))
     assert done == 2 and lines[0].startswith("interrupted; 2 of 6"), lines[0]
 

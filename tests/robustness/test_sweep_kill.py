@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from robust_helpers import fork_server, pause_at, run_killed_at, sanf, start_sanf  # noqa: F401 (fixtures)
+from robust_helpers import fork_server, pause_at, process_gone, run_killed_at, sanf, start_sanf  # noqa: F401 (fixtures)
 
 from sanf_pipeline.sweep import SUMMARY_CSV, SUMMARY_JSON, SUMMARY_MD, run_sweep, summarize
 
@@ -118,14 +118,6 @@ def test_killed_pool_worker_is_a_one_line_error_and_rerun_resumes(pets_cache, tm
     assert {name: (out / name).read_bytes() for name in SUMMARY} == reference
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rpartition(")")[2].split()[0] in ("Z", "X")  # a zombie has exited
-    except FileNotFoundError:
-        return True
-
-
 def test_sigkill_from_outside_with_pool_workers(pets_cache, tmp_path):
     """SIGKILL the parent once a pool worker finished a run (the workers get the parent's death signal)."""
     grid = ["fusion=none,semantic"]
@@ -142,9 +134,9 @@ def test_sigkill_from_outside_with_pool_workers(pets_cache, tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     end = time.monotonic() + 60
-    while not _gone(worker) and time.monotonic() < end:
+    while not process_gone(worker) and time.monotonic() < end:
         time.sleep(0.01)
-    assert _gone(worker), "a pool worker outlived the sweep that started it"
+    assert process_gone(worker), "a pool worker outlived the sweep that started it"
     done = list(out.glob("runs/*/metrics.json"))
     assert 1 <= len(done) <= 2, f"{len(done)} runs finished; each of the two workers should have stopped after one"
     mtimes = {p.parent.name: p.stat().st_mtime_ns for p in done}
