@@ -562,3 +562,17 @@ def test_an_unexpected_failure_is_a_one_line_500(served, tmp_path):
         sock.close()
     assert "error: POST /v1/score: RuntimeError: the model fell over" in lines
     assert "POST /v1/score 500 1 image" in " ".join(lines)
+
+
+def test_serve_takes_an_explicit_threshold(served, monkeypatch):
+    """`sanf serve --threshold T` decides at T (the page and /v1/model show it); with --fpr it is refused at once."""
+    from sanf_pipeline.cli import serve as serve_cli
+
+    r = sanf("serve", "--run", served["gaussian"], "--threshold", "1", "--fpr", "0.1")
+    assert r.exit_code == 2 and "exclude each other" in r.output
+    seen = {}
+    monkeypatch.setattr(serve_cli, "_run", lambda scorer, sock, *a, **k: seen.update(scorer=scorer))
+    r = sanf("serve", "--run", served["gaussian"], "--threshold", "123.5", "--port", "0", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    thr = seen["scorer"].threshold
+    assert thr["value"] == 123.5 and thr["explicit"] and thr["target_fpr"] is None

@@ -19,7 +19,7 @@ from click.core import ParameterSource
 
 from ..errors import Interrupted, SanfError
 from ..train.options import _RegistryChoice
-from .options import SCORE_HELP, _scores, map_options, with_options
+from .options import SCORE_HELP, THRESHOLD_HELP, _scores, check_decision, map_options, with_options
 
 SERVER_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart",
                    "prometheus_client": "prometheus_client"}
@@ -103,6 +103,7 @@ def _url(sock: socket.socket) -> str:
 @click.option("--score", type=_RegistryChoice(_scores), default="auto", show_default=True,
               help=SCORE_HELP + " Baseline runs have one score.")
 @click.option("--fpr", type=float, help="Target false-positive rate of the threshold [default: the run's].")
+@click.option("--threshold", type=float, help=THRESHOLD_HELP)
 @with_options(map_options())
 @click.option("--weights", help="Backbone weights file [default: the search order of `sanf score`].")
 @click.option("--weights-dir", type=click.Path(path_type=Path), help="Folder of weights files [$SANF_WEIGHTS_DIR].")
@@ -119,7 +120,7 @@ def _url(sock: socket.socket) -> str:
 @click.option("--token", envvar="SANF_SERVE_TOKEN", show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on /v1/* and /metrics (/, /healthz, /readyz stay open).")
 @click.pass_context
-def serve(ctx, run_dir, export, host, port, device, score, fpr, map_sigma, pixel_rule, weights, weights_dir,
+def serve(ctx, run_dir, export, host, port, device, score, fpr, threshold, map_sigma, pixel_rule, weights, weights_dir,
           batch_window_ms, max_batch, max_upload_mb, max_images, max_pixels, token):
     """Serve a trained run as an HTTP API: POST images to /v1/score, get scores, decisions and anomaly maps.
 
@@ -127,6 +128,7 @@ def serve(ctx, run_dir, export, host, port, device, score, fpr, map_sigma, pixel
     /healthz, /readyz and /metrics (Prometheus) are for operations.
     """
     _check_source(ctx, run_dir, export)
+    check_decision(fpr, threshold)
     _check_packages()
     if token is not None and (not token or token != "".join(token.split())):
         raise SanfError("--token must be a secret without spaces (it travels as 'Authorization: Bearer TOKEN')")
@@ -140,6 +142,10 @@ def serve(ctx, run_dir, export, host, port, device, score, fpr, map_sigma, pixel
         scorer = OnnxScorer(export, fpr=fpr) if export is not None else \
             DetectorScorer.load(run_dir, device=device, score=score, fpr=fpr, map_sigma=map_sigma,
                                 pixel_rule=pixel_rule, weights=weights, weights_dir=weights_dir)
+        if threshold is not None:
+            from ..evaluate.calibration import explicit_threshold
+
+            scorer.threshold = explicit_threshold(threshold, scorer.calibration_scores)
     except KeyboardInterrupt:
         sock.close()
         raise Interrupted(f"nothing was served (stopped while loading {label})") from None
