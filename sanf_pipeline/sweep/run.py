@@ -326,7 +326,9 @@ def run_sweep(cache, out, classes="all", grid=None, methods=(FLOW,), seeds=(0,),
                         method_used = _start_method(threads, gpu, start_method)
                         _run_pool(todo, ctx, data, workers, threads, method_used, on_done)
             except KeyboardInterrupt:  # whichever executor: what the folder keeps, instead of the fit's own line
-                raise Interrupted(interrupted_message(out, len(specs), len(skipped) + len(computed))) from None
+                # counted on disk, as a rerun will: a worker's result may be written but not yet received here
+                kept = sum(is_finished(runs_dir / s.run_id, s, fp, score) for s in specs)
+                raise Interrupted(interrupted_message(out, len(specs), kept)) from None
         t_run = time.perf_counter() - t_run
         c.close()
         t_sum = time.perf_counter()
