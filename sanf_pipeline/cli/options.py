@@ -14,15 +14,9 @@ THRESHOLD_HELP = ("Decide with this score threshold (anomalous if score > it) in
 
 def check_decision(fpr: float | None, threshold: float | None) -> None:
     """--fpr and --threshold, checked before torch is imported (numpy only): a bad value fails at once."""
-    from ..errors import SanfError
-    from ..evaluate.calibration import check_fpr, explicit_threshold
+    from ..evaluate.calibration import check_decision as check
 
-    if fpr is not None and threshold is not None:
-        raise SanfError("--threshold and --fpr exclude each other: give a threshold or a target FPR")
-    if fpr is not None:
-        check_fpr(fpr)
-    if threshold is not None:
-        explicit_threshold(threshold)
+    check(fpr, threshold)
 
 
 def _baselines():

@@ -81,6 +81,16 @@ def _few_images_note(thr: dict) -> str | None:
             f"one with --threshold")
 
 
+def check_decision(fpr: float | None, threshold: float | None) -> None:
+    """A target FPR or an explicit threshold (never both), each valid; raises SanfError."""
+    if fpr is not None and threshold is not None:
+        raise SanfError("--threshold and --fpr exclude each other: give a threshold or a target FPR")
+    if fpr is not None:
+        check_fpr(fpr)
+    if threshold is not None:
+        explicit_threshold(threshold)
+
+
 def explicit_threshold(value, calibration_scores=None) -> dict:
     """A threshold given by the user (``--threshold``) in the record form of ``conformal_threshold``: no target and
     no bound; ``held_out_fpr`` is the share of the held-out normal scores above it (None without them)."""
@@ -192,8 +202,7 @@ def run_threshold(calibration: dict | None, score: str, fpr: float | None = None
                   threshold: float | None = None) -> dict | None:
     """The threshold of a run's stored calibration for ``score`` at ``fpr`` (default: the run's target), or the
     explicit ``threshold`` (``--threshold``, exclusive with ``fpr``) with the held-out scores' share above it."""
-    if threshold is not None and fpr is not None:
-        raise SanfError("--threshold and --fpr exclude each other: give a threshold or a target FPR")
+    check_decision(fpr, threshold)
     scores = ((calibration or {}).get("scores") or {}).get(score)
     if threshold is not None:
         return explicit_threshold(threshold, scores)

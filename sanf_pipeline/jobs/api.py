@@ -100,15 +100,10 @@ def eval_run(run_dir, cache=None, score: str = "auto", *, out_dir=None, overwrit
     ``maps``: the score's anomaly maps (``jobs.maps``: pixel metrics where the cache records masks, overlays),
     blurred with ``map_sigma`` px, the pixel threshold by ``pixel_rule``."""
     from ..cache import open_cache
-    from ..evaluate.calibration import check_fpr, explicit_threshold
+    from ..evaluate.calibration import check_decision
     from ..evaluate.compat import check_cache_compatible, normal_class_in
 
-    if threshold is not None and fpr is not None:
-        raise SanfError("--threshold and --fpr exclude each other: give a threshold or a target FPR")
-    if fpr is not None:
-        check_fpr(fpr)  # before the run loads
-    if threshold is not None:
-        explicit_threshold(threshold)
+    check_decision(fpr, threshold)  # before the run loads
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     run = load_run(run_dir, device=str(dev))
