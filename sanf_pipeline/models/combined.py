@@ -102,8 +102,7 @@ class Combined(AnomalyModel):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The patch part's tensors in a run's model file (the flow's are saved with the flow)."""
-        if isinstance(self.patch, PatchKNN):
-            return {f"{TENSOR_PREFIX}bank": self.patch.bank.detach().cpu().float().contiguous()}
+        # patch-knn's only buffer is its float32 bank: "patch_score.bank", as runs have always stored it
         return {TENSOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.patch.state_dict().items()}
 
     @classmethod

@@ -36,7 +36,6 @@ MIN_HELD_OUT_IMAGES = 2
 DEFAULTS = dict(blocks=8, hidden=128, cond_dim=64, clamp=2.0, condition="class+position", top_k=1, lr=1e-3,
                 max_epochs=20, patience=3, min_delta=1e-3, val_fraction=0.1, batch_tokens=1024, epoch_tokens=65536,
                 seed=0)
-_FIT_KEYS = ("lr", "max_epochs", "patience", "min_delta", "val_fraction", "batch_tokens", "epoch_tokens")
 _NET_KEYS = ("blocks", "hidden", "cond_dim", "clamp", "condition")
 
 
@@ -208,9 +207,4 @@ class PatchFlow(AnomalyModel):
         return total / max(count, 1)
 
 
-def fit_patch_flow(cls, patch, *, device="cpu", quiet: bool = True, **options) -> PatchFlow:
-    """A fitted ``PatchFlow`` (the one-call API)."""
-    return PatchFlow(**options).fit(cls, patch, device=device, quiet=quiet)
-
-
-__all__ = ["DEFAULTS", "PatchFlow", "fit_patch_flow"]
+__all__ = ["DEFAULTS", "PatchFlow"]
